@@ -1,0 +1,131 @@
+// The dense cache and the attention kernels against a naive attention written here.
+#include <lexico/cache/dense.hpp>
+
+#include <cmath>
+#include <random>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using lexico::RowMatrix;
+
+RowMatrix random_rows(Eigen::Index rows, Eigen::Index cols, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  RowMatrix m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
+  return m;
+}
+
+// Softmax attention of one query over tokens 0..last, in double, one head at a time.
+Eigen::VectorXd naive_attention(const Eigen::VectorXd& q, const Eigen::MatrixXd& keys, const Eigen::MatrixXd& values,
+                                Eigen::Index last) {
+  Eigen::VectorXd scores = keys.topRows(last + 1) * q / std::sqrt(static_cast<double>(q.size()));
+  scores = (scores.array() - scores.maxCoeff()).exp();
+  scores /= scores.sum();
+  return values.topRows(last + 1).transpose() * scores;
+}
+
+struct Block {
+  int q_heads, kv_heads, head_dim;
+  Eigen::Index tokens;
+  RowMatrix queries, keys, values;
+};
+
+Block random_block(int q_heads, int kv_heads, int head_dim, Eigen::Index tokens, unsigned seed) {
+  std::mt19937 rng(seed);
+  return {q_heads, kv_heads, head_dim, tokens, random_rows(tokens, q_heads * head_dim, rng),
+          random_rows(tokens, kv_heads * head_dim, rng), random_rows(tokens, kv_heads * head_dim, rng)};
+}
+
+// The naive reference for query head h at token t.
+Eigen::VectorXd expected(const Block& b, int h, Eigen::Index t) {
+  const int kv = h / (b.q_heads / b.kv_heads);
+  const Eigen::VectorXd q = b.queries.row(t).segment(h * b.head_dim, b.head_dim).transpose().cast<double>();
+  const Eigen::MatrixXd k = b.keys.middleCols(kv * b.head_dim, b.head_dim).cast<double>();
+  const Eigen::MatrixXd v = b.values.middleCols(kv * b.head_dim, b.head_dim).cast<double>();
+  return naive_attention(q, k, v, t);
+}
+
+TEST(Attention, CausalBlockMatchesNaiveWithGqa) {
+  const Block b = random_block(6, 2, 16, 37, 1);
+  RowMatrix out(b.tokens, b.q_heads * b.head_dim);
+  lexico::causal_attention(b.queries, b.keys, b.values, b.head_dim, out);
+  for (Eigen::Index t = 0; t < b.tokens; ++t)
+    for (int h = 0; h < b.q_heads; ++h) {
+      const Eigen::VectorXd want = expected(b, h, t);
+      for (int i = 0; i < b.head_dim; ++i) EXPECT_NEAR(out(t, h * b.head_dim + i), want(i), 1e-5) << t << " " << h;
+    }
+}
+
+TEST(Attention, SoftmaxIsStableForHugeScores) {
+  float scores[3] = {1e30f, 1e30f, -1e30f};
+  lexico::softmax_rows(scores, 1, 3, 3, 1.0f);
+  EXPECT_FLOAT_EQ(scores[0], 0.5f);
+  EXPECT_FLOAT_EQ(scores[1], 0.5f);
+  EXPECT_FLOAT_EQ(scores[2], 0.0f);
+}
+
+template <typename Scalar>
+void check_decode_matches_naive(double tolerance) {
+  const Block b = random_block(8, 2, 32, 50, 2);
+  lexico::DenseCache<Scalar> cache({3, b.kv_heads, b.head_dim});
+  // The stored (rounded) values are the reference for 16-bit storage.
+  Block rounded = b;
+  for (Eigen::Index i = 0; i < rounded.keys.size(); ++i) {
+    rounded.keys.data()[i] = static_cast<float>(Scalar(b.keys.data()[i]));
+    rounded.values.data()[i] = static_cast<float>(Scalar(b.values.data()[i]));
+  }
+  RowMatrix out(b.q_heads, b.head_dim);
+  for (Eigen::Index t = 0; t < b.tokens; ++t) {
+    RowMatrix q = Eigen::Map<const RowMatrix>(b.queries.row(t).data(), b.q_heads, b.head_dim);
+    cache.decode(1, b.keys.row(t).data(), b.values.row(t).data(), q, out);
+    for (int h = 0; h < b.q_heads; ++h) {
+      const Eigen::VectorXd want = expected(rounded, h, t);
+      for (int i = 0; i < b.head_dim; ++i) ASSERT_NEAR(out(h, i), want(i), tolerance) << t << " " << h;
+    }
+  }
+  EXPECT_EQ(cache.seen(1), b.tokens);
+  EXPECT_EQ(cache.seen(0), 0);
+  // Payload only: T tokens x kv_width x sizeof(Scalar) for K and for V.
+  EXPECT_EQ(cache.bytes().total(), static_cast<std::size_t>(2 * b.tokens * b.kv_heads * b.head_dim) * sizeof(Scalar));
+  EXPECT_NEAR(cache.kv_size_fraction(), sizeof(Scalar) / 2.0, 1e-12);
+}
+
+TEST(DenseCache, DecodeMatchesNaiveFp32) { check_decode_matches_naive<float>(1e-5); }
+TEST(DenseCache, DecodeMatchesNaiveFp16) { check_decode_matches_naive<Eigen::half>(1e-4); }
+TEST(DenseCache, DecodeMatchesNaiveBf16) { check_decode_matches_naive<Eigen::bfloat16>(1e-4); }
+
+TEST(DenseCache, PrefillThenDecodeEqualsTokenByToken) {
+  const Block b = random_block(4, 2, 16, 40, 3);
+  lexico::DenseCache<float> block_cache({1, 2, 16}), step_cache({1, 2, 16});
+  const Eigen::Index split = 25;
+  RowMatrix block_out(split, b.q_heads * b.head_dim), step_out(split, b.q_heads * b.head_dim);
+  block_cache.prefill(0, b.keys.topRows(split), b.values.topRows(split), b.queries.topRows(split), block_out);
+  // A layer that already holds tokens takes a block token by token.
+  step_cache.prefill(0, b.keys.topRows(1), b.values.topRows(1), b.queries.topRows(1), step_out.topRows(1));
+  step_cache.prefill(0, b.keys.middleRows(1, split - 1), b.values.middleRows(1, split - 1),
+                     b.queries.middleRows(1, split - 1), step_out.bottomRows(split - 1));
+  EXPECT_LT((block_out - step_out).cwiseAbs().maxCoeff(), 1e-5f);
+  RowMatrix a(b.q_heads, b.head_dim), c(b.q_heads, b.head_dim);
+  for (Eigen::Index t = split; t < b.tokens; ++t) {
+    RowMatrix q = Eigen::Map<const RowMatrix>(b.queries.row(t).data(), b.q_heads, b.head_dim);
+    block_cache.decode(0, b.keys.row(t).data(), b.values.row(t).data(), q, a);
+    step_cache.decode(0, b.keys.row(t).data(), b.values.row(t).data(), q, c);
+    EXPECT_LT((a - c).cwiseAbs().maxCoeff(), 1e-5f);
+  }
+}
+
+TEST(DenseCache, BadShapesRaise) {
+  lexico::DenseCache<float> cache({2, 2, 8});
+  RowMatrix q(3, 8), out(3, 8);  // 3 query heads cannot share 2 KV heads
+  const float token[16] = {};
+  cache.append(0, token, token);
+  EXPECT_THROW(cache.attend(0, q, out), lexico::error);
+  RowMatrix q4(4, 8), out4(4, 8);
+  EXPECT_THROW(cache.attend(1, q4, out4), lexico::error);  // empty layer
+  EXPECT_THROW(cache.append(2, token, token), lexico::error);
+  EXPECT_THROW(lexico::DenseCache<float>({0, 2, 8}), lexico::error);
+}
+
+}  // namespace
