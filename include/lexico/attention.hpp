@@ -92,3 +92,94 @@ void grouped_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index t
 }
 
 }  // namespace lexico
+
+#include "codes.hpp"
+
+namespace lexico {
+
+namespace detail {
+
+// Row r of a code store against `Group` query tables at once: the table holds, for
+// atom a, the Group values <atom a, query g> side by side, so one gathered cache
+// line serves every query head of the GQA group.
+template <int Group>
+void code_scores_grouped(const CodeStore& codes, const float* table, int group, float* scores, Eigen::Index ld) {
+  const auto& fp8 = fp8_e4m3_table();
+  const int g_count = Group > 0 ? Group : group;
+  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+                         float scale) {
+    float sum[Group > 0 ? Group : 16] = {};
+    for (int i = 0; i < count; ++i) {
+      const float c = fp8[coefficient[i]];
+      const float* u = table + static_cast<std::size_t>(index[i]) * static_cast<std::size_t>(g_count);
+      for (int g = 0; g < g_count; ++g) sum[g] += c * u[g];
+    }
+    for (int g = 0; g < g_count; ++g) scores[g * ld + static_cast<Eigen::Index>(r)] = sum[g] * scale;
+  });
+}
+
+template <int Group>
+void code_accumulate_grouped(const CodeStore& codes, const float* probabilities, Eigen::Index ld, int group,
+                             float* weights) {
+  const auto& fp8 = fp8_e4m3_table();
+  const int g_count = Group > 0 ? Group : group;
+  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+                         float scale) {
+    float p[Group > 0 ? Group : 16];
+    for (int g = 0; g < g_count; ++g) p[g] = probabilities[g * ld + static_cast<Eigen::Index>(r)] * scale;
+    for (int i = 0; i < count; ++i) {
+      const float c = fp8[coefficient[i]];
+      float* w = weights + static_cast<std::size_t>(index[i]) * static_cast<std::size_t>(g_count);
+      for (int g = 0; g < g_count; ++g) w[g] += c * p[g];
+    }
+  });
+}
+
+template <template <int> class Kernel, typename... Args>
+void dispatch_group(int group, Args&&... args) {
+  switch (group) {
+    case 1: return Kernel<1>::run(group, std::forward<Args>(args)...);
+    case 2: return Kernel<2>::run(group, std::forward<Args>(args)...);
+    case 4: return Kernel<4>::run(group, std::forward<Args>(args)...);
+    case 8: return Kernel<8>::run(group, std::forward<Args>(args)...);
+    default: return Kernel<0>::run(group, std::forward<Args>(args)...);
+  }
+}
+
+template <int Group>
+struct CodeScores {
+  static void run(int group, const CodeStore& codes, const float* table, float* scores, Eigen::Index ld) {
+    code_scores_grouped<Group>(codes, table, group, scores, ld);
+  }
+};
+
+template <int Group>
+struct CodeAccumulate {
+  static void run(int group, const CodeStore& codes, const float* probabilities, Eigen::Index ld, float* weights) {
+    code_accumulate_grouped<Group>(codes, probabilities, ld, group, weights);
+  }
+};
+
+}  // namespace detail
+
+// Largest GQA group the code kernels take (query heads per KV head).
+inline constexpr int max_code_group = 16;
+
+// Scores of coded keys: scores[g * ld + t] = Σ_i coef_ti · table[idx_ti * group + g],
+// where table (N x group, row-major) holds u = Dᵀq for each query of the group.
+inline void code_scores(const CodeStore& codes, const float* table, int group, float* scores, Eigen::Index ld) {
+  require(group >= 1 && group <= max_code_group, "code_scores: GQA group of ", group, " query heads above ",
+          max_code_group);
+  detail::dispatch_group<detail::CodeScores>(group, codes, table, scores, ld);
+}
+
+// Values in code space: weights[idx_ti * group + g] += p[g * ld + t] · coef_ti, so the
+// output is D_v · weights, one dense product after the pass over the tokens.
+inline void code_accumulate(const CodeStore& codes, const float* probabilities, Eigen::Index ld, int group,
+                            float* weights) {
+  require(group >= 1 && group <= max_code_group, "code_accumulate: GQA group of ", group, " query heads above ",
+          max_code_group);
+  detail::dispatch_group<detail::CodeAccumulate>(group, codes, probabilities, ld, weights);
+}
+
+}  // namespace lexico

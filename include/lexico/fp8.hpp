@@ -68,10 +68,25 @@ inline std::uint8_t fp8_e4m3_encode(float x) {
   return sign | static_cast<std::uint8_t>(((binade + 7) << 3) + (steps - 8));
 }
 
+namespace detail {
+
+// 2^(code - 127) for every E8M0 code; 0xFF (NaN) is never produced by fp8_scale_for.
+inline const std::array<float, 256>& e8m0_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> values{};
+    for (int c = 0; c < 255; ++c) values[static_cast<std::size_t>(c)] = std::ldexp(1.0f, c - 127);
+    values[255] = std::numeric_limits<float>::quiet_NaN();
+    return values;
+  }();
+  return table;
+}
+
+}  // namespace detail
+
 // E8M0: an unsigned power-of-two exponent with bias 127 (OCP MX scale format).
 inline float e8m0_decode(std::uint8_t code) {
   require(code != 0xFF, "e8m0_decode: 0xFF is the NaN scale");
-  return std::ldexp(1.0f, static_cast<int>(code) - 127);
+  return detail::e8m0_table()[code];
 }
 
 // The power-of-two scale for a vector whose largest magnitude is `max_abs`:

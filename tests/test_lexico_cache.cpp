@@ -1,0 +1,252 @@
+// The Lexico cache against attention over explicitly reconstructed keys and values,
+// against the dense cache while everything is buffered, and its byte accounting
+// against the formula.
+#include <lexico/cache/dense.hpp>
+#include <lexico/cache/lexico_cache.hpp>
+
+#include <cmath>
+#include <random>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using lexico::RowMatrix;
+
+RowMatrix random_rows(Eigen::Index rows, Eigen::Index cols, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  RowMatrix m(rows, cols);
+  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
+  return m;
+}
+
+std::shared_ptr<const lexico::Dictionary> random_dictionary(int d, int n, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  Eigen::MatrixXf atoms(d, n);
+  for (Eigen::Index i = 0; i < atoms.size(); ++i) atoms.data()[i] = normal(rng);
+  return std::make_shared<const lexico::Dictionary>(atoms);
+}
+
+std::vector<lexico::LayerDictionaries> random_dictionaries(int layers, int d, int n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::vector<lexico::LayerDictionaries> dicts;
+  for (int l = 0; l < layers; ++l) dicts.push_back({random_dictionary(d, n, rng), random_dictionary(d, n, rng)});
+  return dicts;
+}
+
+// x̂ of every coded row of one head, decoded independently of the attention kernels.
+Eigen::MatrixXd reconstruct(const lexico::CodeStore& codes, const lexico::Dictionary& dict) {
+  Eigen::MatrixXd rows(static_cast<Eigen::Index>(codes.rows()), dict.dim());
+  rows.setZero();
+  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+                         float scale) {
+    for (int i = 0; i < count; ++i)
+      rows.row(static_cast<Eigen::Index>(r)) +=
+          static_cast<double>(lexico::fp8_e4m3_decode(coefficient[i]) * scale) *
+          dict.atoms().col(index[i]).cast<double>().transpose();
+  });
+  return rows;
+}
+
+// Attention in double over explicit K̂, V̂ (coded rows then the fp16 buffer).
+RowMatrix reference_attention(const lexico::LexicoCache& cache, int layer, const RowMatrix& queries,
+                              const RowMatrix& key_buffer, const RowMatrix& value_buffer) {
+  const auto& shape = cache.shape();
+  const int group = static_cast<int>(queries.rows()) / shape.kv_heads;
+  RowMatrix out(queries.rows(), shape.head_dim);
+  for (int h = 0; h < shape.kv_heads; ++h) {
+    Eigen::MatrixXd keys = reconstruct(cache.key_codes(layer, h), cache.key_dictionary(layer));
+    Eigen::MatrixXd values = reconstruct(cache.value_codes(layer, h), cache.value_dictionary(layer));
+    const Eigen::Index coded = keys.rows(), buffered = key_buffer.rows();
+    keys.conservativeResize(coded + buffered, Eigen::NoChange);
+    values.conservativeResize(coded + buffered, Eigen::NoChange);
+    for (Eigen::Index t = 0; t < buffered; ++t)
+      for (int i = 0; i < shape.head_dim; ++i) {
+        keys(coded + t, i) = static_cast<float>(Eigen::half(key_buffer(t, h * shape.head_dim + i)));
+        values(coded + t, i) = static_cast<float>(Eigen::half(value_buffer(t, h * shape.head_dim + i)));
+      }
+    for (int g = 0; g < group; ++g) {
+      const Eigen::VectorXd q = queries.row(h * group + g).transpose().cast<double>();
+      Eigen::VectorXd p = keys * q / std::sqrt(static_cast<double>(shape.head_dim));
+      p = (p.array() - p.maxCoeff()).exp();
+      p /= p.sum();
+      out.row(h * group + g) = (values.transpose() * p).transpose().cast<float>();
+    }
+  }
+  return out;
+}
+
+double relative_error(const RowMatrix& got, const RowMatrix& want) {
+  return static_cast<double>((got - want).norm() / want.norm());
+}
+
+struct Sequence {
+  RowMatrix keys, values, queries;
+};
+
+Sequence random_sequence(Eigen::Index tokens, int kv_heads, int q_heads, int d, unsigned seed) {
+  std::mt19937 rng(seed);
+  return {random_rows(tokens, kv_heads * d, rng), random_rows(tokens, kv_heads * d, rng),
+          random_rows(tokens, q_heads * d, rng)};
+}
+
+RowMatrix query_at(const Sequence& s, Eigen::Index t, int q_heads, int d) {
+  return Eigen::Map<const RowMatrix>(s.queries.row(t).data(), q_heads, d);
+}
+
+void check_against_reconstruction(int kv_heads, int q_heads, int layers) {
+  const int d = 16, n = 64, tokens = 70;
+  lexico::LexicoOptions options;
+  options.key_sparsity = 4;
+  options.value_sparsity = 6;
+  options.buffer = 8;
+  options.flush = 5;
+  lexico::LexicoCache cache({layers, kv_heads, d}, random_dictionaries(layers, d, n, 11), options);
+  const Sequence s = random_sequence(tokens, kv_heads, q_heads, d, 12);
+  RowMatrix out(q_heads, d);
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    for (int l = 0; l < layers; ++l) {
+      cache.decode(l, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q_heads, d), out);
+      const Eigen::Index buffered = cache.buffered_tokens(l), coded = cache.coded_tokens(l);
+      ASSERT_EQ(coded + buffered, t + 1);
+      ASSERT_LE(buffered, options.buffer);
+      const RowMatrix want = reference_attention(cache, l, query_at(s, t, q_heads, d),
+                                                 s.keys.middleRows(coded, buffered),
+                                                 s.values.middleRows(coded, buffered));
+      ASSERT_LT(relative_error(out, want), 1e-5) << "token " << t << " layer " << l;
+    }
+  }
+  EXPECT_GT(cache.coded_tokens(0), 50);
+}
+
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_Gqa4) { check_against_reconstruction(2, 8, 1); }
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_Gqa2ThreeLayers) { check_against_reconstruction(3, 6, 3); }
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_OddGroup) { check_against_reconstruction(1, 5, 1); }
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_NoGqa) { check_against_reconstruction(2, 2, 2); }
+
+TEST(LexicoCache, EqualsDenseFp16WhileEverythingIsBuffered) {
+  const int d = 16, kv = 2, q = 8, tokens = 40;
+  lexico::LexicoOptions options;
+  options.buffer = tokens;
+  lexico::LexicoCache cache({2, kv, d}, random_dictionaries(2, d, 32, 3), options);
+  lexico::DenseCache<Eigen::half> dense({2, kv, d});
+  const Sequence s = random_sequence(tokens, kv, q, d, 4);
+  RowMatrix a(q, d), b(q, d);
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    cache.decode(1, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), a);
+    dense.decode(1, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), b);
+    ASSERT_EQ((a - b).cwiseAbs().maxCoeff(), 0.0f) << "token " << t;
+  }
+  EXPECT_EQ(cache.coded_tokens(1), 0);
+  EXPECT_EQ(cache.bytes().total(), dense.bytes().total());
+}
+
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken) {
+  const int d = 16, kv = 2, q = 4, prompt = 50, tokens = 65;
+  lexico::LexicoOptions options;
+  options.buffer = 12;
+  options.flush = 1;  // one-by-one then codes exactly the tokens a prefill codes
+  const auto dicts = random_dictionaries(1, d, 48, 5);
+  lexico::LexicoCache prefilled({1, kv, d}, dicts, options), streamed({1, kv, d}, dicts, options);
+  const Sequence s = random_sequence(tokens, kv, q, d, 6);
+  RowMatrix block_out(prompt, q * d), a(q, d), b(q, d);
+  prefilled.prefill(0, s.keys.topRows(prompt), s.values.topRows(prompt), s.queries.topRows(prompt), block_out);
+  for (Eigen::Index t = 0; t < prompt; ++t)
+    streamed.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), a);
+  EXPECT_EQ(prefilled.coded_tokens(0), prompt - options.buffer);
+  EXPECT_EQ(streamed.coded_tokens(0), prompt - options.buffer);
+  for (Eigen::Index t = prompt; t < tokens; ++t) {
+    prefilled.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), a);
+    streamed.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), b);
+    ASSERT_LT((a - b).cwiseAbs().maxCoeff(), 1e-6f) << "token " << t;
+  }
+  EXPECT_EQ(prefilled.bytes().total(), streamed.bytes().total());
+}
+
+TEST(LexicoCache, PrefillAttentionIsExact) {
+  const int d = 16, kv = 2, q = 4, prompt = 30;
+  lexico::LexicoOptions options;
+  options.buffer = 4;
+  lexico::LexicoCache cache({1, kv, d}, random_dictionaries(1, d, 48, 7), options);
+  const Sequence s = random_sequence(prompt, kv, q, d, 8);
+  RowMatrix out(prompt, q * d), exact(prompt, q * d);
+  cache.prefill(0, s.keys, s.values, s.queries, out);
+  lexico::causal_attention(s.queries, s.keys, s.values, d, exact);
+  EXPECT_EQ((out - exact).cwiseAbs().maxCoeff(), 0.0f);
+  EXPECT_EQ(cache.coded_tokens(0), prompt - 4);
+}
+
+TEST(LexicoCache, BytesFollowTheFormula) {
+  const int d = 32, kv = 2, layers = 2, tokens = 100, sk = 4, sv = 8, buffer = 16, flush = 8;
+  lexico::LexicoOptions options;
+  options.key_sparsity = sk;
+  options.value_sparsity = sv;
+  options.buffer = buffer;
+  options.flush = flush;
+  options.layer_sparsity[1] = {6, 2};
+  lexico::LexicoCache cache({layers, kv, d}, random_dictionaries(layers, d, 128, 9), options);
+  const Sequence s = random_sequence(tokens, kv, 2, d, 10);
+  RowMatrix out(2, d);
+  for (Eigen::Index t = 0; t < tokens; ++t)
+    for (int l = 0; l < layers; ++l) cache.decode(l, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, 2, d), out);
+  // Coded in blocks of `flush` once the buffer is full: 100 tokens, 16 buffered at most.
+  std::size_t coded = 0;
+  while (tokens - coded > static_cast<std::size_t>(buffer)) coded += flush;
+  const std::size_t buffered = tokens - coded;
+  ASSERT_EQ(static_cast<std::size_t>(cache.coded_tokens(0)), coded);
+  // Per coded vector: s uint16 indices + s FP8 coefficients + 1 scale byte.
+  auto row = [](int s) { return static_cast<std::size_t>(3 * s + 1); };
+  const std::size_t codes = coded * kv * (row(sk) + row(sv) + row(6) + row(2));
+  const std::size_t fp16_buffer = layers * 2 * buffered * kv * d * 2;
+  EXPECT_EQ(cache.bytes().total(), codes + fp16_buffer);
+  EXPECT_EQ(cache.bytes().buffer, fp16_buffer);
+  EXPECT_EQ(cache.bytes().metadata, coded * kv * 4);
+  const double fp16 = static_cast<double>(layers * 2 * tokens * kv * d * 2);
+  EXPECT_DOUBLE_EQ(cache.kv_size_fraction(), static_cast<double>(codes + fp16_buffer) / fp16);
+}
+
+TEST(LexicoCache, ZeroBufferCodesEveryToken) {
+  const int d = 16, kv = 1, q = 2;
+  lexico::LexicoOptions options;
+  options.buffer = 0;
+  options.flush = 1;
+  lexico::LexicoCache cache({1, kv, d}, random_dictionaries(1, d, 32, 13), options);
+  const Sequence s = random_sequence(10, kv, q, d, 14);
+  RowMatrix out(q, d);
+  for (Eigen::Index t = 0; t < 10; ++t) {
+    cache.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), out);
+    EXPECT_EQ(cache.buffered_tokens(0), 0);
+    EXPECT_TRUE(out.allFinite());
+  }
+  EXPECT_EQ(cache.bytes().total(), static_cast<std::size_t>(10 * 2 * (3 * 8 + 1)));
+}
+
+TEST(LexicoCache, ToleranceStoresVariableRows) {
+  const int d = 16;
+  Eigen::MatrixXf atoms = Eigen::MatrixXf::Identity(d, d);  // every vector codes exactly with d atoms
+  auto dict = std::make_shared<const lexico::Dictionary>(atoms);
+  lexico::LexicoOptions options;
+  options.key_sparsity = options.value_sparsity = 8;
+  options.key_tolerance = options.value_tolerance = 1e-3f;
+  options.buffer = 0;
+  lexico::LexicoCache cache({1, 1, d}, {{dict, dict}}, options);
+  float token[d] = {};
+  token[3] = 2.0f;  // one atom suffices
+  cache.append(0, token, token);
+  // 1 entry (3 bytes) + scale + count, for K and for V.
+  EXPECT_EQ(cache.bytes().total(), 2u * (3 + 2));
+}
+
+TEST(LexicoCache, RejectsMismatchedDictionaries) {
+  EXPECT_THROW(lexico::LexicoCache({2, 1, 16}, random_dictionaries(1, 16, 32, 1)), lexico::error);
+  EXPECT_THROW(lexico::LexicoCache({1, 1, 8}, random_dictionaries(1, 16, 32, 1)), lexico::error);
+  lexico::LexicoOptions bad;
+  bad.flush = 0;
+  EXPECT_THROW(lexico::LexicoCache({1, 1, 16}, random_dictionaries(1, 16, 32, 1), bad), lexico::error);
+  lexico::LexicoOptions override_out_of_range;
+  override_out_of_range.layer_sparsity[4] = {2, 2};
+  EXPECT_THROW(lexico::LexicoCache({1, 1, 16}, random_dictionaries(1, 16, 32, 1), override_out_of_range),
+               lexico::error);
+}
+
+}  // namespace
