@@ -15,6 +15,9 @@
 namespace lexico {
 
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Most query heads that may share one KV head (GQA group); sizes stack buffers.
+inline constexpr int max_gqa_group = 64;
 using ConstRowsRef = Eigen::Ref<const RowMatrix>;
 using RowsRef = Eigen::Ref<RowMatrix>;
 
@@ -108,7 +111,7 @@ void code_scores_grouped(const CodeStore& codes, const float* table, int group, 
   const int g_count = Group > 0 ? Group : group;
   codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
                          float scale) {
-    float sum[Group > 0 ? Group : 16] = {};
+    float sum[Group > 0 ? Group : max_gqa_group] = {};
     for (int i = 0; i < count; ++i) {
       const float c = fp8[coefficient[i]];
       const float* u = table + static_cast<std::size_t>(index[i]) * static_cast<std::size_t>(g_count);
@@ -125,7 +128,7 @@ void code_accumulate_grouped(const CodeStore& codes, const float* probabilities,
   const int g_count = Group > 0 ? Group : group;
   codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
                          float scale) {
-    float p[Group > 0 ? Group : 16];
+    float p[Group > 0 ? Group : max_gqa_group];
     for (int g = 0; g < g_count; ++g) p[g] = probabilities[g * ld + static_cast<Eigen::Index>(r)] * scale;
     for (int i = 0; i < count; ++i) {
       const float c = fp8[coefficient[i]];
@@ -162,14 +165,11 @@ struct CodeAccumulate {
 
 }  // namespace detail
 
-// Largest GQA group the code kernels take (query heads per KV head).
-inline constexpr int max_code_group = 16;
-
 // Scores of coded keys: scores[g * ld + t] = Σ_i coef_ti · table[idx_ti * group + g],
 // where table (N x group, row-major) holds u = Dᵀq for each query of the group.
 inline void code_scores(const CodeStore& codes, const float* table, int group, float* scores, Eigen::Index ld) {
-  require(group >= 1 && group <= max_code_group, "code_scores: GQA group of ", group, " query heads above ",
-          max_code_group);
+  require(group >= 1 && group <= max_gqa_group, "code_scores: GQA group of ", group, " query heads above ",
+          max_gqa_group);
   detail::dispatch_group<detail::CodeScores>(group, codes, table, scores, ld);
 }
 
@@ -177,8 +177,8 @@ inline void code_scores(const CodeStore& codes, const float* table, int group, f
 // output is D_v · weights, one dense product after the pass over the tokens.
 inline void code_accumulate(const CodeStore& codes, const float* probabilities, Eigen::Index ld, int group,
                             float* weights) {
-  require(group >= 1 && group <= max_code_group, "code_accumulate: GQA group of ", group, " query heads above ",
-          max_code_group);
+  require(group >= 1 && group <= max_gqa_group, "code_accumulate: GQA group of ", group, " query heads above ",
+          max_gqa_group);
   detail::dispatch_group<detail::CodeAccumulate>(group, codes, probabilities, ld, weights);
 }
 

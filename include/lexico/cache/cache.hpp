@@ -160,9 +160,10 @@ class KVCache {
  private:
   void check_queries(ConstRowsRef queries, RowsRef out, const char* where) const {
     require(queries.cols() == shape_.head_dim && queries.rows() > 0 && queries.rows() % shape_.kv_heads == 0 &&
+                queries.rows() / shape_.kv_heads <= max_gqa_group &&
                 out.rows() == queries.rows() && out.cols() == queries.cols(),
             name(), "::", where, ": queries must be q_heads x ", shape_.head_dim, " with q_heads a multiple of ",
-            shape_.kv_heads, " and out the same shape (got ", queries.rows(), "x", queries.cols(), " and ",
+            shape_.kv_heads, " (at most ", max_gqa_group, " per KV head) and out the same shape (got ", queries.rows(), "x", queries.cols(), " and ",
             out.rows(), "x", out.cols(), ")");
   }
 

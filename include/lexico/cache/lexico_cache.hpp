@@ -5,6 +5,7 @@
 // u = Dᵀq once per query, score_t = Σ_i coef_ti · u[idx_ti]; values accumulate
 // w = Σ_t p_t c_t in atom space and the output is D_v · w.
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -14,6 +15,7 @@
 
 #include "../codes.hpp"
 #include "../dictionary.hpp"
+#include "../kernels.hpp"
 #include "../omp.hpp"
 #include "cache.hpp"
 #include "token_store.hpp"
@@ -113,10 +115,11 @@ class LexicoCache final : public KVCache {
           if (coded > 0) {
             thread_local std::vector<float> table;
             table.resize(static_cast<std::size_t>(atoms_k * group));
-            // table (N x group, row-major) = Dᵀ Qᵀ: each atom's dot with every query.
-            Eigen::Map<RowMatrix> u(table.data(), atoms_k, group);
-            u.noalias() = key_dict.atoms().transpose() *
-                          Eigen::Map<const RowMatrix>(q, group, head_dim).transpose();
+            // table (N x group, row-major): each atom's dot with every query, one
+            // pass over the dictionary for the whole group.
+            const float* atom = key_dict.atoms().data();
+            for (Eigen::Index a = 0; a < atoms_k; ++a, atom += head_dim)
+              detail::dot_group(atom, q, group, head_dim, table.data() + a * group);
             code_scores(state.keys.codes[static_cast<std::size_t>(h)], table.data(), group, scores, ld);
           }
           state.keys.buffer.scores(h, q, group, scores + coded, ld);
@@ -126,9 +129,13 @@ class LexicoCache final : public KVCache {
             thread_local std::vector<float> weights;
             weights.assign(static_cast<std::size_t>(atoms_v * group), 0.0f);
             code_accumulate(state.values.codes[static_cast<std::size_t>(h)], p, ld, group, weights.data());
-            Eigen::Map<RowMatrix> result(o, group, head_dim);
-            result.noalias() += Eigen::Map<const RowMatrix>(weights.data(), atoms_v, group).transpose() *
-                                value_dict.atoms().transpose();
+            // out = D_v · w, skipping atoms no token used.
+            const float* atom = value_dict.atoms().data();
+            for (Eigen::Index a = 0; a < atoms_v; ++a, atom += head_dim) {
+              const float* w = weights.data() + a * group;
+              if (std::any_of(w, w + group, [](float x) { return x != 0.0f; }))
+                detail::axpy_group(atom, w, group, head_dim, o);
+            }
           }
           state.values.buffer.accumulate(h, p + coded, ld, group, o);
         });

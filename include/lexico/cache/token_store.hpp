@@ -8,7 +8,9 @@
 
 #include <Eigen/Core>
 
+#include "../attention.hpp"
 #include "../half.hpp"
+#include "../kernels.hpp"
 
 namespace lexico {
 
@@ -67,30 +69,21 @@ class TokenStore {
 
   // scores[g * ld + t] = <query g, key t> for the group's queries (group x head_dim).
   void scores(int head, const float* queries, int group, float* scores, Eigen::Index ld) const {
-    float key[max_head_dim];
+    float key[max_head_dim], dots[max_gqa_group];
     const Eigen::Index count = head_tokens(head);
     for (Eigen::Index t = 0; t < count; ++t) {
-      const float* k = as_float(head, t, key);
-      for (int g = 0; g < group; ++g) {
-        const float* q = queries + g * head_dim_;
-        float dot = 0.0f;
-        for (int i = 0; i < head_dim_; ++i) dot += q[i] * k[i];
-        scores[g * ld + t] = dot;
-      }
+      detail::dot_group(as_float(head, t, key), queries, group, head_dim_, dots);
+      for (int g = 0; g < group; ++g) scores[g * ld + t] = dots[g];
     }
   }
 
   // out[g] += Σ_t probabilities[g * ld + t] · value t.
   void accumulate(int head, const float* probabilities, Eigen::Index ld, int group, float* out) const {
-    float value[max_head_dim];
+    float value[max_head_dim], weights[max_gqa_group];
     const Eigen::Index count = head_tokens(head);
     for (Eigen::Index t = 0; t < count; ++t) {
-      const float* v = as_float(head, t, value);
-      for (int g = 0; g < group; ++g) {
-        const float p = probabilities[g * ld + t];
-        float* o = out + g * head_dim_;
-        for (int i = 0; i < head_dim_; ++i) o[i] += p * v[i];
-      }
+      for (int g = 0; g < group; ++g) weights[g] = probabilities[g * ld + t];
+      detail::axpy_group(as_float(head, t, value), weights, group, head_dim_, out);
     }
   }
 
