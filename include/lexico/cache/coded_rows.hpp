@@ -1,0 +1,160 @@
+#pragma once
+// Token rows of every KV head, each stored as a fixed number of bytes by a row codec:
+// the per-token quantized caches (q8_0, q4_0, FP8) and KIVI's quantized values. Same
+// interface as TokenStore, so attention code reads either.
+//
+// A row codec provides
+//   void check(int head_dim) const;                    // raises if it cannot code such rows
+//   int payload_bytes(int head_dim) const;             // codes of one row
+//   int metadata_bytes(int head_dim) const;            // per-row scales, minima
+//   std::size_t shared_bytes() const;                  // per-store parameters (FP8 scale)
+//   void calibrate(ConstRowsRef tokens);               // fixes data-dependent parameters
+//   void encode(const float* x, int head_dim, std::uint8_t* row) const;   // payload, metadata
+//   void decode(const std::uint8_t* row, int head_dim, float* x) const;
+//   std::string name() const;  std::string parameters() const;
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../attention.hpp"
+#include "token_store.hpp"
+
+namespace lexico {
+
+template <typename Codec>
+class CodedRows {
+ public:
+  static constexpr int max_head_dim = TokenStore<float>::max_head_dim;
+
+  CodedRows(int heads, int head_dim, Codec codec)
+      : codec_(std::move(codec)), head_dim_(head_dim), rows_(static_cast<std::size_t>(heads)) {
+    require(head_dim > 0 && head_dim <= max_head_dim, "CodedRows: head_dim ", head_dim, " outside [1, ", max_head_dim,
+            "]");
+    codec_.check(head_dim);
+    row_bytes_ = static_cast<std::size_t>(codec_.payload_bytes(head_dim) + codec_.metadata_bytes(head_dim));
+  }
+
+  const Codec& codec() const { return codec_; }
+  int heads() const { return static_cast<int>(rows_.size()); }
+  int head_dim() const { return head_dim_; }
+  Eigen::Index tokens() const { return tokens_; }
+
+  std::size_t payload_bytes() const { return count() * static_cast<std::size_t>(codec_.payload_bytes(head_dim_)); }
+  std::size_t metadata_bytes() const {
+    return count() * static_cast<std::size_t>(codec_.metadata_bytes(head_dim_)) +
+           (calibrated_ ? codec_.shared_bytes() : 0);
+  }
+
+  // Lets the codec fix its data-dependent parameters from a block of tokens (T x heads*head_dim)
+  // before the first row is coded; later calls change nothing until clear(). append() calibrates
+  // on its own token when nothing did before.
+  void calibrate(ConstRowsRef tokens) {
+    if (calibrated_) return;
+    codec_.calibrate(tokens);
+    calibrated_ = true;
+  }
+
+  // Adds one token: heads x head_dim floats. A row the codec refuses (NaN) leaves the store as it was.
+  void append(const float* token) {
+    if (!calibrated_) calibrate(Eigen::Map<const RowMatrix>(token, 1, static_cast<Eigen::Index>(heads()) * head_dim_));
+    const std::size_t end = static_cast<std::size_t>(tokens_) * row_bytes_;
+    try {
+      for (std::size_t h = 0; h < rows_.size(); ++h) {
+        rows_[h].resize(end + row_bytes_);
+        codec_.encode(token + h * static_cast<std::size_t>(head_dim_), head_dim_, rows_[h].data() + end);
+      }
+    } catch (...) {
+      for (auto& rows : rows_) rows.resize(end);
+      throw;
+    }
+    ++tokens_;
+  }
+
+  // Drops the oldest `count` tokens.
+  void erase_front(Eigen::Index count) {
+    for (auto& rows : rows_) rows.erase(rows.begin(), rows.begin() + static_cast<std::ptrdiff_t>(count * row_bytes_));
+    tokens_ -= count;
+  }
+
+  void clear() {
+    for (auto& rows : rows_) rows.clear();
+    tokens_ = 0;
+    calibrated_ = false;
+  }
+
+  // Token t of a head, decoded.
+  void row(int head, Eigen::Index t, float* out) const {
+    codec_.decode(rows_[static_cast<std::size_t>(head)].data() + static_cast<std::size_t>(t) * row_bytes_, head_dim_,
+                  out);
+  }
+
+  // scores[g * ld + t] = <query g, key t> for the group's queries (group x head_dim);
+  // each row is decoded once for the whole group.
+  void scores(int head, const float* queries, int group, float* scores, Eigen::Index ld) const {
+    const Eigen::Map<const RowMatrix> q(queries, group, head_dim_);
+    Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>> s(scores, group, tokens_, Eigen::OuterStride<>(ld));
+    float key[max_head_dim];
+    for (Eigen::Index t = 0; t < tokens_; ++t) {
+      row(head, t, key);
+      s.col(t).noalias() = q * Eigen::Map<const Eigen::VectorXf>(key, head_dim_);
+    }
+  }
+
+  // out[g] += Σ_t probabilities[g * ld + t] · value t.
+  void accumulate(int head, const float* probabilities, Eigen::Index ld, int group, float* out) const {
+    const Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>> p(probabilities, group, tokens_,
+                                                                 Eigen::OuterStride<>(ld));
+    Eigen::Map<RowMatrix> o(out, group, head_dim_);
+    float value[max_head_dim];
+    for (Eigen::Index t = 0; t < tokens_; ++t) {
+      row(head, t, value);
+      o.noalias() += p.col(t) * Eigen::Map<const Eigen::RowVectorXf>(value, head_dim_);
+    }
+  }
+
+ private:
+  std::size_t count() const { return static_cast<std::size_t>(tokens_) * rows_.size(); }
+
+  Codec codec_;
+  int head_dim_;
+  std::size_t row_bytes_ = 0;
+  Eigen::Index tokens_ = 0;
+  bool calibrated_ = false;
+  std::vector<std::vector<std::uint8_t>> rows_;  // [head] -> tokens x row_bytes_
+};
+
+namespace detail {
+
+// Raises unless all n values are finite and within the fp16 range (caches that keep
+// tokens in fp16 would otherwise turn them into infinities and NaN attention).
+inline void require_fp16_range(const float* x, Eigen::Index n, const char* where) {
+  for (Eigen::Index i = 0; i < n; ++i)
+    require(std::fabs(x[i]) <= 65504.0f, where, ": value ", i, " of a token is ", x[i],
+            " (stored in fp16, whose range is +-65504)");
+}
+
+// Decode attention over a key store and a value store with TokenStore's interface
+// (scores, accumulate), `tokens` tokens in every head.
+template <typename KeyStore, typename ValueStore>
+void attend_stores(const KeyStore& keys, const ValueStore& values, Eigen::Index tokens, ConstRowsRef queries,
+                   RowsRef out) {
+  grouped_decode_attention(
+      queries, keys.heads(), tokens, out,
+      [&](int h, const float* q, int group, float* scores, Eigen::Index ld) { keys.scores(h, q, group, scores, ld); },
+      [&](int h, const float* p, Eigen::Index ld, int group, float* o) { values.accumulate(h, p, ld, group, o); });
+}
+
+// Rows [0, count) of one head of a store (TokenStore, CodedRows, ...) into out rows [at, at + count).
+template <typename Store>
+void copy_rows(const Store& store, int head, Eigen::Index count, RowMatrix& out, Eigen::Index at) {
+  for (Eigen::Index t = 0; t < count; ++t) store.row(head, t, out.row(at + t).data());
+}
+
+}  // namespace detail
+
+}  // namespace lexico

@@ -1,0 +1,213 @@
+#pragma once
+// Caches by name, for programs that choose one at run time (lexico-eval --cache NAME with
+// options "key=value,key=value"). A cache type is one CacheType entry: its name, a line of
+// help, the option keys it reads with their defaults, and a constructor. make_cache()
+// rejects keys the entry does not declare, so a typo never falls back to a default, and
+// fills in the declared defaults before the constructor reads the options.
+//
+// Adding a cache type is one entry: a line in detail::builtin_cache_types() below (where
+// the Lexico cache goes), or register_cache() at run time.
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cache.hpp"
+#include "dense.hpp"
+#include "fp8_cache.hpp"
+#include "h2o.hpp"
+#include "kivi.hpp"
+#include "options.hpp"
+#include "pyramidkv.hpp"
+#include "snapkv.hpp"
+#include "streaming.hpp"
+#include "token_quant.hpp"
+#include "tova.hpp"
+
+namespace lexico {
+
+struct CacheOptionInfo {
+  std::string key;
+  std::string fallback;  // the default; empty: required, or as `help` says
+  std::string help;
+};
+
+struct CacheType {
+  std::string name;
+  std::string summary;
+  std::vector<CacheOptionInfo> options;
+  // Gets the caller's options with every non-empty fallback filled in.
+  std::function<std::unique_ptr<KVCache>(CacheShape, const CacheOptions&)> make;
+};
+
+namespace detail {
+
+inline Budget budget_option(const CacheOptions& options) {
+  Budget budget = Budget::parse(options.get("budget"));
+  if (options.has("context")) {
+    require(budget.is_fraction(), "make_cache: context applies to a fractional budget (budget=",
+            options.get("budget"), ")");
+    budget.context = options.get_integer("context", 1);
+  }
+  return budget;
+}
+
+inline bool layerwise_option(const CacheOptions& options) {
+  return options.get_choice("scope", {"head", "layer"}) == "layer";
+}
+
+inline void read_snapkv_options(const CacheOptions& options, SnapKVOptions& snap) {
+  snap.budget = budget_option(options);
+  snap.window = options.get_int("window", 0);
+  snap.kernel = options.get_int("kernel", 1);
+  snap.pool = options.get_choice("pool", {"max", "avg"}) == "max" ? Pool::max : Pool::avg;
+  snap.layerwise = layerwise_option(options);
+}
+
+inline std::vector<CacheType> builtin_cache_types() {
+  using Made = std::unique_ptr<KVCache>;
+  const CacheOptionInfo budget{"budget", "", "kept tokens per KV head: a count (256) or a fraction (0.2); required"};
+  const CacheOptionInfo context{"context", "", "a fractional budget is of this length (default: of the tokens seen)"};
+  const CacheOptionInfo scope{"scope", "head", "head: per KV head, by its GQA group's mean; layer: same tokens in all"};
+  const std::vector<CacheOptionInfo> snapkv{budget,
+                                            {"window", "32", "observation window, always kept"},
+                                            {"kernel", "7", "pooling width over neighbouring tokens (odd)"},
+                                            {"pool", "max", "max | avg pooling"},
+                                            scope};
+  std::vector<CacheOptionInfo> pyramidkv = snapkv;
+  pyramidkv.push_back({"beta", "20", "the last layer keeps 1/beta of the mean selectable budget"});
+  return {
+      {"dense", "exact reference: every token kept", {{"dtype", "fp32", "fp32 | fp16 | bf16 storage"}},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         const std::string dtype = o.get_choice("dtype", {"fp32", "fp16", "bf16"});
+         if (dtype == "fp16") return std::make_unique<DenseCache<Eigen::half>>(shape);
+         if (dtype == "bf16") return std::make_unique<DenseCache<Eigen::bfloat16>>(shape);
+         return std::make_unique<DenseCache<float>>(shape);
+       }},
+      {"kivi", "KIVI: keys per channel, values per token, min/max groups, fp16 residual",
+       {{"bits", "2", "2 | 4 bits per code"},
+        {"group", "32", "values per fp16 (scale, minimum) pair"},
+        {"residual", "128", "full-precision recent tokens (a multiple of group)"}},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         return std::make_unique<KiviCache>(shape, KiviOptions{o.get_int("bits"), o.get_int("group"),
+                                                                o.get_int("residual")});
+       }},
+      {"q8_0", "llama.cpp q8_0: per token, blocks of 32 channels, int8 + fp16 scale (8.5 bits)", {},
+       [](CacheShape shape, const CacheOptions&) -> Made {
+         return std::make_unique<TokenQuantCache<BlockCodec>>(shape, q8_0_codec());
+       }},
+      {"q4_0", "llama.cpp q4_0: per token, blocks of 32 channels, 4 bits + fp16 scale (4.5 bits)", {},
+       [](CacheShape shape, const CacheOptions&) -> Made {
+         return std::make_unique<TokenQuantCache<BlockCodec>>(shape, q4_0_codec());
+       }},
+      {"fp8", "FP8 E4M3, one fp32 scale per layer for K and for V, from the first stored block",
+       {{"headroom", "1", "scale = max|x| * headroom / 448 (>= 1; room for later, larger values)"}},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         return std::make_unique<Fp8Cache>(shape, Fp8Codec(static_cast<float>(o.get_number("headroom"))));
+       }},
+      {"streaming", "StreamingLLM: attention sinks + the most recent tokens",
+       {budget, {"sinks", "4", "first tokens always kept (within the budget)"}, context},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         return std::make_unique<StreamingCache>(shape, StreamingOptions{budget_option(o), o.get_int("sinks", 0)});
+       }},
+      {"h2o", "H2O: heavy hitters by accumulated attention + a recent window, evicting every step",
+       {budget, {"window", "", "recent tokens always kept (default: half the budget)"}, context, scope},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         const int window = o.has("window") ? o.get_int("window", 0) : -1;
+         return std::make_unique<H2OCache>(shape, H2OOptions{budget_option(o), window, layerwise_option(o)});
+       }},
+      {"snapkv", "SnapKV: after the prefill, keep the window and the pooled best by window attention", snapkv,
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         SnapKVOptions options;
+         read_snapkv_options(o, options);
+         return std::make_unique<SnapKVCache>(shape, options);
+       }},
+      {"pyramidkv", "PyramidKV: SnapKV with layer budgets falling linearly with depth, same total", pyramidkv,
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         PyramidKVOptions options;
+         read_snapkv_options(o, options);
+         options.beta = o.get_number("beta");
+         return std::make_unique<PyramidKVCache>(shape, options);
+       }},
+      {"tova", "TOVA: drop the token the current query attends to least, every step", {budget, context, scope},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         return std::make_unique<TovaCache>(shape, TovaOptions{budget_option(o), layerwise_option(o)});
+       }},
+      // {"lexico", "...", {...}, [](CacheShape shape, const CacheOptions& o) -> Made { ... }},
+  };
+}
+
+inline std::map<std::string, CacheType>& cache_registry() {
+  static std::map<std::string, CacheType> registry = [] {
+    std::map<std::string, CacheType> types;
+    for (auto& type : builtin_cache_types()) types.emplace(type.name, std::move(type));
+    return types;
+  }();
+  return registry;
+}
+
+}  // namespace detail
+
+// Adds a cache type (not thread-safe: register before caches are made concurrently).
+inline void register_cache(CacheType type) {
+  require(!type.name.empty() && type.make, "register_cache: a cache type needs a name and a constructor");
+  auto& registry = detail::cache_registry();
+  require(!registry.count(type.name), "register_cache: '", type.name, "' is already registered");
+  const std::string name = type.name;
+  registry.emplace(name, std::move(type));
+}
+
+inline std::vector<std::string> cache_names() {
+  std::vector<std::string> names;
+  for (const auto& entry : detail::cache_registry()) names.push_back(entry.first);
+  return names;
+}
+
+inline const CacheType& cache_type(const std::string& name) {
+  const auto& registry = detail::cache_registry();
+  const auto found = registry.find(name);
+  if (found == registry.end()) {
+    std::string known;
+    for (const auto& entry : registry) known += (known.empty() ? "" : ", ") + entry.first;
+    throw error(detail::concat("make_cache: no cache named '", name, "' (known: ", known, ")"));
+  }
+  return found->second;
+}
+
+// The cache `name` for `shape`, configured by `options` (keys as cache_help() lists them).
+inline std::unique_ptr<KVCache> make_cache(const std::string& name, CacheShape shape,
+                                           const CacheOptions& options = {}) {
+  const CacheType& type = cache_type(name);
+  CacheOptions filled;
+  std::string keys;
+  for (const auto& info : type.options) {
+    if (!info.fallback.empty()) filled.set(info.key, info.fallback);
+    keys += (keys.empty() ? "" : ", ") + info.key;
+  }
+  for (const auto& [key, value] : options.values()) {
+    bool known = false;
+    for (const auto& info : type.options) known = known || info.key == key;
+    require(known, "make_cache: cache '", name, "' has no option '", key, "' (options: ",
+            keys.empty() ? "none" : keys, ")");
+    filled.set(key, value);
+  }
+  return type.make(shape, filled);
+}
+
+// Every cache type with its options and defaults, for --help.
+inline std::string cache_help() {
+  std::string text = "Caches (name, then options as key=value,key=value):\n";
+  for (const auto& [name, type] : detail::cache_registry()) {
+    text += "  " + name + std::string(name.size() < 11 ? 11 - name.size() : 1, ' ') + type.summary + "\n";
+    for (const auto& info : type.options) {
+      const std::string key = info.key + (info.fallback.empty() ? "" : "=" + info.fallback);
+      text += "      " + key + std::string(key.size() < 16 ? 16 - key.size() : 1, ' ') + info.help + "\n";
+    }
+  }
+  return text;
+}
+
+}  // namespace lexico

@@ -1,0 +1,161 @@
+// CacheOptions parsing and typed getters, make_cache for every name, rejected keys and
+// values, the help text, and registering a new cache type.
+#include <lexico/cache/factory.hpp>
+
+#include <gtest/gtest.h>
+
+#include "cache_test_util.hpp"
+
+namespace {
+
+using lexico::CacheOptions;
+using lexico::RowMatrix;
+
+// Expects `f` to raise lexico::error with a message that mentions every part.
+template <typename F>
+void expect_error_mentioning(F&& f, std::initializer_list<const char*> parts) {
+  try {
+    f();
+    ADD_FAILURE() << "no lexico::error raised";
+  } catch (const lexico::error& e) {
+    for (const char* part : parts) EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+  }
+}
+
+TEST(CacheOptions, ParsesKeyValueLists) {
+  const CacheOptions o = CacheOptions::parse(" bits=4, group = 64 ,residual=32");
+  EXPECT_EQ(o.values().size(), 3u);
+  EXPECT_EQ(o.get("group"), "64");
+  EXPECT_EQ(o.get_int("bits"), 4);
+  EXPECT_EQ(o.to_string(), "bits=4,group=64,residual=32");
+  EXPECT_EQ(CacheOptions::parse(o.to_string()).values(), o.values());
+  EXPECT_TRUE(CacheOptions::parse("").values().empty());
+  EXPECT_TRUE(CacheOptions::parse("  ").values().empty());
+  EXPECT_EQ(CacheOptions({{"budget", "0.2"}}).get_number("budget"), 0.2);
+  for (const char* bad : {"bits", "=2", "bits=", "a=1,a=2", "a=1,", ",a=1", "a=1,,b=2"})
+    EXPECT_THROW(CacheOptions::parse(bad), lexico::error) << bad;
+}
+
+TEST(CacheOptions, TypedGettersRejectMalformedValues) {
+  const CacheOptions o = CacheOptions::parse("i=12,f=2.5,w=abc,n=nan,big=1e400,neg=-3,plus=+3,pad=4x");
+  EXPECT_EQ(o.get_integer("i"), 12);
+  EXPECT_EQ(o.get_number("f"), 2.5);
+  EXPECT_EQ(o.get_number("i"), 12.0);
+  EXPECT_EQ(o.get_int("neg"), -3);
+  for (const char* key : {"f", "w", "n", "big", "plus", "pad"}) EXPECT_THROW(o.get_int(key), lexico::error) << key;
+  for (const char* key : {"w", "n", "big", "pad"}) EXPECT_THROW(o.get_number(key), lexico::error) << key;
+  EXPECT_THROW(o.get_int("i", 0, 10), lexico::error);   // out of range
+  EXPECT_THROW(o.get("missing"), lexico::error);
+  EXPECT_EQ(o.get_choice("w", {"xyz", "abc"}), "abc");
+  expect_error_mentioning([&] { o.get_choice("w", {"max", "avg"}); }, {"'w'", "max|avg", "'abc'"});
+}
+
+// Options that make every registered cache usable (budgets are required).
+CacheOptions minimal(const std::string& name) {
+  for (const auto& info : lexico::cache_type(name).options)
+    if (info.key == "budget") return CacheOptions({{"budget", "0.5"}});
+  return {};
+}
+
+TEST(Factory, MakesEveryCacheByName) {
+  const std::vector<std::string> expected = {"dense", "fp8",       "h2o",  "kivi", "pyramidkv",
+                                             "q4_0",  "q8_0",      "snapkv", "streaming", "tova"};
+  for (const auto& name : expected) EXPECT_TRUE(lexico::cache_type(name).make) << name;
+  const int q_heads = 8, kv_heads = 2, d = 32, tokens = 24;
+  std::mt19937 rng(1);
+  const RowMatrix keys = lexico_test::random_rows(tokens, kv_heads * d, rng);
+  const RowMatrix queries = lexico_test::random_rows(tokens, q_heads * d, rng);
+  for (const auto& name : lexico::cache_names()) {
+    auto cache = lexico::make_cache(name, {2, kv_heads, d}, minimal(name));
+    EXPECT_EQ(cache->name(), name);
+    RowMatrix out(tokens - 1, q_heads * d), step(q_heads, d);
+    cache->prefill(1, keys.topRows(tokens - 1), keys.topRows(tokens - 1), queries.topRows(tokens - 1), out);
+    cache->decode(1, keys.row(tokens - 1).data(), keys.row(tokens - 1).data(),
+                  lexico_test::query_heads(queries, tokens - 1, d), step);
+    EXPECT_TRUE(out.allFinite() && step.allFinite()) << name;
+    EXPECT_GT(cache->kv_size_fraction(), 0.0) << name;
+    EXPECT_LE(cache->kv_size_fraction(), 2.0) << name;
+  }
+}
+
+TEST(Factory, OptionsReachTheCaches) {
+  const lexico::CacheShape shape{1, 2, 32};
+  EXPECT_EQ(lexico::make_cache("kivi", shape, CacheOptions::parse("bits=4,residual=64"))->parameters(),
+            "bits=4 group=32 residual=64");
+  EXPECT_EQ(lexico::make_cache("kivi", shape)->parameters(), "bits=2 group=32 residual=128");
+  EXPECT_EQ(lexico::make_cache("dense", shape, CacheOptions::parse("dtype=bf16"))->parameters(), "dtype=bf16");
+  EXPECT_EQ(lexico::make_cache("dense", shape)->parameters(), "dtype=fp32");
+  EXPECT_EQ(lexico::make_cache("streaming", shape, CacheOptions::parse("budget=0.2,context=1024"))->parameters(),
+            "budget=0.2 context=1024 sinks=4");
+  EXPECT_EQ(lexico::make_cache("h2o", shape, CacheOptions::parse("budget=64,scope=layer"))->parameters(),
+            "budget=64 window=half scope=layer");
+  EXPECT_EQ(lexico::make_cache("h2o", shape, CacheOptions::parse("budget=64,window=8"))->parameters(),
+            "budget=64 window=8");
+  EXPECT_EQ(lexico::make_cache("snapkv", shape, CacheOptions::parse("budget=128,pool=avg,kernel=5"))->parameters(),
+            "budget=128 window=32 kernel=5 pool=avg");
+  EXPECT_EQ(lexico::make_cache("pyramidkv", shape, CacheOptions::parse("budget=128,beta=10"))->parameters(),
+            "budget=128 window=32 kernel=7 pool=max beta=10");
+  EXPECT_EQ(lexico::make_cache("tova", shape, CacheOptions::parse("budget=100"))->parameters(), "budget=100");
+  EXPECT_EQ(lexico::make_cache("fp8", shape, CacheOptions::parse("headroom=2"))->parameters(),
+            "headroom=2");
+  EXPECT_EQ(lexico::make_cache("q4_0", shape)->parameters(), "bits=4 block=32");
+  // A fixed context turns a fraction into a token count: round(0.25 * 40) = 10 kept.
+  auto tova = lexico::make_cache("tova", {1, 1, 32}, CacheOptions::parse("budget=0.25,context=40"));
+  std::vector<float> token(32, 1.0f);
+  RowMatrix q = RowMatrix::Ones(1, 32), out(1, 32);
+  for (int t = 0; t < 40; ++t) tova->decode(0, token.data(), token.data(), q, out);
+  EXPECT_DOUBLE_EQ(tova->kv_size_fraction(), 0.25);
+}
+
+TEST(Factory, EveryDocumentedDefaultIsAccepted) {
+  for (const auto& name : lexico::cache_names()) {
+    for (const auto& info : lexico::cache_type(name).options) {
+      if (info.fallback.empty()) continue;
+      CacheOptions options = minimal(name);
+      options.set(info.key, info.fallback);
+      EXPECT_NO_THROW(lexico::make_cache(name, {1, 2, 64}, options)) << name << " " << info.key;
+    }
+  }
+}
+
+TEST(Factory, UnknownNamesKeysAndBadValuesRaise) {
+  const lexico::CacheShape shape{1, 2, 32};
+  expect_error_mentioning([&] { lexico::make_cache("kivi", shape, CacheOptions::parse("bit=4")); },
+                          {"'bit'", "bits, group, residual"});
+  expect_error_mentioning([&] { lexico::make_cache("q8_0", shape, CacheOptions::parse("bits=8")); }, {"none"});
+  expect_error_mentioning([&] { lexico::make_cache("kiwi", shape); }, {"'kiwi'", "kivi"});
+  expect_error_mentioning([&] { lexico::make_cache("h2o", shape); }, {"'budget'", "required"});
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"q8_0", "bits=8"},           {"kivi", "bits=3"},          {"kivi", "group=abc"},
+      {"kivi", "residual=100"},     {"dense", "dtype=fp64"},     {"fp8", "headroom=0.5"},
+      {"streaming", ""},            {"streaming", "budget=abc"}, {"streaming", "budget=64,context=100"},
+      {"h2o", "budget=0.2,context=0"}, {"h2o", "budget=16,window=32"}, {"h2o", "budget=16,scope=group"},
+      {"snapkv", "budget=0.2,context=100"}, {"snapkv", "budget=64,kernel=4"}, {"snapkv", "budget=64,pool=min"},
+      {"pyramidkv", "budget=64,beta=0"},    {"tova", "budget=0"},            {"tova", "budget=64,sinks=2"}};
+  for (const auto& [name, options] : bad)
+    EXPECT_THROW(lexico::make_cache(name, shape, CacheOptions::parse(options)), lexico::error)
+        << name << " " << options;
+}
+
+TEST(Factory, HelpListsEveryCacheAndOption) {
+  const std::string help = lexico::cache_help();
+  for (const auto& name : lexico::cache_names()) {
+    EXPECT_NE(help.find("  " + name + " "), std::string::npos) << name;
+    for (const auto& info : lexico::cache_type(name).options) EXPECT_NE(help.find(info.key), std::string::npos);
+  }
+  EXPECT_NE(help.find("residual=128"), std::string::npos);
+}
+
+TEST(Factory, RegisteringACacheIsOneEntry) {
+  lexico::register_cache({"dense-half", "dense in fp16", {},
+                          [](lexico::CacheShape shape, const CacheOptions&) -> std::unique_ptr<lexico::KVCache> {
+                            return std::make_unique<lexico::DenseCache<Eigen::half>>(shape);
+                          }});
+  auto cache = lexico::make_cache("dense-half", {1, 1, 8});
+  EXPECT_EQ(cache->parameters(), "dtype=fp16");
+  EXPECT_NE(lexico::cache_help().find("dense-half"), std::string::npos);
+  EXPECT_THROW(lexico::register_cache(lexico::cache_type("dense-half")), lexico::error);  // taken
+  EXPECT_THROW(lexico::register_cache({"nothing", "", {}, nullptr}), lexico::error);
+}
+
+}  // namespace

@@ -1,0 +1,177 @@
+// Per-token quantized caches: llama.cpp q8_0 / q4_0 and FP8 E4M3 with per-tensor scales,
+// against values worked out by hand, exact bytes, GQA attention over the stored tokens.
+#include <lexico/cache/fp8_cache.hpp>
+#include <lexico/cache/token_quant.hpp>
+
+#include <cmath>
+
+#include <gtest/gtest.h>
+
+#include "cache_test_util.hpp"
+
+namespace {
+
+using lexico::RowMatrix;
+using lexico_test::random_rows;
+
+using BlockCache = lexico::TokenQuantCache<lexico::BlockCodec>;
+
+// One token of one head (32 channels) stored through the cache and read back.
+template <typename Cache>
+std::vector<float> round_trip(Cache& cache, const std::vector<float>& x) {
+  cache.clear();
+  cache.append(0, x.data(), x.data());
+  const RowMatrix k = cache.stored_keys(0, 0);
+  EXPECT_EQ(k, cache.stored_values(0, 0));
+  return std::vector<float>(k.data(), k.data() + k.size());
+}
+
+std::vector<float> ramp(float first, float step) {
+  std::vector<float> x;
+  for (int i = 0; i < 32; ++i) x.push_back(first + step * static_cast<float>(i));
+  return x;
+}
+
+TEST(TokenQuant, Q8_0OfARampMatchesHandComputation) {
+  BlockCache cache({1, 1, 32}, lexico::q8_0_codec());
+  EXPECT_EQ(cache.name(), "q8_0");
+  const std::vector<float> x = ramp(-16, 1);  // -16 .. 15
+  const std::vector<float> got = round_trip(cache, x);
+  // d = 16 / 127 stored as fp16 0.1259765625 (1032 steps of 2^-13); codes round(x * 127 / 16).
+  const double d = 0.1259765625;
+  ASSERT_EQ(static_cast<float>(Eigen::half(16.0f / 127.0f)), static_cast<float>(d));
+  EXPECT_EQ(got[0], static_cast<float>(-127 * d));   // -16 -> -127
+  EXPECT_EQ(got[16], 0.0f);                          //   0 -> 0
+  EXPECT_EQ(got[17], static_cast<float>(8 * d));     //   1 -> 7.94 -> 8
+  EXPECT_EQ(got[18], static_cast<float>(16 * d));    //   2 -> 15.875 -> 16
+  EXPECT_EQ(got[31], static_cast<float>(119 * d));   //  15 -> 119.06 -> 119
+  for (int i = 0; i < 32; ++i) {
+    const double code = std::round(static_cast<double>(x[static_cast<std::size_t>(i)]) * 127.0 / 16.0);
+    EXPECT_EQ(got[static_cast<std::size_t>(i)], static_cast<float>(code * d)) << i;
+  }
+}
+
+TEST(TokenQuant, Q4_0OfARampMatchesHandComputation) {
+  BlockCache cache({1, 1, 32}, lexico::q4_0_codec());
+  EXPECT_EQ(cache.name(), "q4_0");
+  // -16 .. 15: the largest magnitude is -16, d = -16 / -8 = 2, q = min(15, trunc(x / 2 + 8.5)),
+  // x̂ = 2 (q - 8): even x stay, odd x go up by one, and 15 (q would be 16) becomes 14.
+  std::vector<float> got = round_trip(cache, ramp(-16, 1));
+  for (int i = 0; i < 32; ++i) {
+    const int x = i - 16;
+    const float want = x == 15 ? 14.0f : x % 2 == 0 ? static_cast<float>(x) : static_cast<float>(x + 1);
+    EXPECT_EQ(got[static_cast<std::size_t>(i)], want) << x;
+  }
+  // 16 .. -15: the largest is +16, d = -2 flips the grid: 16 -> 16, -15 -> -14.
+  got = round_trip(cache, ramp(16, -1));
+  EXPECT_EQ(got[0], 16.0f);
+  EXPECT_EQ(got[31], -14.0f);
+  // An all-zero block has d = 0 and decodes to zeros.
+  got = round_trip(cache, std::vector<float>(32, 0.0f));
+  for (float v : got) EXPECT_EQ(v, 0.0f);
+}
+
+TEST(TokenQuant, Fp8ScaleComesFromThePrefillBlockAndSaturates) {
+  const int d = 32;
+  lexico::Fp8Cache cache({2, 1, d}, lexico::Fp8Codec());
+  EXPECT_EQ(cache.name(), "fp8");
+  RowMatrix keys = RowMatrix::Zero(2, d), values = RowMatrix::Zero(2, d), q = RowMatrix::Zero(2, d), out(2, d);
+  keys(0, 0) = 896;  // key scale 896 / 448 = 2
+  keys(0, 1) = 3.0f;  // 1.5 on the E4M3 grid
+  keys(1, 2) = 2.125f;  // 1.0625: a tie between 1 and 1.125, to even: 1 -> 2
+  values(1, 3) = -448;  // value scale 1
+  values(0, 4) = 0.3f;  // 0.3 -> 0.3125 (step 1/32 in [0.25, 0.5))
+  cache.prefill(0, keys, values, q, out);
+  EXPECT_EQ(cache.keys(0).codec().scale(), 2.0f);
+  EXPECT_EQ(cache.values(0).codec().scale(), 1.0f);
+  // A later value beyond the block's range saturates at 448 * scale.
+  std::vector<float> k(d, 0.0f), v(d, 0.0f);
+  k[0] = 5000;
+  v[0] = -1000;
+  cache.append(0, k.data(), v.data());
+  const RowMatrix sk = cache.stored_keys(0, 0), sv = cache.stored_values(0, 0);
+  EXPECT_EQ(sk(0, 0), 896.0f);
+  EXPECT_EQ(sk(0, 1), 3.0f);
+  EXPECT_EQ(sk(1, 2), 2.0f);
+  EXPECT_EQ(sk(2, 0), 896.0f);
+  EXPECT_EQ(sv(1, 3), -448.0f);
+  EXPECT_EQ(sv(0, 4), 0.3125f);
+  EXPECT_EQ(sv(2, 0), -448.0f);
+  // A layer that starts with decode takes its scale from its first token.
+  v[0] = 44.8f;
+  cache.append(1, k.data(), v.data());
+  EXPECT_FLOAT_EQ(cache.keys(1).codec().scale(), 5000.0f / 448.0f);
+  EXPECT_FLOAT_EQ(cache.values(1).codec().scale(), 0.1f);
+  // Headroom makes room for larger values later.
+  lexico::Fp8Cache roomy({1, 1, d}, lexico::Fp8Codec(4.0f));
+  roomy.append(0, v.data(), v.data());
+  EXPECT_FLOAT_EQ(roomy.keys(0).codec().scale(), 0.4f);
+  // clear() forgets the scale with the tokens.
+  cache.clear();
+  EXPECT_EQ(cache.bytes().total(), 0u);
+  EXPECT_EQ(cache.keys(0).codec().scale(), 2.0f);  // kept until the next calibration
+  cache.append(0, v.data(), v.data());
+  EXPECT_FLOAT_EQ(cache.keys(0).codec().scale(), 0.1f);
+}
+
+// Bytes written out: q8_0 34 bytes and q4_0 18 bytes per 32 values; FP8 one byte per
+// value plus a 4-byte scale for K and for V of each layer holding tokens.
+TEST(TokenQuant, BytesAreExact) {
+  const int layers = 2, heads = 2, d = 64, tokens = 9;
+  std::mt19937 rng(5);
+  const RowMatrix kv = random_rows(tokens, heads * d, rng), q = random_rows(tokens, heads * d, rng);
+  RowMatrix out(tokens, heads * d);
+  BlockCache q8({layers, heads, d}, lexico::q8_0_codec()), q4({layers, heads, d}, lexico::q4_0_codec());
+  lexico::Fp8Cache fp8({layers, heads, d}, lexico::Fp8Codec());
+  for (lexico::KVCache* cache : std::initializer_list<lexico::KVCache*>{&q8, &q4, &fp8})
+    cache->prefill(1, kv, kv, q, out);
+  const std::size_t values = 2u * tokens * heads * d;  // K and V
+  EXPECT_EQ(q8.bytes().payload, values);
+  EXPECT_EQ(q8.bytes().metadata, values / 32 * 2);
+  EXPECT_EQ(q4.bytes().payload, values / 2);
+  EXPECT_EQ(q4.bytes().metadata, values / 32 * 2);
+  EXPECT_EQ(fp8.bytes().payload, values);
+  EXPECT_EQ(fp8.bytes().metadata, 8u);
+  EXPECT_NEAR(q8.kv_size_fraction(), 8.5 / 16, 1e-12);
+  EXPECT_NEAR(q4.kv_size_fraction(), 4.5 / 16, 1e-12);
+  EXPECT_NEAR(fp8.kv_size_fraction(), (values + 8.0) / (2.0 * values), 1e-12);
+}
+
+template <typename Cache>
+void check_gqa(Cache& cache) {
+  const int q_heads = 8, kv_heads = 2, d = 32, prompt = 20, steps = 10;
+  std::mt19937 rng(11);
+  const RowMatrix keys = random_rows(prompt + steps, kv_heads * d, rng);
+  const RowMatrix values = random_rows(prompt + steps, kv_heads * d, rng);
+  const RowMatrix queries = random_rows(prompt + steps, q_heads * d, rng);
+  lexico_test::expect_decode_over_stored(cache, 0, keys, values, queries, prompt, 2e-5);
+  // Quantization error is bounded: within a few percent of the inputs for 8-bit formats.
+  const RowMatrix stored = cache.stored_keys(0, 1);
+  EXPECT_EQ(stored.rows(), prompt + steps);
+  const RowMatrix original = keys.middleCols(d, d);
+  EXPECT_LT((stored - original).norm() / original.norm(), cache.name() == "q4_0" ? 0.15 : 0.05);
+}
+
+TEST(TokenQuant, GqaAttentionMatchesNaiveOverStoredTokens) {
+  BlockCache q8({1, 2, 32}, lexico::q8_0_codec()), q4({1, 2, 32}, lexico::q4_0_codec());
+  lexico::Fp8Cache fp8({1, 2, 32}, lexico::Fp8Codec());
+  check_gqa(q8);
+  check_gqa(q4);
+  check_gqa(fp8);
+}
+
+TEST(TokenQuant, BadInputRaises) {
+  EXPECT_THROW(BlockCache({1, 1, 48}, lexico::q8_0_codec()), lexico::error);  // 48 is not a multiple of 32
+  EXPECT_THROW(lexico::Fp8Codec(0.5f), lexico::error);
+  EXPECT_THROW(lexico::BlockQuantizer(lexico::QuantScheme::min_max, 3), lexico::error);
+  BlockCache q8({1, 1, 32}, lexico::q8_0_codec());
+  lexico::Fp8Cache fp8({1, 1, 32}, lexico::Fp8Codec());
+  std::vector<float> x(32, 1.0f);
+  x[3] = std::nanf("");
+  EXPECT_THROW(q8.append(0, x.data(), x.data()), lexico::error);
+  EXPECT_THROW(fp8.append(0, x.data(), x.data()), lexico::error);
+  x[3] = 1e9f;  // beyond fp16: the q8_0 scale would be infinite
+  EXPECT_THROW(q8.append(0, x.data(), x.data()), lexico::error);
+}
+
+}  // namespace
