@@ -2,6 +2,11 @@
 // values, the help text, and registering a new cache type.
 #include <lexico/cache/factory.hpp>
 
+#include <unistd.h>
+
+#include <filesystem>
+#include <random>
+
 #include <gtest/gtest.h>
 
 #include "cache_test_util.hpp"
@@ -50,23 +55,51 @@ TEST(CacheOptions, TypedGettersRejectMalformedValues) {
   expect_error_mentioning([&] { o.get_choice("w", {"max", "avg"}); }, {"'w'", "max|avg", "'abc'"});
 }
 
-// Options that make every registered cache usable (budgets are required).
-CacheOptions minimal(const std::string& name) {
+// A dictionary set of random atoms for `shape`, saved once per shape in a temp dir.
+std::string random_dictionary_dir(const lexico::CacheShape& shape) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("lexico_factory_" + std::to_string(::getpid()) + "_" +
+                                                    std::to_string(shape.layers) + "x" + std::to_string(shape.head_dim));
+  if (fs::exists(dir / "manifest.json")) return dir.string();
+  fs::create_directories(dir);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  auto random_dictionary = [&] {
+    Eigen::MatrixXf atoms(shape.head_dim, 64);
+    for (Eigen::Index i = 0; i < atoms.size(); ++i) atoms.data()[i] = normal(rng);
+    return std::make_shared<const lexico::Dictionary>(atoms);
+  };
+  std::vector<lexico::LayerDictionaries> layers;
+  for (int l = 0; l < shape.layers; ++l) layers.push_back({random_dictionary(), random_dictionary()});
+  lexico::DictionarySetManifest manifest;
+  manifest.model = "random";
+  manifest.method = "none";
+  manifest.layers = shape.layers;
+  manifest.head_dim = shape.head_dim;
+  manifest.atoms = 64;
+  manifest.sparsity = 8;
+  lexico::save_dictionaries(dir.string(), layers, manifest);
+  return dir.string();
+}
+
+// Options that make every registered cache usable (budgets and dictionaries are required).
+CacheOptions minimal(const std::string& name, const lexico::CacheShape& shape) {
+  if (name == "lexico") return CacheOptions({{"dict", random_dictionary_dir(shape)}, {"buffer", "8"}});
   for (const auto& info : lexico::cache_type(name).options)
     if (info.key == "budget") return CacheOptions({{"budget", "0.5"}});
   return {};
 }
 
 TEST(Factory, MakesEveryCacheByName) {
-  const std::vector<std::string> expected = {"dense", "fp8",       "h2o",  "kivi", "pyramidkv",
-                                             "q4_0",  "q8_0",      "snapkv", "streaming", "tova"};
+  const std::vector<std::string> expected = {"dense", "fp8",  "h2o",    "kivi",      "lexico", "pyramidkv",
+                                             "q4_0",  "q8_0", "snapkv", "streaming", "tova"};
   for (const auto& name : expected) EXPECT_TRUE(lexico::cache_type(name).make) << name;
   const int q_heads = 8, kv_heads = 2, d = 32, tokens = 24;
   std::mt19937 rng(1);
   const RowMatrix keys = lexico_test::random_rows(tokens, kv_heads * d, rng);
   const RowMatrix queries = lexico_test::random_rows(tokens, q_heads * d, rng);
   for (const auto& name : lexico::cache_names()) {
-    auto cache = lexico::make_cache(name, {2, kv_heads, d}, minimal(name));
+    auto cache = lexico::make_cache(name, {2, kv_heads, d}, minimal(name, {2, kv_heads, d}));
     EXPECT_EQ(cache->name(), name);
     RowMatrix out(tokens - 1, q_heads * d), step(q_heads, d);
     cache->prefill(1, keys.topRows(tokens - 1), keys.topRows(tokens - 1), queries.topRows(tokens - 1), out);
@@ -111,7 +144,7 @@ TEST(Factory, EveryDocumentedDefaultIsAccepted) {
   for (const auto& name : lexico::cache_names()) {
     for (const auto& info : lexico::cache_type(name).options) {
       if (info.fallback.empty()) continue;
-      CacheOptions options = minimal(name);
+      CacheOptions options = minimal(name, {1, 2, 64});
       options.set(info.key, info.fallback);
       EXPECT_NO_THROW(lexico::make_cache(name, {1, 2, 64}, options)) << name << " " << info.key;
     }
@@ -131,7 +164,8 @@ TEST(Factory, UnknownNamesKeysAndBadValuesRaise) {
       {"streaming", ""},            {"streaming", "budget=abc"}, {"streaming", "budget=64,context=100"},
       {"h2o", "budget=0.2,context=0"}, {"h2o", "budget=16,window=32"}, {"h2o", "budget=16,scope=group"},
       {"snapkv", "budget=0.2,context=100"}, {"snapkv", "budget=64,kernel=4"}, {"snapkv", "budget=64,pool=min"},
-      {"pyramidkv", "budget=64,beta=0"},    {"tova", "budget=0"},            {"tova", "budget=64,sinks=2"}};
+      {"pyramidkv", "budget=64,beta=0"},    {"tova", "budget=0"},            {"tova", "budget=64,sinks=2"},
+      {"lexico", "s=8"},                    {"lexico", "dict=/nonexistent/dir"}};
   for (const auto& [name, options] : bad)
     EXPECT_THROW(lexico::make_cache(name, shape, CacheOptions::parse(options)), lexico::error)
         << name << " " << options;

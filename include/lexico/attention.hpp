@@ -98,6 +98,21 @@ void grouped_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index t
 
 #include "codes.hpp"
 
+namespace lexico::detail {
+
+// Decode attention over a key store and a value store with TokenStore's interface
+// (scores, accumulate), `tokens` tokens in every head.
+template <typename KeyStore, typename ValueStore>
+void attend_stores(const KeyStore& keys, const ValueStore& values, Eigen::Index tokens, ConstRowsRef queries,
+                   RowsRef out) {
+  grouped_decode_attention(
+      queries, keys.heads(), tokens, out,
+      [&](int h, const float* q, int group, float* scores, Eigen::Index ld) { keys.scores(h, q, group, scores, ld); },
+      [&](int h, const float* p, Eigen::Index ld, int group, float* o) { values.accumulate(h, p, ld, group, o); });
+}
+
+}  // namespace lexico::detail
+
 namespace lexico {
 
 namespace detail {

@@ -64,6 +64,7 @@ class KVCache {
   // floats each, keys after RoPE. The new token is visible to the next attend().
   void append(int layer, const float* key, const float* value) {
     const int l = checked_layer(layer);
+    require_finite(key, value, seen_[l], l);
     append_token(l, key, value);
     ++seen_[l];
   }
@@ -102,6 +103,7 @@ class KVCache {
             shape_.kv_heads, " and out the same shape");
     if (tokens == 0) return;
     if (seen_[l] == 0) {
+      for (Eigen::Index t = 0; t < tokens; ++t) require_finite(keys.row(t).data(), values.row(t).data(), t, l);
       causal_attention(queries, keys, values, shape_.head_dim, out);
       store_prefill(l, keys, values, queries);
       seen_[l] += tokens;
@@ -158,6 +160,14 @@ class KVCache {
   }
 
  private:
+  // NaN or Inf in the cache would poison every later attention step silently.
+  void require_finite(const float* key, const float* value, std::int64_t token, int layer) const {
+    const int n = shape_.kv_width();
+    const auto finite = [n](const float* x) { return Eigen::Map<const Eigen::ArrayXf>(x, n).isFinite().all(); };
+    require(finite(key) && finite(value), name(), ": token ", token, " of layer ", layer,
+            " has a NaN or Inf in its key or value");
+  }
+
   void check_queries(ConstRowsRef queries, RowsRef out, const char* where) const {
     require(queries.cols() == shape_.head_dim && queries.rows() > 0 && queries.rows() % shape_.kv_heads == 0 &&
                 queries.rows() / shape_.kv_heads <= max_gqa_group &&
@@ -165,6 +175,7 @@ class KVCache {
             name(), "::", where, ": queries must be q_heads x ", shape_.head_dim, " with q_heads a multiple of ",
             shape_.kv_heads, " (at most ", max_gqa_group, " per KV head) and out the same shape (got ", queries.rows(), "x", queries.cols(), " and ",
             out.rows(), "x", out.cols(), ")");
+    require(queries.allFinite(), name(), "::", where, ": the queries hold a NaN or Inf");
   }
 
   CacheShape shape_;

@@ -138,17 +138,6 @@ inline void require_fp16_range(const float* x, Eigen::Index n, const char* where
             " (stored in fp16, whose range is +-65504)");
 }
 
-// Decode attention over a key store and a value store with TokenStore's interface
-// (scores, accumulate), `tokens` tokens in every head.
-template <typename KeyStore, typename ValueStore>
-void attend_stores(const KeyStore& keys, const ValueStore& values, Eigen::Index tokens, ConstRowsRef queries,
-                   RowsRef out) {
-  grouped_decode_attention(
-      queries, keys.heads(), tokens, out,
-      [&](int h, const float* q, int group, float* scores, Eigen::Index ld) { keys.scores(h, q, group, scores, ld); },
-      [&](int h, const float* p, Eigen::Index ld, int group, float* o) { values.accumulate(h, p, ld, group, o); });
-}
-
 // Rows [0, count) of one head of a store (TokenStore, CodedRows, ...) into out rows [at, at + count).
 template <typename Store>
 void copy_rows(const Store& store, int head, Eigen::Index count, RowMatrix& out, Eigen::Index at) {

@@ -32,11 +32,7 @@ class DenseCache final : public KVCache {
 
   void attend_tokens(int layer, ConstRowsRef queries, RowsRef out) override {
     const auto& keys = keys_[static_cast<std::size_t>(layer)];
-    const auto& values = values_[static_cast<std::size_t>(layer)];
-    grouped_decode_attention(
-        queries, shape().kv_heads, keys.tokens(), out,
-        [&](int h, const float* q, int group, float* scores, Eigen::Index ld) { keys.scores(h, q, group, scores, ld); },
-        [&](int h, const float* p, Eigen::Index ld, int group, float* o) { values.accumulate(h, p, ld, group, o); });
+    detail::attend_stores(keys, values_[static_cast<std::size_t>(layer)], keys.tokens(), queries, out);
   }
 
   CacheBytes layer_bytes(int layer) const override {

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "../dictionary_set.hpp"
 #include "cache.hpp"
 #include "dense.hpp"
 #include "fp8_cache.hpp"
@@ -136,7 +137,27 @@ inline std::vector<CacheType> builtin_cache_types() {
        [](CacheShape shape, const CacheOptions& o) -> Made {
          return std::make_unique<TovaCache>(shape, TovaOptions{budget_option(o), layerwise_option(o)});
        }},
-      // {"lexico", "...", {...}, [](CacheShape shape, const CacheOptions& o) -> Made { ... }},
+      {"lexico", "Lexico: sparse codes over per-layer dictionaries (lexico-train), fp16 recent buffer",
+       {{"dict", "", "directory written by lexico-train; required"},
+        {"s", "8", "atoms per key and per value vector"},
+        {"sk", "", "atoms per key vector (default: s)"},
+        {"sv", "", "atoms per value vector (default: s)"},
+        {"buffer", "128", "recent tokens kept in fp16 (n_b)"},
+        {"flush", "32", "tokens coded at once when the buffer overflows (n_a)"},
+        {"tol", "0", "relative residual at which OMP may stop early (0: always s atoms)"}},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
+         const DictionarySet set = load_dictionaries(o.get("dict"));
+         LexicoOptions options;
+         const int s = o.get_int("s", 1, 255);
+         options.key_sparsity = o.has("sk") ? o.get_int("sk", 1, 255) : s;
+         options.value_sparsity = o.has("sv") ? o.get_int("sv", 1, 255) : s;
+         options.buffer = o.get_int("buffer", 0);
+         options.flush = o.get_int("flush", 1);
+         options.key_tolerance = options.value_tolerance = static_cast<float>(o.get_number("tol"));
+         require(options.key_tolerance >= 0 && options.key_tolerance < 1, "make_cache: lexico tol must be in [0, 1)");
+         return std::make_unique<LexicoCache>(shape, set.layers, options);
+       }},
   };
 }
 
