@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include <lexico/kv_collect.hpp>
 #include <lexico/model/llama.hpp>
 #include <lexico/model/tokenizer.hpp>
@@ -76,22 +78,24 @@ inline std::string format_duration(double seconds) {
   return text;
 }
 
-// One line on stderr redrawn in place, at most four times a second.
+// A progress line on stderr: redrawn in place four times a second on a terminal,
+// one plain line every ten seconds in a log.
 class ProgressBar {
  public:
   void show(const std::string& label, double fraction, double eta_seconds, const std::string& tail) {
     const auto now = Clock::now();
-    if (fraction < 1 && now - last_ < std::chrono::milliseconds(250)) return;
+    if (fraction < 1 && now - last_ < (terminal_ ? std::chrono::milliseconds(250) : std::chrono::seconds(10))) return;
     last_ = now;
     constexpr int width = 30;
     const int filled = static_cast<int>(std::clamp(fraction, 0.0, 1.0) * width);
-    std::fprintf(stderr, "\r%-14s [%s%s] %5.1f%% ETA %s %s\033[K", label.c_str(), std::string(filled, '#').c_str(),
-                 std::string(width - filled, '.').c_str(), 100 * fraction, format_duration(eta_seconds).c_str(),
-                 tail.c_str());
-    if (fraction >= 1) std::fputc('\n', stderr);
+    std::fprintf(stderr, "%s%-14s [%s%s] %5.1f%% ETA %s %s%s", terminal_ ? "\r" : "", label.c_str(),
+                 std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(), 100 * fraction,
+                 format_duration(eta_seconds).c_str(), tail.c_str(), terminal_ ? "\033[K" : "\n");
+    if (terminal_ && fraction >= 1) std::fputc('\n', stderr);
   }
 
  private:
+  bool terminal_ = isatty(fileno(stderr)) != 0;
   Clock::time_point last_{};
 };
 

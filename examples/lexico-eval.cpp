@@ -24,8 +24,9 @@ namespace {
 
 const char* const usage =
     "usage: lexico-eval --model DIR|FILE.bin (--tokens FILE.u16 | --text FILE) [options]\n"
-    "  --cache NAME          cache type (default dense); --cache help lists types and options\n"
-    "  --opt KEY=VALUE       a cache option (repeatable), or several as KEY=V,KEY=V\n"
+    "  --cache NAME[:K=V,..] cache type and options (default dense); repeat it to compare several\n"
+    "                        caches on the same windows; --cache help lists types and options\n"
+    "  --opt KEY=VALUE       an option of the last --cache (repeatable), or several as KEY=V,KEY=V\n"
     "  --dict DIR            dictionaries for --cache lexico (same as --opt dict=DIR)\n"
     "  --window W            tokens per window, BOS first (default: model context, at most 1024)\n"
     "  --windows K           windows to run, consecutive from the start of the corpus (default 1)\n"
@@ -33,9 +34,14 @@ const char* const usage =
     "  --tokenizer PATH      tokenizer for --text (default: the model's own)\n"
     "  --json                print one JSON object instead of the text report\n";
 
-struct Args {
-  std::string model, tokens, text, tokenizer, cache = "dense";
+struct CacheSpec {
+  std::string name;
   lexico::CacheOptions options;
+};
+
+struct Args {
+  std::string model, tokens, text, tokenizer;
+  std::vector<CacheSpec> caches;
   int window = 0, windows = 1, prefill = -1;
   bool json = false;
 };
@@ -43,12 +49,18 @@ struct Args {
 Args parse_args(int argc, char** argv) {
   Args a;
   auto add_options = [&](const std::string& text) {
+    if (a.caches.empty()) a.caches.push_back({"dense", {}});
     try {
       const lexico::CacheOptions parsed = lexico::CacheOptions::parse(text);
-      for (const auto& [key, value] : parsed.values()) a.options.set(key, value);
+      for (const auto& [key, value] : parsed.values()) a.caches.back().options.set(key, value);
     } catch (const lexico::error& e) {
-      throw cli::usage_error(std::string("--opt: ") + e.what());
+      throw cli::usage_error(std::string("cache options '") + text + "': " + e.what());
     }
+  };
+  auto add_cache = [&](const std::string& spec) {
+    const std::size_t colon = spec.find(':');
+    a.caches.push_back({spec.substr(0, colon), {}});
+    if (colon != std::string::npos) add_options(spec.substr(colon + 1));
   };
   cli::parse_flags(
       argc, argv,
@@ -56,7 +68,7 @@ Args parse_args(int argc, char** argv) {
        {"--tokens", [&](const std::string& v) { a.tokens = v; }},
        {"--text", [&](const std::string& v) { a.text = v; }},
        {"--tokenizer", [&](const std::string& v) { a.tokenizer = v; }},
-       {"--cache", [&](const std::string& v) { a.cache = v; }},
+       {"--cache", add_cache},
        {"--opt", add_options},
        {"--dict", [&](const std::string& v) { add_options("dict=" + v); }},
        {"--window", [&](const std::string& v) { a.window = cli::parse_number<int>("--window", v, 2, 1 << 20); }},
@@ -64,7 +76,8 @@ Args parse_args(int argc, char** argv) {
        {"--prefill", [&](const std::string& v) { a.prefill = cli::parse_number<int>("--prefill", v, 0, 1 << 20); }},
        {"--json", [&](const std::string&) { a.json = true; }}},
       usage, {"--json"});
-  if (a.cache == "help") {
+  if (a.caches.empty()) a.caches.push_back({"dense", {}});
+  if (a.caches.front().name == "help") {
     std::fputs(lexico::cache_help().c_str(), stdout);
     std::exit(0);
   }
@@ -84,9 +97,17 @@ double negative_log_likelihood(const float* logits, int vocab, int target) {
 
 int argmax(const float* logits, int vocab) { return static_cast<int>(std::max_element(logits, logits + vocab) - logits); }
 
-struct Totals {
+// One cache's running sums over every window.
+struct Result {
+  std::unique_ptr<lexico::KVCache> cache;
   double nll = 0, dense_nll = 0, kv_fraction = 0, decode_seconds = 0, prefill_seconds = 0;
   long scored = 0, agree = 0, decoded = 0, prefilled = 0;
+
+  double mean_nll() const { return nll / static_cast<double>(scored); }
+  double dense_mean_nll() const { return dense_nll / static_cast<double>(scored); }
+  double top1() const { return static_cast<double>(agree) / static_cast<double>(scored); }
+  double decode_rate() const { return static_cast<double>(decoded) / decode_seconds; }
+  double prefill_rate() const { return prefilled > 0 ? static_cast<double>(prefilled) / prefill_seconds : 0.0; }
 };
 
 // Consecutive windows of W tokens from the start of the corpus, BOS first.
@@ -102,6 +123,47 @@ std::vector<std::vector<int>> first_windows(const std::vector<int>& tokens, int 
   return windows;
 }
 
+// The dense model's view of a window: argmax and NLL of every prediction.
+struct Reference {
+  std::vector<int> argmax;
+  std::vector<double> nll;
+};
+
+Reference dense_reference(lexico::LlamaRunner& runner, const std::vector<int>& tokens, lexico::KVCache& dense) {
+  const int vocab = runner.model().config().vocab;
+  dense.clear();
+  const lexico::RowMatrix logits = runner.prefill(tokens, dense);
+  Reference reference;
+  for (std::size_t p = 0; p + 1 < tokens.size(); ++p) {
+    const float* row = logits.row(static_cast<Eigen::Index>(p)).data();
+    reference.argmax.push_back(argmax(row, vocab));
+    reference.nll.push_back(negative_log_likelihood(row, vocab, tokens[p + 1]));
+  }
+  return reference;
+}
+
+void print_json(const Args& args, const Result& r, int window, std::size_t windows, int prefill) {
+  const lexico::CacheBytes bytes = r.cache->bytes();
+  std::printf(
+      "{\"model\": \"%s\", \"cache\": \"%s\", \"parameters\": \"%s\", \"window\": %d, \"windows\": %zu, "
+      "\"prefill\": %d, \"scored_tokens\": %ld, \"mean_nll\": %.6f, \"perplexity\": %.4f, "
+      "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
+      "\"bytes_payload\": %zu, \"bytes_metadata\": %zu, \"bytes_buffer\": %zu, \"tokens_per_second\": %.2f, "
+      "\"prefill_tokens_per_second\": %.2f}\n",
+      args.model.c_str(), r.cache->name().c_str(), r.cache->parameters().c_str(), window, windows, prefill, r.scored,
+      r.mean_nll(), std::exp(r.mean_nll()), r.dense_mean_nll(), r.mean_nll() - r.dense_mean_nll(), r.top1(),
+      r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.decode_rate(), r.prefill_rate());
+}
+
+void print_table(const std::vector<Result>& results) {
+  std::printf("%-8s %-44s %8s %9s %9s %8s %9s\n", "cache", "parameters", "KV size", "mean NLL", "delta", "top-1",
+              "tokens/s");
+  for (const Result& r : results)
+    std::printf("%-8s %-44s %7.2f%% %9.4f %+9.4f %7.2f%% %9.1f\n", r.cache->name().c_str(),
+                r.cache->parameters().c_str(), 100 * r.kv_fraction, r.mean_nll(), r.mean_nll() - r.dense_mean_nll(),
+                100 * r.top1(), r.decode_rate());
+}
+
 int run(const Args& args) {
   using Clock = std::chrono::steady_clock;
   const lexico::LlamaModel model = lexico::LlamaModel::load(args.model);
@@ -115,72 +177,55 @@ int run(const Args& args) {
   const auto windows = first_windows(corpus, window, args.windows, config.bos_id);
   lexico::require(!windows.empty(), "the corpus holds fewer than ", window, " tokens: no complete window");
 
-  auto cache = lexico::make_cache(args.cache, config.cache_shape(), args.options);
+  std::vector<Result> results;
+  for (const CacheSpec& spec : args.caches) {
+    results.emplace_back();
+    results.back().cache = lexico::make_cache(spec.name, config.cache_shape(), spec.options);
+  }
   lexico::DenseCache<float> dense(config.cache_shape());
   lexico::LlamaRunner runner(model);
-  Totals totals;
   cli::ProgressBar bar;
   const auto started = Clock::now();
-  const double steps = static_cast<double>(windows.size()) * window;
+  const double steps = static_cast<double>(windows.size() * results.size()) * window;
+  double done = 0;
   for (std::size_t w = 0; w < windows.size(); ++w) {
     const std::vector<int>& tokens = windows[w];
-    dense.clear();
-    const lexico::RowMatrix reference = runner.prefill(tokens, dense);
-    cache->clear();
-    const auto prefill_start = Clock::now();
-    if (prefill > 0) runner.prefill(std::vector<int>(tokens.begin(), tokens.begin() + prefill), *cache);
-    const auto decode_start = Clock::now();
-    totals.prefill_seconds += std::chrono::duration<double>(decode_start - prefill_start).count();
-    totals.prefilled += prefill;
-    for (int p = prefill; p < window; ++p) {
-      const auto logits = runner.decode(tokens[static_cast<std::size_t>(p)], *cache);
-      ++totals.decoded;
-      if (p + 1 < window) {
-        const int next = tokens[static_cast<std::size_t>(p + 1)];
-        totals.nll += negative_log_likelihood(logits.data(), config.vocab, next);
-        totals.dense_nll += negative_log_likelihood(reference.row(p).data(), config.vocab, next);
-        totals.agree += argmax(logits.data(), config.vocab) == argmax(reference.row(p).data(), config.vocab);
-        ++totals.scored;
+    const Reference reference = dense_reference(runner, tokens, dense);
+    for (Result& r : results) {
+      r.cache->clear();
+      const auto prefill_start = Clock::now();
+      if (prefill > 0) runner.prefill(std::vector<int>(tokens.begin(), tokens.begin() + prefill), *r.cache);
+      const auto decode_start = Clock::now();
+      r.prefill_seconds += std::chrono::duration<double>(decode_start - prefill_start).count();
+      r.prefilled += prefill;
+      done += prefill;
+      for (int p = prefill; p < window; ++p) {
+        const auto logits = runner.decode(tokens[static_cast<std::size_t>(p)], *r.cache);
+        ++r.decoded;
+        if (p + 1 < window) {
+          r.nll += negative_log_likelihood(logits.data(), config.vocab, tokens[static_cast<std::size_t>(p + 1)]);
+          r.dense_nll += reference.nll[static_cast<std::size_t>(p)];
+          r.agree += argmax(logits.data(), config.vocab) == reference.argmax[static_cast<std::size_t>(p)];
+          ++r.scored;
+        }
+        done += 1;
+        const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
+        char tail[128];
+        std::snprintf(tail, sizeof tail, "window %zu/%zu %s nll %.4f", w + 1, windows.size(), r.cache->name().c_str(),
+                      r.scored ? r.mean_nll() : 0.0);
+        bar.show("lexico-eval", done / steps, elapsed * (steps - done) / done, tail);
       }
-      const double done = static_cast<double>(w) * window + p + 1;
-      const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
-      char tail[96];
-      std::snprintf(tail, sizeof tail, "window %zu/%zu  nll %.4f", w + 1, windows.size(),
-                    totals.scored ? totals.nll / static_cast<double>(totals.scored) : 0.0);
-      bar.show("lexico-eval", done / steps, elapsed * (steps - done) / done, tail);
+      r.decode_seconds += std::chrono::duration<double>(Clock::now() - decode_start).count();
+      r.kv_fraction += r.cache->kv_size_fraction() / static_cast<double>(windows.size());
     }
-    totals.decode_seconds += std::chrono::duration<double>(Clock::now() - decode_start).count();
-    totals.kv_fraction += cache->kv_size_fraction();
   }
-  const double n = static_cast<double>(totals.scored);
-  const double mean_nll = totals.nll / n, dense_nll = totals.dense_nll / n;
-  const double kv_fraction = totals.kv_fraction / static_cast<double>(windows.size());
-  const double decode_rate = static_cast<double>(totals.decoded) / totals.decode_seconds;
-  const double prefill_rate =
-      totals.prefilled > 0 ? static_cast<double>(totals.prefilled) / totals.prefill_seconds : 0.0;
-  const lexico::CacheBytes bytes = cache->bytes();
   if (args.json) {
-    std::printf(
-        "{\"model\": \"%s\", \"cache\": \"%s\", \"parameters\": \"%s\", \"window\": %d, \"windows\": %zu, "
-        "\"prefill\": %d, \"scored_tokens\": %ld, \"mean_nll\": %.6f, \"perplexity\": %.4f, "
-        "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
-        "\"bytes_payload\": %zu, \"bytes_metadata\": %zu, \"bytes_buffer\": %zu, \"tokens_per_second\": %.2f, "
-        "\"prefill_tokens_per_second\": %.2f}\n",
-        args.model.c_str(), cache->name().c_str(), cache->parameters().c_str(), window, windows.size(), prefill,
-        totals.scored, mean_nll, std::exp(mean_nll), dense_nll, mean_nll - dense_nll,
-        static_cast<double>(totals.agree) / n, kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, decode_rate,
-        prefill_rate);
-  } else {
-    std::printf("model          %s\ncache          %s (%s)\n", args.model.c_str(), cache->name().c_str(),
-                cache->parameters().c_str());
-    std::printf("windows        %zu x %d tokens, prefill %d, %ld scored tokens\n", windows.size(), window, prefill,
-                totals.scored);
-    std::printf("mean NLL       %.4f (dense %.4f, delta %+.4f)\nperplexity     %.3f\n", mean_nll, dense_nll,
-                mean_nll - dense_nll, std::exp(mean_nll));
-    std::printf("top-1 agree    %.2f %%\nKV size        %.2f %% of fp16\n", 100.0 * totals.agree / n,
-                100 * kv_fraction);
-    std::printf("speed          %.1f decode tokens/s, %.1f prefill tokens/s\n", decode_rate, prefill_rate);
+    for (const Result& r : results) print_json(args, r, window, windows.size(), prefill);
+    return 0;
   }
+  std::printf("model %s, %zu window(s) of %d tokens, prefill %d, %ld scored tokens per cache\n", args.model.c_str(),
+              windows.size(), window, prefill, results.front().scored);
+  print_table(results);
   return 0;
 }
 

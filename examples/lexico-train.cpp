@@ -1,0 +1,346 @@
+// lexico-train: learns one key and one value dictionary per layer of a Llama model
+// from its KV vectors on a training corpus and writes them with a manifest that
+// lexico-eval --cache lexico --dict DIR reads (load_dictionaries).
+//
+//   lexico-train --model DIR|FILE.bin (--tokens FILE.u16 | --text FILE [--tokenizer PATH])
+//                --atoms N --sparsity S --out DIR [options]
+//
+// KV vectors are collected once into vector files under --work (default OUT/vectors)
+// and reused by later runs with the same model, corpus, window and seed.
+
+#include <malloc.h>
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <lexico/dictionary_set.hpp>
+#include <lexico/kv_collect.hpp>
+#include <lexico/model/llama.hpp>
+#include <lexico/train.hpp>
+
+#include "cli.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+namespace fs = std::filesystem;
+using cli::Clock;
+
+const char* const usage =
+    "usage: lexico-train --model DIR|FILE.bin (--tokens FILE.u16 | --text FILE) --atoms N --sparsity S --out DIR\n"
+    "  --method lexico|mod|ksvd   update rule (default ksvd)\n"
+    "  --vectors M                training vectors per dictionary (default 1048576)\n"
+    "  --dev FILE                 held-out .u16 or text file for the error table (default: unused train windows)\n"
+    "  --dev-vectors M            held-out vectors per dictionary (default 32768)\n"
+    "  --tokenizer PATH           tokenizer for --text (default: the model's own)\n"
+    "  --init samples|kmeans++    initial atoms (default kmeans++)\n"
+    "  --batch B  --lr RATE       vectors per update, Adam learning rate (defaults per method)\n"
+    "  --window T                 tokens per collection window, BOS first (default 1024)\n"
+    "  --seed X  --threads T      (defaults 0, all cores)\n"
+    "  --work DIR                 where collected KV vectors live (default OUT/vectors)\n";
+
+struct Args {
+  std::string model, tokens, text, tokenizer, dev, out, work;
+  lexico::TrainOptions train;
+  Eigen::Index dev_vectors = 32768;
+  int window = 1024;
+};
+
+// A flag whose value a lexico parser reads; its lexico::error becomes a usage error.
+template <typename Parse>
+auto named(const char* flag, Parse parse) {
+  return [flag, parse](const std::string& value) {
+    try {
+      parse(value);
+    } catch (const lexico::error& e) {
+      throw cli::usage_error(std::string(flag) + ": " + e.what());
+    }
+  };
+}
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  a.train.vectors = Eigen::Index(1) << 20;
+  using cli::parse_number;
+  using Index = Eigen::Index;
+  bool atoms = false, sparsity = false;
+  cli::parse_flags(
+      argc, argv,
+      {{"--model", [&](const std::string& v) { a.model = v; }},
+       {"--tokens", [&](const std::string& v) { a.tokens = v; }},
+       {"--text", [&](const std::string& v) { a.text = v; }},
+       {"--tokenizer", [&](const std::string& v) { a.tokenizer = v; }},
+       {"--dev", [&](const std::string& v) { a.dev = v; }},
+       {"--out", [&](const std::string& v) { a.out = v; }},
+       {"--work", [&](const std::string& v) { a.work = v; }},
+       {"--atoms", [&](const std::string& v) { a.train.atoms = parse_number<int>("--atoms", v, 1, 65536), atoms = true; }},
+       {"--sparsity",
+        [&](const std::string& v) { a.train.sparsity = parse_number<int>("--sparsity", v, 1, 255), sparsity = true; }},
+       {"--vectors", [&](const std::string& v) { a.train.vectors = parse_number<Index>("--vectors", v, 1, Index(1) << 40); }},
+       {"--dev-vectors", [&](const std::string& v) { a.dev_vectors = parse_number<Index>("--dev-vectors", v, 1, Index(1) << 30); }},
+       {"--batch", [&](const std::string& v) { a.train.batch = parse_number<Index>("--batch", v, 1, Index(1) << 24); }},
+       {"--lr", [&](const std::string& v) { a.train.learning_rate = parse_number<float>("--lr", v, 1e-9f, 1.0f); }},
+       {"--window", [&](const std::string& v) { a.window = parse_number<int>("--window", v, 2, 1 << 20); }},
+       {"--seed", [&](const std::string& v) { a.train.seed = parse_number<std::uint64_t>("--seed", v, 0, ~std::uint64_t(0)); }},
+       {"--threads", [&](const std::string& v) { a.train.threads = parse_number<int>("--threads", v, 1, 1024); }},
+       {"--method", named("--method", [&](const std::string& v) { a.train.method = lexico::parse_train_method(v); })},
+       {"--init", named("--init", [&](const std::string& v) { a.train.init = lexico::parse_train_init(v); })}},
+      usage);
+  if (a.model.empty()) throw cli::usage_error("--model is required");
+  if (a.tokens.empty() == a.text.empty()) throw cli::usage_error("give exactly one of --tokens FILE.u16 and --text FILE");
+  if (!atoms || !sparsity) throw cli::usage_error("--atoms and --sparsity are required");
+  if (a.out.empty()) throw cli::usage_error("--out is required");
+  if (a.train.sparsity > a.train.atoms) throw cli::usage_error("--sparsity must not exceed --atoms");
+  for (const std::string* path : {&a.model, &a.tokens, &a.text, &a.dev, &a.tokenizer}) cli::require_file(*path);
+  if (a.work.empty()) a.work = (fs::path(a.out) / "vectors").string();
+  return a;
+}
+
+std::vector<int> read_corpus(const Args& args, const std::string& path, const lexico::LlamaModel& model) {
+  const bool text = fs::path(path).extension() != ".u16";
+  return cli::read_corpus(path, text && args.tokenizer.empty() ? cli::default_tokenizer(args.model) : args.tokenizer,
+                          model);
+}
+
+// What a directory of collected vectors holds; a later run reuses it when the
+// source matches and it has at least the windows it needs (windows come in one
+// seeded order, so fewer windows are a prefix of more).
+struct Collection {
+  std::string model, corpus;
+  int window = 0;
+  std::uint64_t seed = 0;
+  std::size_t windows = 0;
+
+  std::string key() const {
+    std::ostringstream out;
+    out << "model=" << fs::absolute(model).string() << "\ncorpus=" << fs::absolute(corpus).string()
+        << "\nwindow=" << window << "\nseed=" << seed << "\n";
+    return out.str();
+  }
+  static std::string stamp_path(const std::string& dir) { return (fs::path(dir) / "collection.txt").string(); }
+  bool present_in(const std::string& dir) const {
+    std::ifstream in(stamp_path(dir));
+    const std::string stored((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const std::string prefix = key() + "windows=";
+    if (!in || stored.compare(0, prefix.size(), prefix) != 0) return false;
+    return std::strtoull(stored.c_str() + prefix.size(), nullptr, 10) >= windows;
+  }
+  void stamp(const std::string& dir) const {
+    std::ofstream out(stamp_path(dir));
+    out << key() << "windows=" << windows << "\n";
+    lexico::require(out.good(), "cannot write '", stamp_path(dir), "'");
+  }
+};
+
+// Windows (in the seeded order) until they hold `vectors` KV vectors, after skipping
+// the first `skip_vectors` worth (held-out windows of the training corpus).
+std::vector<std::vector<int>> windows_for(const std::vector<std::vector<int>>& all, int kv_heads, Eigen::Index vectors,
+                                          Eigen::Index skip_vectors, std::size_t* first = nullptr) {
+  std::size_t w = 0;
+  for (Eigen::Index skipped = 0; w < all.size() && skipped < skip_vectors; ++w)
+    skipped += static_cast<Eigen::Index>(all[w].size()) * kv_heads;
+  if (first) *first = w;
+  std::vector<std::vector<int>> out;
+  for (Eigen::Index have = 0; w < all.size() && have < vectors; ++w) {
+    out.push_back(all[w]);
+    have += static_cast<Eigen::Index>(all[w].size()) * kv_heads;
+  }
+  return out;
+}
+
+// Collects `windows` into dir unless a matching collection is already there.
+void ensure_collected(const lexico::LlamaModel& model, const std::vector<std::vector<int>>& windows,
+                      Collection collection, const std::string& dir, const std::string& label) {
+  collection.windows = windows.size();
+  if (collection.present_in(dir)) {
+    std::fprintf(stderr, "%s: reusing KV vectors in %s\n", label.c_str(), dir.c_str());
+    return;
+  }
+  fs::remove(Collection::stamp_path(dir));
+  cli::ProgressBar bar;
+  const auto begin = Clock::now();
+  lexico::collect_kv_files(model, windows, dir, [&](std::size_t done) {
+    const double elapsed = std::chrono::duration<double>(Clock::now() - begin).count();
+    const double fraction = static_cast<double>(done) / static_cast<double>(windows.size());
+    bar.show(label, fraction, elapsed / fraction - elapsed,
+             std::to_string(done) + "/" + std::to_string(windows.size()) + " windows");
+  });
+  collection.stamp(dir);
+}
+
+double cpu_seconds() { return static_cast<double>(std::clock()) / CLOCKS_PER_SEC; }
+
+std::string kv_name(int layer, bool keys) { return "layer" + std::to_string(layer) + (keys ? ".K" : ".V"); }
+
+int run(const Args& args) {
+  // Training builds a 64 MiB Gram matrix per step; without this every one is a
+  // fresh mmap whose page faults cost several times the product itself.
+  mallopt(M_MMAP_MAX, 0);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#ifdef _OPENMP
+  if (args.train.threads > 0) omp_set_num_threads(args.train.threads);
+#endif
+  const auto begin = Clock::now();
+  const lexico::LlamaModel model = lexico::LlamaModel::load(args.model);
+  const lexico::LlamaConfig& config = model.config();
+  const int bos = config.bos_id >= 0 ? config.bos_id : 0;
+  const std::string corpus = args.tokens.empty() ? args.text : args.tokens;
+
+  // Training windows first; without --dev the held-out windows follow them.
+  const auto train_all = lexico::sample_windows(read_corpus(args, corpus, model), args.window, bos, ~std::size_t(0),
+                                                args.train.seed);
+  const auto train_windows = windows_for(train_all, config.kv_heads, args.train.vectors, 0);
+  Eigen::Index train_available = 0;
+  for (const auto& w : train_windows) train_available += static_cast<Eigen::Index>(w.size()) * config.kv_heads;
+  const std::string train_dir = (fs::path(args.work) / "train").string();
+  ensure_collected(model, train_windows, {args.model, corpus, args.window, args.train.seed, 0}, train_dir,
+                   "collect train");
+
+  std::vector<std::vector<int>> dev_windows;
+  Collection dev_collection{args.model, args.dev.empty() ? corpus : args.dev, args.window, args.train.seed, 0};
+  if (args.dev.empty()) {
+    std::size_t first = 0;
+    dev_windows = windows_for(train_all, config.kv_heads, args.dev_vectors, train_available, &first);
+    lexico::require(!dev_windows.empty(), corpus, ": no windows left for held-out vectors; give --dev");
+    dev_collection.seed = args.train.seed + first;  // a different window set than a plain collection
+  } else {
+    const auto dev_all = lexico::sample_windows(read_corpus(args, args.dev, model), args.window, bos, ~std::size_t(0),
+                                                args.train.seed);
+    dev_windows = windows_for(dev_all, config.kv_heads, args.dev_vectors, 0);
+  }
+  const std::string dev_dir = (fs::path(args.work) / "dev").string();
+  ensure_collected(model, dev_windows, dev_collection, dev_dir, "collect dev");
+  const double collect_seconds = std::chrono::duration<double>(Clock::now() - begin).count();
+  const double collect_cpu = cpu_seconds();
+
+  lexico::TrainOptions options = args.train;
+  const Eigen::Index batch = options.batch > 0 ? options.batch : lexico::default_batch(options.method);
+  const int dictionaries = 2 * config.layers;
+  const std::vector<int> eval_sparsities = {4, 8, 16};
+  std::vector<lexico::LayerDictionaries> layers(static_cast<std::size_t>(config.layers));
+  lexico::DictionarySetManifest manifest;
+  manifest.model = args.model;
+  manifest.method = lexico::to_string(options.method);
+  manifest.layers = config.layers;
+  manifest.head_dim = config.head_dim;
+  manifest.atoms = options.atoms;
+  manifest.sparsity = options.sparsity;
+  auto& settings = manifest.settings;
+
+  cli::ProgressBar bar;
+  const auto train_begin = Clock::now();
+  double eta_per_vector = 0;  // seconds, measured on the dictionaries done so far
+  for (int index = 0; index < dictionaries; ++index) {
+    const int layer = index / 2;
+    const bool keys = index % 2 == 0;
+    const std::string name = kv_name(layer, keys);
+    lexico::FileVectorSource source(lexico::kv_vector_path(train_dir, layer, keys), Eigen::Index(1) << 18,
+                                    options.seed + static_cast<std::uint64_t>(index), options.vectors);
+    const Eigen::Index per_dictionary = options.vectors;
+    const double done_before = static_cast<double>(index) * static_cast<double>(per_dictionary);
+    const double total = static_cast<double>(dictionaries) * static_cast<double>(per_dictionary);
+    const auto dict_begin = Clock::now();
+    lexico::TrainResult result = lexico::train_dictionary(
+        source, options,
+        [&](const lexico::TrainProgress& p) {
+          const double done = done_before + static_cast<double>(p.vectors);
+          const double rate = eta_per_vector > 0 ? eta_per_vector : p.seconds / static_cast<double>(p.vectors);
+          char tail[96];
+          std::snprintf(tail, sizeof tail, "%s err %.4f replaced %ld", name.c_str(), p.batch_error,
+                        static_cast<long>(p.replaced));
+          bar.show("train", done / total, rate * (total - done), tail);
+        },
+        {{"model", args.model}, {"layer", std::to_string(layer)}, {"kind", keys ? "K" : "V"},
+         {"method", manifest.method}, {"atoms", std::to_string(options.atoms)},
+         {"sparsity", std::to_string(options.sparsity)}});
+    eta_per_vector = std::chrono::duration<double>(Clock::now() - train_begin).count() / (done_before + static_cast<double>(per_dictionary));
+    const double dict_seconds = std::chrono::duration<double>(Clock::now() - dict_begin).count();
+
+    auto dictionary = std::make_shared<const lexico::Dictionary>(std::move(result.dictionary));
+    (keys ? layers[static_cast<std::size_t>(layer)].keys : layers[static_cast<std::size_t>(layer)].values) = dictionary;
+    settings[name + ".seconds"] = std::to_string(dict_seconds);
+    settings[name + ".replaced"] = std::to_string(result.replaced);
+    settings[name + ".max_coherence"] = std::to_string(dictionary->max_coherence());
+    settings[name + ".last_batch_error"] = std::to_string(result.last_error);
+
+    lexico::VectorFile train_file(lexico::kv_vector_path(train_dir, layer, keys));
+    lexico::VectorFile dev_file(lexico::kv_vector_path(dev_dir, layer, keys));
+    const Eigen::MatrixXf train_sample = train_file.read_head(args.dev_vectors);
+    const Eigen::MatrixXf dev_sample = dev_file.read_head(args.dev_vectors);
+    for (const int s : eval_sparsities) {
+      if (s > std::min(config.head_dim, options.atoms)) continue;
+      manifest.errors.push_back({layer, keys ? 'K' : 'V', s,
+                                 lexico::relative_coding_error(*dictionary, train_sample, s, true, options.threads),
+                                 lexico::relative_coding_error(*dictionary, dev_sample, s, true, options.threads)});
+    }
+  }
+  const double train_seconds = std::chrono::duration<double>(Clock::now() - train_begin).count();
+  const double train_cpu = cpu_seconds() - collect_cpu;
+
+  settings["corpus"] = corpus;
+  settings["dev"] = args.dev.empty() ? "held-out windows of " + corpus : args.dev;
+  settings["vectors"] = std::to_string(options.vectors);
+  settings["train_vectors_available"] = std::to_string(std::min(train_available, options.vectors));
+  settings["dev_vectors"] = std::to_string(args.dev_vectors);
+  settings["window"] = std::to_string(args.window);
+  settings["init"] = lexico::to_string(options.init);
+  settings["batch"] = std::to_string(batch);
+  if (options.method == lexico::TrainMethod::lexico)
+    settings["learning_rate"] = std::to_string(options.learning_rate > 0 ? options.learning_rate
+                                                                          : lexico::default_learning_rate());
+  settings["seed"] = std::to_string(options.seed);
+  settings["threads"] = std::to_string(options.threads > 0 ? options.threads : Eigen::nbThreads());
+  settings["collect_seconds"] = std::to_string(collect_seconds);
+  settings["train_seconds"] = std::to_string(train_seconds);
+  // CPU time of all threads: on a shared machine, what the run would take alone.
+  settings["collect_cpu_seconds"] = std::to_string(collect_cpu);
+  settings["train_cpu_seconds"] = std::to_string(train_cpu);
+  lexico::save_dictionaries(args.out, layers, manifest);
+
+  std::printf("%s, %s, N=%d, trained at s=%d on %ld vectors per dictionary; collection %s, training %s\n",
+              args.model.c_str(), manifest.method.c_str(), options.atoms, options.sparsity,
+              static_cast<long>(options.vectors), cli::format_duration(collect_seconds).c_str(),
+              cli::format_duration(train_seconds).c_str());
+  std::printf("relative error ||x - x^|| / ||x|| (mean), FP8 coefficients: train | dev\n");
+  std::printf("%-6s %-4s", "layer", "K/V");
+  for (const int s : eval_sparsities) std::printf("   s=%-2d train    dev", s);
+  std::printf("  max|cos|\n");
+  for (int layer = 0; layer < config.layers; ++layer)
+    for (const char kind : {'K', 'V'}) {
+      std::printf("%-6d %-4c", layer, kind);
+      for (const auto& e : manifest.errors)
+        if (e.layer == layer && e.kind == kind) std::printf("        %.4f %.4f", e.train, e.dev);
+      std::printf("  %s\n", settings[kv_name(layer, kind == 'K') + ".max_coherence"].c_str());
+    }
+  std::printf("wrote %s\n", args.out.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args args;
+  try {
+    args = parse_args(argc, argv);
+  } catch (const cli::usage_error& e) {
+    std::fprintf(stderr, "lexico-train: %s\n", e.what());
+    return 2;
+  }
+  try {
+    return run(args);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "\nlexico-train: error: %s\n", e.what());
+    return 1;
+  }
+}
