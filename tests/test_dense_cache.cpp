@@ -63,7 +63,7 @@ TEST(Attention, SoftmaxIsStableForHugeScores) {
   lexico::softmax_rows(scores, 1, 3, 3, 1.0f);
   EXPECT_FLOAT_EQ(scores[0], 0.5f);
   EXPECT_FLOAT_EQ(scores[1], 0.5f);
-  EXPECT_FLOAT_EQ(scores[2], 0.0f);
+  EXPECT_LE(scores[2], 1e-37f);  // e^-87 is where the exponential flushes
 }
 
 template <typename Scalar>

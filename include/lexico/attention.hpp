@@ -5,12 +5,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include "error.hpp"
+#include "kernels.hpp"
 
 namespace lexico {
 
@@ -27,11 +29,15 @@ inline void softmax_rows(float* scores, int rows, Eigen::Index cols, Eigen::Inde
     float* row = scores + r * ld;
     float top = -std::numeric_limits<float>::infinity();
     for (Eigen::Index t = 0; t < cols; ++t) top = std::max(top, row[t]);
+    for (Eigen::Index t = 0; t < cols; ++t) row[t] = (row[t] - top) * scale;
+    detail::exp_nonpositive(row, cols);
+    float partial[detail::lanes] = {};
+    Eigen::Index t = 0;
+    for (; t + detail::lanes <= cols; t += detail::lanes)
+      for (int l = 0; l < detail::lanes; ++l) partial[l] += row[t + l];
     float sum = 0.0f;
-    for (Eigen::Index t = 0; t < cols; ++t) {
-      row[t] = std::exp((row[t] - top) * scale);
-      sum += row[t];
-    }
+    for (; t < cols; ++t) sum += row[t];
+    for (int l = 0; l < detail::lanes; ++l) sum += partial[l];
     const float inverse = 1.0f / sum;
     for (Eigen::Index t = 0; t < cols; ++t) row[t] *= inverse;
   }
@@ -97,6 +103,7 @@ void grouped_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index t
 }  // namespace lexico
 
 #include "codes.hpp"
+#include "dictionary.hpp"
 
 namespace lexico::detail {
 
@@ -117,38 +124,91 @@ namespace lexico {
 
 namespace detail {
 
-// Row r of a code store against `Group` query tables at once: the table holds, for
-// atom a, the Group values <atom a, query g> side by side, so one gathered cache
-// line serves every query head of the GQA group.
+// The Group values of one atom's table row (or weights row) as one vector, so a
+// single load serves every query head of the GQA group. (GCC ignores a vector_size
+// that depends on a template parameter, hence one specialisation per size.)
 template <int Group>
-void code_scores_grouped(const CodeStore& codes, const float* table, int group, float* scores, Eigen::Index ld) {
+struct GroupVector;
+template <>
+struct GroupVector<1> {
+  using type = float;
+};
+template <>
+struct GroupVector<2> {
+  using type = float __attribute__((vector_size(8)));
+};
+template <>
+struct GroupVector<4> {
+  using type = float __attribute__((vector_size(16)));
+};
+template <>
+struct GroupVector<8> {
+  using type = float __attribute__((vector_size(32)));
+};
+
+// Row r of a code store against the group's table: the table holds, for atom a, the
+// Group values <atom a, query g> side by side.
+template <int Group>
+void code_scores_grouped(const CodeStore& codes, const float* table, int /*group*/, float* scores, Eigen::Index ld) {
+  using Vector = typename GroupVector<Group>::type;
   const auto& fp8 = fp8_e4m3_table();
-  const int g_count = Group > 0 ? Group : group;
   codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
                          float scale) {
-    float sum[Group > 0 ? Group : max_gqa_group] = {};
+    Vector sum{};
     for (int i = 0; i < count; ++i) {
-      const float c = fp8[coefficient[i]];
-      const float* u = table + static_cast<std::size_t>(index[i]) * static_cast<std::size_t>(g_count);
-      for (int g = 0; g < g_count; ++g) sum[g] += c * u[g];
+      Vector u;
+      std::memcpy(&u, table + static_cast<std::size_t>(index[i]) * Group, sizeof u);
+      sum += u * fp8[coefficient[i]];
     }
-    for (int g = 0; g < g_count; ++g) scores[g * ld + static_cast<Eigen::Index>(r)] = sum[g] * scale;
+    static_assert(sizeof(Vector) == sizeof(float) * Group, "one lane per query of the group");
+    float lanes[Group];
+    std::memcpy(lanes, &sum, sizeof lanes);
+    for (int g = 0; g < Group; ++g) scores[g * ld + static_cast<Eigen::Index>(r)] = lanes[g] * scale;
   });
 }
 
 template <int Group>
-void code_accumulate_grouped(const CodeStore& codes, const float* probabilities, Eigen::Index ld, int group,
+void code_accumulate_grouped(const CodeStore& codes, const float* probabilities, Eigen::Index ld, int /*group*/,
                              float* weights) {
+  using Vector = typename GroupVector<Group>::type;
   const auto& fp8 = fp8_e4m3_table();
-  const int g_count = Group > 0 ? Group : group;
   codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
                          float scale) {
-    float p[Group > 0 ? Group : max_gqa_group];
-    for (int g = 0; g < g_count; ++g) p[g] = probabilities[g * ld + static_cast<Eigen::Index>(r)] * scale;
+    float lanes[Group];
+    for (int g = 0; g < Group; ++g) lanes[g] = probabilities[g * ld + static_cast<Eigen::Index>(r)] * scale;
+    Vector p;
+    std::memcpy(&p, lanes, sizeof p);
     for (int i = 0; i < count; ++i) {
-      const float c = fp8[coefficient[i]];
-      float* w = weights + static_cast<std::size_t>(index[i]) * static_cast<std::size_t>(g_count);
-      for (int g = 0; g < g_count; ++g) w[g] += c * p[g];
+      float* w = weights + static_cast<std::size_t>(index[i]) * Group;
+      Vector sum;
+      std::memcpy(&sum, w, sizeof sum);
+      sum += p * fp8[coefficient[i]];
+      std::memcpy(w, &sum, sizeof sum);
+    }
+  });
+}
+
+// Any group size, one query at a time.
+inline void code_scores_any(const CodeStore& codes, const float* table, int group, float* scores, Eigen::Index ld) {
+  const auto& fp8 = fp8_e4m3_table();
+  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+                         float scale) {
+    for (int g = 0; g < group; ++g) {
+      float sum = 0.0f;
+      for (int i = 0; i < count; ++i) sum += fp8[coefficient[i]] * table[static_cast<std::size_t>(index[i]) * group + g];
+      scores[g * ld + static_cast<Eigen::Index>(r)] = sum * scale;
+    }
+  });
+}
+
+inline void code_accumulate_any(const CodeStore& codes, const float* probabilities, Eigen::Index ld, int group,
+                                float* weights) {
+  const auto& fp8 = fp8_e4m3_table();
+  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+                         float scale) {
+    for (int g = 0; g < group; ++g) {
+      const float p = probabilities[g * ld + static_cast<Eigen::Index>(r)] * scale;
+      for (int i = 0; i < count; ++i) weights[static_cast<std::size_t>(index[i]) * group + g] += p * fp8[coefficient[i]];
     }
   });
 }
@@ -165,20 +225,62 @@ void dispatch_group(int group, Args&&... args) {
 }
 
 template <int Group>
+struct AtomDots {
+  static void run(int group, const float* atoms, int count, int d, const float* queries, float* table) {
+    if constexpr (Group > 0) {
+      atom_dots<Group>(atoms, count, d, queries, table);
+    } else {
+      for (int a = 0; a < count; ++a)
+        for (int g = 0; g < group; ++g)
+          table[a * group + g] = Eigen::Map<const Eigen::VectorXf>(atoms + static_cast<long>(a) * d, d)
+                                     .dot(Eigen::Map<const Eigen::VectorXf>(queries + g * d, d));
+    }
+  }
+};
+
+template <int Group>
+struct AtomCombination {
+  static void run(int group, const float* atoms, int count, int d, const float* weights, float* out) {
+    if constexpr (Group > 0) {
+      atom_combination<Group>(atoms, count, d, weights, out);
+    } else {
+      for (int a = 0; a < count; ++a)
+        for (int g = 0; g < group; ++g)
+          for (int i = 0; i < d; ++i) out[g * d + i] += weights[a * group + g] * atoms[static_cast<long>(a) * d + i];
+    }
+  }
+};
+
+template <int Group>
 struct CodeScores {
   static void run(int group, const CodeStore& codes, const float* table, float* scores, Eigen::Index ld) {
-    code_scores_grouped<Group>(codes, table, group, scores, ld);
+    if constexpr (Group > 0) code_scores_grouped<Group>(codes, table, group, scores, ld);
+    else code_scores_any(codes, table, group, scores, ld);
   }
 };
 
 template <int Group>
 struct CodeAccumulate {
   static void run(int group, const CodeStore& codes, const float* probabilities, Eigen::Index ld, float* weights) {
-    code_accumulate_grouped<Group>(codes, probabilities, ld, group, weights);
+    if constexpr (Group > 0) code_accumulate_grouped<Group>(codes, probabilities, ld, group, weights);
+    else code_accumulate_any(codes, probabilities, ld, group, weights);
   }
 };
 
 }  // namespace detail
+
+// table[a * group + g] = <atom a, query g>: u = Dᵀq for the queries of a GQA group
+// (queries: group x d, row-major).
+inline void atom_table(const Dictionary& dictionary, const float* queries, int group, float* table) {
+  detail::dispatch_group<detail::AtomDots>(group, dictionary.atoms().data(), dictionary.size(), dictionary.dim(),
+                                           queries, table);
+}
+
+// out (group x d) += D · weights for weights laid out like atom_table's result.
+inline void add_atom_combination(const Dictionary& dictionary, const float* weights, int group, float* out) {
+  detail::dispatch_group<detail::AtomCombination>(group, dictionary.atoms().data(), dictionary.size(),
+                                                  dictionary.dim(), weights, out);
+}
 
 // Scores of coded keys: scores[g * ld + t] = Σ_i coef_ti · table[idx_ti * group + g],
 // where table (N x group, row-major) holds u = Dᵀq for each query of the group.

@@ -15,7 +15,6 @@
 
 #include "../codes.hpp"
 #include "../dictionary.hpp"
-#include "../kernels.hpp"
 #include "../omp.hpp"
 #include "cache.hpp"
 #include "token_store.hpp"
@@ -105,7 +104,6 @@ class LexicoCache final : public KVCache {
   void attend_tokens(int layer, ConstRowsRef queries, RowsRef out) override {
     Layer& state = *layers_[static_cast<std::size_t>(layer)];
     const Eigen::Index coded = state.coded;
-    const int head_dim = shape().head_dim;
     const Dictionary& key_dict = *state.keys.dictionary;
     const Dictionary& value_dict = *state.values.dictionary;
     const Eigen::Index atoms_k = key_dict.size(), atoms_v = value_dict.size();
@@ -115,11 +113,7 @@ class LexicoCache final : public KVCache {
           if (coded > 0) {
             thread_local std::vector<float> table;
             table.resize(static_cast<std::size_t>(atoms_k * group));
-            // table (N x group, row-major): each atom's dot with every query, one
-            // pass over the dictionary for the whole group.
-            const float* atom = key_dict.atoms().data();
-            for (Eigen::Index a = 0; a < atoms_k; ++a, atom += head_dim)
-              detail::dot_group(atom, q, group, head_dim, table.data() + a * group);
+            atom_table(key_dict, q, group, table.data());
             code_scores(state.keys.codes[static_cast<std::size_t>(h)], table.data(), group, scores, ld);
           }
           state.keys.buffer.scores(h, q, group, scores + coded, ld);
@@ -129,13 +123,7 @@ class LexicoCache final : public KVCache {
             thread_local std::vector<float> weights;
             weights.assign(static_cast<std::size_t>(atoms_v * group), 0.0f);
             code_accumulate(state.values.codes[static_cast<std::size_t>(h)], p, ld, group, weights.data());
-            // out = D_v · w, skipping atoms no token used.
-            const float* atom = value_dict.atoms().data();
-            for (Eigen::Index a = 0; a < atoms_v; ++a, atom += head_dim) {
-              const float* w = weights.data() + a * group;
-              if (std::any_of(w, w + group, [](float x) { return x != 0.0f; }))
-                detail::axpy_group(atom, w, group, head_dim, o);
-            }
+            add_atom_combination(value_dict, weights.data(), group, o);
           }
           state.values.buffer.accumulate(h, p + coded, ld, group, o);
         });
