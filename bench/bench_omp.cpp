@@ -1,4 +1,5 @@
-// Throughput of the batched OMP encoder (vectors per second, 2 OpenMP threads).
+// Throughput of the batched OMP encoder (vectors per second, 2 OpenMP threads), and
+// of its two kernels alone.
 //
 // Data: a random dictionary (Gaussian columns, normalised) and vectors that are
 // sparse combinations of s random atoms with N(0, 1) coefficients plus Gaussian
@@ -27,6 +28,7 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -121,6 +123,34 @@ BENCHMARK(BM_OmpProjectionOnly)
     ->Args({128, 4096})
     ->Args({64, 4096})
     ->Unit(benchmark::kMillisecond);
+
+// One correlation pass over N = 4096 atoms with k fp16 Gram columns, caches hot,
+// one thread: the kernel each encoder step runs. "s/16 atoms" is its time per block
+// of 16 atoms (e.g. 2.5n = 2.5 ns).
+void BM_OmpPassOnly(benchmark::State& state) {
+  const int k = static_cast<int>(state.range(0)), n = 4096;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  Eigen::VectorXf alpha0(n), scratch(lexico::detail::padded_atoms(n));
+  for (Eigen::Index i = 0; i < n; ++i) alpha0(i) = normal(rng);
+  std::vector<Eigen::half> gram(static_cast<std::size_t>(n) * std::max(k, 1));
+  for (Eigen::half& g : gram) g = Eigen::half(0.1f * normal(rng));
+  std::vector<const Eigen::half*> columns;
+  std::vector<float> coefs;
+  for (int i = 0; i < k; ++i) {
+    columns.push_back(gram.data() + static_cast<std::size_t>(i) * n);
+    coefs.push_back(normal(rng));
+  }
+  std::vector<std::uint16_t> excluded(static_cast<std::size_t>(n / 16), 0);
+  int candidates[64];
+  const lexico::detail::PassInputs in{alpha0.data(), columns.data(), coefs.data(), k, excluded.data(), true, n};
+  for (auto _ : state)
+    benchmark::DoNotOptimize(lexico::detail::correlation_band(in, 0.01f, nullptr, scratch.data(), candidates, 64));
+  state.counters["s/16 atoms"] = benchmark::Counter(static_cast<double>(state.iterations()) * (n / 16),
+                                                    benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
+BENCHMARK(BM_OmpPassOnly)->ArgName("k")->Arg(0)->Arg(1)->Arg(4)->Arg(7)->Arg(15);
 
 // ---- comparison mode ----
 

@@ -3,8 +3,7 @@
 
 Run with Debian's interpreter, which sees python3-sklearn:
 
-    /usr/bin/python3 bench/sklearn_omp.py --bench build-omp/bench/bench_omp \
-        --shape 128,4096,8,8192 --sklearn-vectors 512
+    /usr/bin/python3 bench/sklearn_omp.py --shape 128,4096,8,8192 --sklearn-vectors 512
 
 bench_omp (in its LEXICO_OMP_DUMP mode) draws the dictionary and the vectors, codes
 them, times itself (best of 5 encode() calls with 1 and with 2 threads) and writes

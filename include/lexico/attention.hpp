@@ -83,7 +83,7 @@ void grouped_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index t
   const int group = q_heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   out.setZero();
-#pragma omp parallel for schedule(static) if (tokens * kv_heads > 8192)
+#pragma omp parallel for schedule(static) if (tokens * kv_heads >= 4096)
   for (int h = 0; h < kv_heads; ++h) {
     thread_local std::vector<float> scores;
     thread_local std::vector<float> query_rows, out_rows;

@@ -19,11 +19,11 @@
 // - The correlation pass of step k streams k Gram columns; in fp32 that is bound by
 //   L2 bandwidth. So the pass reads the dictionary's fp16 copy of G and only
 //   selects a *band*: every atom whose approximate |α| is within twice a rigorous
-//   error bound of the approximate maximum. The band, usually one atom, is
-//   re-scored exactly as d_nᵀr with the residual r = x − D[:, I] c kept in fp32, so
-//   the atom chosen is the one an fp32 OMP chooses; fp16 only saves bandwidth. When
-//   the band is too wide to list (the residual is tiny next to the fp16 error) the
-//   step scores every atom exactly as Dᵀr.
+//   error bound of the approximate maximum. A band of one atom (most steps) is
+//   provably the argmax; a wider band is re-scored exactly as d_nᵀr with the
+//   residual r = x − D[:, I] c in fp32. So the atom chosen is the one an fp32 OMP
+//   chooses; fp16 only saves bandwidth. When the band is too wide to list (the
+//   residual is tiny next to the fp16 error) the step scores every atom as Dᵀr.
 // - The pass fuses the update with the maximum: α is not stored, one instruction
 //   per 16 atoms tracks maxima, and only the groups of 64 atoms that reach the band
 //   are recomputed to name the candidates.
@@ -483,7 +483,7 @@ class OmpEncoder {
   }
 
  private:
-  // Vectors one thread advances in lock-step (see the file comment).
+  // Vectors one thread keeps in flight (see the file comment).
   static constexpr int lockstep = 4;
 
   // Per-vector state of the greedy loop; the arrays live in the thread's workspace.
