@@ -6,16 +6,13 @@
 
 #include <gtest/gtest.h>
 
+#include "cache_test_util.hpp"
+
 namespace {
 
 using lexico::RowMatrix;
 
-RowMatrix random_rows(Eigen::Index rows, Eigen::Index cols, std::mt19937& rng) {
-  std::normal_distribution<float> normal;
-  RowMatrix m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
-  return m;
-}
+using lexico_test::random_rows;
 
 // Softmax attention of one query over tokens 0..last, in double, one head at a time.
 Eigen::VectorXd naive_attention(const Eigen::VectorXd& q, const Eigen::MatrixXd& keys, const Eigen::MatrixXd& values,

@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include "test_util.hpp"
+
 #include <string>
 
 #include <lexico/io/json.hpp>
@@ -9,16 +11,7 @@ namespace {
 using lexico::json::parse;
 using lexico::json::Value;
 
-// The message of the lexico::error that `f` throws ("" when it throws none).
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const lexico::error& e) {
-    return e.what();
-  }
-  return "";
-}
+using lexico_test::error_of;
 
 TEST(Json, ParsesEveryValueType) {
   const Value v = parse(R"( {"a": 1, "b": -2.5e1, "c": "x\"\\\/\n\u00e9\ud83d\ude00", "d": [true, false, null],

@@ -9,16 +9,13 @@
 
 #include <gtest/gtest.h>
 
+#include "cache_test_util.hpp"
+
 namespace {
 
 using lexico::RowMatrix;
 
-RowMatrix random_rows(Eigen::Index rows, Eigen::Index cols, std::mt19937& rng) {
-  std::normal_distribution<float> normal;
-  RowMatrix m(rows, cols);
-  for (Eigen::Index i = 0; i < m.size(); ++i) m.data()[i] = normal(rng);
-  return m;
-}
+using lexico_test::random_rows;
 
 std::shared_ptr<const lexico::Dictionary> random_dictionary(int d, int n, std::mt19937& rng) {
   std::normal_distribution<float> normal;

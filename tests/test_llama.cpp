@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include "test_util.hpp"
+
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -266,15 +268,7 @@ TEST(LlamaGreedy, TinyStories656KMatchesTransformers) {
 TEST(LlamaGolden, ProxyHd64) { check_proxy("proxy-lm-hd64"); }
 TEST(LlamaGolden, ProxyHd128) { check_proxy("proxy-lm-hd128"); }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const lexico::error& e) {
-    return e.what();
-  }
-  return "";
-}
+using lexico_test::error_of;
 
 // Writes a llama2.c model as a Hugging Face checkpoint: q/k rows permuted so that
 // rotate-half RoPE sees the pairs interleaved RoPE saw (as HF's conversion script does).

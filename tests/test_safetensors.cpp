@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include "test_util.hpp"
+
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -16,15 +18,7 @@ using lexico::SafetensorsCheckpoint;
 using lexico::SafetensorsFile;
 using lexico::SafetensorsWriter;
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const lexico::error& e) {
-    return e.what();
-  }
-  return "";
-}
+using lexico_test::error_of;
 
 class Safetensors : public ::testing::Test {
  protected:

@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include "test_util.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -37,15 +39,7 @@ std::vector<int> read_ids(const std::string& path) {
   return ids;
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const lexico::error& e) {
-    return e.what();
-  }
-  return "";
-}
+using lexico_test::error_of;
 
 // Strings that exercise spaces, newlines, punctuation, digits, contractions and
 // multi-byte UTF-8 (accents, CJK, emoji).
