@@ -204,7 +204,8 @@ class LexicoCache final : public KVCache {
     // Moves the oldest `count` buffered tokens into the codes.
     void code_oldest(Eigen::Index count) {
       const int width = static_cast<int>(keys.buffer.heads()) * keys.buffer.head_dim();
-      RowMatrix key_rows(count, width), value_rows(count, width);
+      key_rows.resize(count, width);  // no reallocation once the flush size has been seen
+      value_rows.resize(count, width);
       for (Eigen::Index t = 0; t < count; ++t)
         for (int h = 0; h < keys.buffer.heads(); ++h) {
           keys.buffer.row(h, t, key_rows.row(t).data() + h * keys.buffer.head_dim());
@@ -217,6 +218,7 @@ class LexicoCache final : public KVCache {
 
     Part keys, values;
     Eigen::Index coded = 0;
+    RowMatrix key_rows, value_rows;  // tokens leaving the buffer, reused by every flush
   };
 
   std::pair<int, int> sparsity(int layer) const {
