@@ -9,6 +9,7 @@ stopped job resumes; TRAINING.md is regenerated after every run):
     main     default method, N=4096, s=8, 1M vectors per dictionary, both proxies
     methods  lexico / mod / ksvd at N in {1024, 4096}, s=8, 262144 vectors (reduced)
     full     lexico / mod / ksvd at N in {1024, 4096}, s=8, 1M vectors
+    sparsity ksvd, N=4096, trained at s=4 and s=16 (1M vectors), to compare with s=8 training
 Meant to run in the background:
     nohup bench/training_report.py run main methods full > build-train/report.log 2>&1 &
 """
@@ -29,16 +30,21 @@ REDUCED = 262144
 EVAL_S = [4, 8, 16]
 
 
+STAGES = ("main", "methods", "full", "sparsity")
+
+
 def stage_runs(stage):
-    """(model, method or None for the default, atoms, vectors) of a stage."""
+    """(model, method or None for the default, atoms, vectors, training sparsity) of a stage."""
     if stage == "main":
-        return [(m, None, 4096, FULL) for m in MODELS]
+        return [(m, None, 4096, FULL, 8) for m in MODELS]
+    if stage == "sparsity":
+        return [(m, "ksvd", 4096, FULL, s) for m in MODELS for s in (4, 16)]
     vectors = REDUCED if stage == "methods" else FULL
-    return [(m, method, n, vectors) for n in (4096, 1024) for m in MODELS for method in METHODS]
+    return [(m, method, n, vectors, 8) for n in (4096, 1024) for m in MODELS for method in METHODS]
 
 
-def run_dir(build, model, method, atoms, vectors):
-    return os.path.join(build, "runs", f"{model}-{method or 'default'}-N{atoms}-s8-v{vectors}")
+def run_dir(build, model, method, atoms, vectors, sparsity):
+    return os.path.join(build, "runs", f"{model}-{method or 'default'}-N{atoms}-s{sparsity}-v{vectors}")
 
 
 def manifest_method(path):
@@ -46,22 +52,22 @@ def manifest_method(path):
         return json.load(f)["method"]
 
 
-def is_done(build, model, method, atoms, vectors):
+def is_done(build, model, method, atoms, vectors, sparsity):
     """The run's manifest exists, or the default-method run's when that method is the one asked for."""
-    default = run_dir(build, model, None, atoms, vectors)
-    return os.path.exists(os.path.join(run_dir(build, model, method, atoms, vectors), "manifest.json")) or bool(
-        method and os.path.exists(os.path.join(default, "manifest.json")) and manifest_method(default) == method)
+    default = run_dir(build, model, None, atoms, vectors, sparsity)
+    return os.path.exists(os.path.join(run_dir(build, model, method, atoms, vectors, sparsity), "manifest.json")) or \
+        bool(method and os.path.exists(os.path.join(default, "manifest.json")) and manifest_method(default) == method)
 
 
-def train(build, model, method, atoms, vectors, threads):
-    out = run_dir(build, model, method, atoms, vectors)
-    if is_done(build, model, method, atoms, vectors):
+def train(build, model, method, atoms, vectors, sparsity, threads):
+    out = run_dir(build, model, method, atoms, vectors, sparsity)
+    if is_done(build, model, method, atoms, vectors, sparsity):
         print(f"skip {out}: done", flush=True)
         return
     command = [os.path.join(build, "examples", "lexico-train"), "--model", os.path.join(DATA, model),
                "--tokens", os.path.join(DATA, "bpe4k", "tokens_train.u16"),
                "--dev", os.path.join(DATA, "bpe4k", "tokens_dev.u16"),
-               "--atoms", str(atoms), "--sparsity", "8", "--vectors", str(vectors),
+               "--atoms", str(atoms), "--sparsity", str(sparsity), "--vectors", str(vectors),
                "--work", os.path.join(build, "kv", model), "--out", out]
     if method:
         command += ["--method", method]
@@ -150,7 +156,7 @@ def run_summary(m):
 
 def comparison(runs, vectors):
     # A default run stands for its method unless that method also ran by name.
-    sized = [r for r in runs if int(r["settings"]["vectors"]) == vectors]
+    sized = [r for r in runs if int(r["settings"]["vectors"]) == vectors and r["sparsity"] == 8]
     named = {(model_name(r), r["atoms"], r["method"]) for r in sized if not r["default"]}
     rows = [r for r in sized if not r["default"] or (model_name(r), r["atoms"], r["method"]) not in named]
     if not rows:
@@ -193,6 +199,8 @@ def verdict(runs):
     error relative to the group's best, at s=8 (mean of K and V)."""
     groups = {}
     for r in runs:
+        if r["sparsity"] != 8:
+            continue
         groups.setdefault((model_name(r), r["atoms"], int(r["settings"]["vectors"])), {})[r["method"]] = \
             (mean_error(r, "K", 8) + mean_error(r, "V", 8)) / 2
     complete = {k: v for k, v in groups.items() if len(v) == len(METHODS)}
@@ -211,6 +219,25 @@ def verdict(runs):
         lines.append(f"- {m}: best in {wins[m]} of {len(complete)}, on average {sum(gaps[m]) / len(gaps[m]):+.1f} % "
                      f"(worst {max(gaps[m]):+.1f} %)")
     return lines + ["", "`lexico-train` uses **ksvd** unless `--method` says otherwise.", ""]
+
+
+def sparsity_comparison(runs):
+    """Does training at the sparsity used at inference pay? ksvd, N=4096, 1M vectors, trained at each s."""
+    rows = [r for r in runs if r["method"] == "ksvd" and r["atoms"] == 4096
+            and int(r["settings"]["vectors"]) == FULL]
+    if not any(r["sparsity"] != 8 for r in rows):
+        return []
+    lines = ["## Training sparsity", "",
+             "K-SVD, N=4096, 1M vectors per dictionary, trained at s=4, 8 or 16 and evaluated at every s "
+             "(mean dev error over the 8 layers, FP8 coefficients). The diagonal (trained = evaluated) is what "
+             "a cache at that s would use.", "",
+             "| model | trained at s | K s=4 | K s=8 | K s=16 | V s=4 | V s=8 | V s=16 | training time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (model_name(r), r["sparsity"], r["default"])):
+        lines.append(f"| {model_name(r)} | {r['sparsity']} | "
+                     + " | ".join(f"{mean_error(r, k, s):.4f}" for k in "KV" for s in EVAL_S)
+                     + f" | {minutes(r['settings']['train_seconds'])}{cpu(r, 'train_cpu_seconds')} |")
+    return lines + [""]
 
 
 def report(build):
@@ -236,11 +263,12 @@ def report(build):
     out += ["## Method comparison", ""]
     compared = comparison(runs, FULL) + comparison(runs, REDUCED)
     out += compared if compared else ["Not run yet.", ""]
+    out += sparsity_comparison(runs)
     out += ["## Every run", ""]
     for m in runs:
         out += [f"<details><summary>{m['name']}</summary>", "", run_summary(m), ""] + per_layer_table(m) + \
                ["", "</details>", ""]
-    missing = [os.path.basename(run_dir(build, *r)) for stage in ("main", "methods", "full")
+    missing = [os.path.basename(run_dir(build, *r)) for stage in STAGES
                for r in stage_runs(stage) if not is_done(build, *r)]
     out += ["## Not run", ""] + ([f"- {name}" for name in missing] if missing else ["Everything ran."]) + [""]
     with open(os.path.join(ROOT, "TRAINING.md"), "w") as f:
@@ -251,14 +279,14 @@ def report(build):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "report"])
-    parser.add_argument("stages", nargs="*", help="main, methods, full (run only)")
+    parser.add_argument("stages", nargs="*", help=", ".join(STAGES) + " (run only)")
     parser.add_argument("--build", default=os.path.join(ROOT, "build-train"))
     parser.add_argument("--threads", type=int, default=0, help="lexico-train --threads (0: its default)")
     args = parser.parse_args()
     build = os.path.abspath(args.build)
     if args.command == "run":
-        if not args.stages or any(s not in ("main", "methods", "full") for s in args.stages):
-            parser.error("run needs stages among main, methods, full")
+        if not args.stages or any(s not in STAGES for s in args.stages):
+            parser.error("run needs stages among " + ", ".join(STAGES))
         for stage in args.stages:
             for run in stage_runs(stage):
                 train(build, *run, args.threads)

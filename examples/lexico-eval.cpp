@@ -30,6 +30,7 @@ const char* const usage =
     "  --dict DIR            dictionaries for --cache lexico (same as --opt dict=DIR)\n"
     "  --window W            tokens per window, BOS first (default: model context, at most 1024)\n"
     "  --windows K           windows to run, consecutive from the start of the corpus (default 1)\n"
+    "  --skip K              skip the first K windows (tune on windows that are not evaluated)\n"
     "  --prefill P           tokens prefilled exactly before decoding (default W/2; 0 streams all)\n"
     "  --tokenizer PATH      tokenizer for --text (default: the model's own)\n"
     "  --json                print one JSON object instead of the text report\n";
@@ -42,7 +43,7 @@ struct CacheSpec {
 struct Args {
   std::string model, tokens, text, tokenizer;
   std::vector<CacheSpec> caches;
-  int window = 0, windows = 1, prefill = -1;
+  int window = 0, windows = 1, skip = 0, prefill = -1;
   bool json = false;
 };
 
@@ -73,6 +74,7 @@ Args parse_args(int argc, char** argv) {
        {"--dict", [&](const std::string& v) { add_options("dict=" + v); }},
        {"--window", [&](const std::string& v) { a.window = cli::parse_number<int>("--window", v, 2, 1 << 20); }},
        {"--windows", [&](const std::string& v) { a.windows = cli::parse_number<int>("--windows", v, 1, 1 << 20); }},
+       {"--skip", [&](const std::string& v) { a.skip = cli::parse_number<int>("--skip", v, 0, 1 << 20); }},
        {"--prefill", [&](const std::string& v) { a.prefill = cli::parse_number<int>("--prefill", v, 0, 1 << 20); }},
        {"--json", [&](const std::string&) { a.json = true; }}},
       usage, {"--json"});
@@ -87,12 +89,23 @@ Args parse_args(int argc, char** argv) {
   return a;
 }
 
-// -log softmax(logits)[target], in double.
-double negative_log_likelihood(const float* logits, int vocab, int target) {
+// log softmax(logits), in double.
+std::vector<double> log_softmax(const float* logits, int vocab) {
   const float top = *std::max_element(logits, logits + vocab);
   double sum = 0;
   for (int i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i] - top));
-  return std::log(sum) - static_cast<double>(logits[target] - top);
+  const double shift = static_cast<double>(top) + std::log(sum);
+  std::vector<double> out(static_cast<std::size_t>(vocab));
+  for (int i = 0; i < vocab; ++i) out[static_cast<std::size_t>(i)] = static_cast<double>(logits[i]) - shift;
+  return out;
+}
+
+// KL(dense || cache) of one prediction: how far the cache moved the whole next-token
+// distribution, a less noisy signal than the NLL of the one observed token.
+double kl_divergence(const std::vector<double>& dense_log_p, const std::vector<double>& log_p) {
+  double kl = 0;
+  for (std::size_t i = 0; i < log_p.size(); ++i) kl += std::exp(dense_log_p[i]) * (dense_log_p[i] - log_p[i]);
+  return kl;
 }
 
 int argmax(const float* logits, int vocab) { return static_cast<int>(std::max_element(logits, logits + vocab) - logits); }
@@ -100,33 +113,37 @@ int argmax(const float* logits, int vocab) { return static_cast<int>(std::max_el
 // One cache's running sums over every window.
 struct Result {
   std::unique_ptr<lexico::KVCache> cache;
-  double nll = 0, dense_nll = 0, kv_fraction = 0, decode_seconds = 0, prefill_seconds = 0;
+  double nll = 0, dense_nll = 0, kl = 0, kv_fraction = 0, decode_seconds = 0, prefill_seconds = 0;
   long scored = 0, agree = 0, decoded = 0, prefilled = 0;
 
   double mean_nll() const { return nll / static_cast<double>(scored); }
   double dense_mean_nll() const { return dense_nll / static_cast<double>(scored); }
+  double mean_kl() const { return kl / static_cast<double>(scored); }
   double top1() const { return static_cast<double>(agree) / static_cast<double>(scored); }
   double decode_rate() const { return static_cast<double>(decoded) / decode_seconds; }
   double prefill_rate() const { return prefilled > 0 ? static_cast<double>(prefilled) / prefill_seconds : 0.0; }
 };
 
-// Consecutive windows of W tokens from the start of the corpus, BOS first.
-std::vector<std::vector<int>> first_windows(const std::vector<int>& tokens, int length, int count, int bos) {
+// Consecutive windows of W tokens from the start of the corpus, BOS first; the first
+// `skip` of them are passed over.
+std::vector<std::vector<int>> first_windows(const std::vector<int>& tokens, int length, int skip, int count, int bos) {
   std::vector<std::vector<int>> windows;
-  for (std::size_t start = 0; windows.size() < static_cast<std::size_t>(count); ) {
+  for (std::size_t start = 0; windows.size() < static_cast<std::size_t>(skip + count); ) {
     std::vector<int> window;
     if (bos >= 0 && (start >= tokens.size() || tokens[start] != bos)) window.push_back(bos);
     while (window.size() < static_cast<std::size_t>(length) && start < tokens.size()) window.push_back(tokens[start++]);
     if (window.size() < static_cast<std::size_t>(length)) break;
     windows.push_back(std::move(window));
   }
+  windows.erase(windows.begin(), windows.begin() + static_cast<std::ptrdiff_t>(std::min<std::size_t>(static_cast<std::size_t>(skip), windows.size())));
   return windows;
 }
 
-// The dense model's view of a window: argmax and NLL of every prediction.
+// The dense model's view of a window: argmax, NLL and log-probabilities of every prediction.
 struct Reference {
   std::vector<int> argmax;
   std::vector<double> nll;
+  std::vector<std::vector<double>> log_p;
 };
 
 Reference dense_reference(lexico::LlamaRunner& runner, const std::vector<int>& tokens, lexico::KVCache& dense) {
@@ -137,7 +154,8 @@ Reference dense_reference(lexico::LlamaRunner& runner, const std::vector<int>& t
   for (std::size_t p = 0; p + 1 < tokens.size(); ++p) {
     const float* row = logits.row(static_cast<Eigen::Index>(p)).data();
     reference.argmax.push_back(argmax(row, vocab));
-    reference.nll.push_back(negative_log_likelihood(row, vocab, tokens[p + 1]));
+    reference.log_p.push_back(log_softmax(row, vocab));
+    reference.nll.push_back(-reference.log_p.back()[static_cast<std::size_t>(tokens[p + 1])]);
   }
   return reference;
 }
@@ -147,21 +165,21 @@ void print_json(const Args& args, const Result& r, int window, std::size_t windo
   std::printf(
       "{\"model\": \"%s\", \"cache\": \"%s\", \"parameters\": \"%s\", \"window\": %d, \"windows\": %zu, "
       "\"prefill\": %d, \"scored_tokens\": %ld, \"mean_nll\": %.6f, \"perplexity\": %.4f, "
-      "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
+      "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"mean_kl\": %.7f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
       "\"bytes_payload\": %zu, \"bytes_metadata\": %zu, \"bytes_buffer\": %zu, \"tokens_per_second\": %.2f, "
       "\"prefill_tokens_per_second\": %.2f}\n",
       args.model.c_str(), r.cache->name().c_str(), r.cache->parameters().c_str(), window, windows, prefill, r.scored,
-      r.mean_nll(), std::exp(r.mean_nll()), r.dense_mean_nll(), r.mean_nll() - r.dense_mean_nll(), r.top1(),
-      r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.decode_rate(), r.prefill_rate());
+      r.mean_nll(), std::exp(r.mean_nll()), r.dense_mean_nll(), r.mean_nll() - r.dense_mean_nll(), r.mean_kl(),
+      r.top1(), r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.decode_rate(), r.prefill_rate());
 }
 
 void print_table(const std::vector<Result>& results) {
-  std::printf("%-8s %-44s %8s %9s %9s %8s %9s\n", "cache", "parameters", "KV size", "mean NLL", "delta", "top-1",
-              "tokens/s");
+  std::printf("%-8s %-44s %8s %9s %9s %9s %8s %9s\n", "cache", "parameters", "KV size", "mean NLL", "delta",
+              "KL", "top-1", "tokens/s");
   for (const Result& r : results)
-    std::printf("%-8s %-44s %7.2f%% %9.4f %+9.4f %7.2f%% %9.1f\n", r.cache->name().c_str(),
+    std::printf("%-8s %-44s %7.2f%% %9.4f %+9.4f %9.6f %7.2f%% %9.1f\n", r.cache->name().c_str(),
                 r.cache->parameters().c_str(), 100 * r.kv_fraction, r.mean_nll(), r.mean_nll() - r.dense_mean_nll(),
-                100 * r.top1(), r.decode_rate());
+                r.mean_kl(), 100 * r.top1(), r.decode_rate());
 }
 
 int run(const Args& args) {
@@ -174,8 +192,9 @@ int run(const Args& args) {
   const std::string tokenizer = args.tokenizer.empty() ? cli::default_tokenizer(args.model) : args.tokenizer;
   const std::vector<int> corpus =
       cli::read_corpus(args.tokens.empty() ? args.text : args.tokens, args.tokens.empty() ? tokenizer : "", model);
-  const auto windows = first_windows(corpus, window, args.windows, config.bos_id);
-  lexico::require(!windows.empty(), "the corpus holds fewer than ", window, " tokens: no complete window");
+  const auto windows = first_windows(corpus, window, args.skip, args.windows, config.bos_id);
+  lexico::require(!windows.empty(), "the corpus holds no complete window of ", window, " tokens after skipping ",
+                  args.skip);
 
   std::vector<Result> results;
   for (const CacheSpec& spec : args.caches) {
@@ -203,7 +222,9 @@ int run(const Args& args) {
         const auto logits = runner.decode(tokens[static_cast<std::size_t>(p)], *r.cache);
         ++r.decoded;
         if (p + 1 < window) {
-          r.nll += negative_log_likelihood(logits.data(), config.vocab, tokens[static_cast<std::size_t>(p + 1)]);
+          const std::vector<double> log_p = log_softmax(logits.data(), config.vocab);
+          r.nll -= log_p[static_cast<std::size_t>(tokens[static_cast<std::size_t>(p + 1)])];
+          r.kl += kl_divergence(reference.log_p[static_cast<std::size_t>(p)], log_p);
           r.dense_nll += reference.nll[static_cast<std::size_t>(p)];
           r.agree += argmax(logits.data(), config.vocab) == reference.argmax[static_cast<std::size_t>(p)];
           ++r.scored;

@@ -45,23 +45,36 @@ Eigen::MatrixXd reconstruct(const lexico::CodeStore& codes, const lexico::Dictio
   return rows;
 }
 
-// Attention in double over explicit K̂, V̂ (coded rows then the fp16 buffer).
+// Appends the fp16 rounding of one head's rows of `tokens` below `rows`.
+void append_fp16(Eigen::MatrixXd& rows, const RowMatrix& tokens, int head, int d) {
+  const Eigen::Index begin = rows.rows();
+  rows.conservativeResize(begin + tokens.rows(), d);
+  for (Eigen::Index t = 0; t < tokens.rows(); ++t)
+    for (int i = 0; i < d; ++i) rows(begin + t, i) = static_cast<float>(Eigen::half(tokens(t, head * d + i)));
+}
+
+// Attention in double over explicit K̂, V̂: sinks (fp16), coded rows tier by tier
+// (oldest first), then the fp16 buffer.
 RowMatrix reference_attention(const lexico::LexicoCache& cache, int layer, const RowMatrix& queries,
-                              const RowMatrix& key_buffer, const RowMatrix& value_buffer) {
+                              const RowMatrix& key_sinks, const RowMatrix& value_sinks, const RowMatrix& key_buffer,
+                              const RowMatrix& value_buffer) {
   const auto& shape = cache.shape();
   const int group = static_cast<int>(queries.rows()) / shape.kv_heads;
   RowMatrix out(queries.rows(), shape.head_dim);
   for (int h = 0; h < shape.kv_heads; ++h) {
-    Eigen::MatrixXd keys = reconstruct(cache.key_codes(layer, h), cache.key_dictionary(layer));
-    Eigen::MatrixXd values = reconstruct(cache.value_codes(layer, h), cache.value_dictionary(layer));
-    const Eigen::Index coded = keys.rows(), buffered = key_buffer.rows();
-    keys.conservativeResize(coded + buffered, Eigen::NoChange);
-    values.conservativeResize(coded + buffered, Eigen::NoChange);
-    for (Eigen::Index t = 0; t < buffered; ++t)
-      for (int i = 0; i < shape.head_dim; ++i) {
-        keys(coded + t, i) = static_cast<float>(Eigen::half(key_buffer(t, h * shape.head_dim + i)));
-        values(coded + t, i) = static_cast<float>(Eigen::half(value_buffer(t, h * shape.head_dim + i)));
-      }
+    Eigen::MatrixXd keys(0, shape.head_dim), values(0, shape.head_dim);
+    append_fp16(keys, key_sinks, h, shape.head_dim);
+    append_fp16(values, value_sinks, h, shape.head_dim);
+    for (int tier = 0; tier < cache.code_tiers(); ++tier) {
+      const Eigen::MatrixXd k = reconstruct(cache.key_codes(layer, h, tier), cache.key_dictionary(layer));
+      const Eigen::MatrixXd v = reconstruct(cache.value_codes(layer, h, tier), cache.value_dictionary(layer));
+      keys.conservativeResize(keys.rows() + k.rows(), Eigen::NoChange);
+      keys.bottomRows(k.rows()) = k;
+      values.conservativeResize(values.rows() + v.rows(), Eigen::NoChange);
+      values.bottomRows(v.rows()) = v;
+    }
+    append_fp16(keys, key_buffer, h, shape.head_dim);
+    append_fp16(values, value_buffer, h, shape.head_dim);
     for (int g = 0; g < group; ++g) {
       const Eigen::VectorXd q = queries.row(h * group + g).transpose().cast<double>();
       Eigen::VectorXd p = keys * q / std::sqrt(static_cast<double>(shape.head_dim));
@@ -91,9 +104,8 @@ RowMatrix query_at(const Sequence& s, Eigen::Index t, int q_heads, int d) {
   return Eigen::Map<const RowMatrix>(s.queries.row(t).data(), q_heads, d);
 }
 
-void check_against_reconstruction(int kv_heads, int q_heads, int layers) {
+void check_against_reconstruction(int kv_heads, int q_heads, int layers, lexico::LexicoOptions options = {}) {
   const int d = 16, n = 64, tokens = 70;
-  lexico::LexicoOptions options;
   options.key_sparsity = 4;
   options.value_sparsity = 6;
   options.buffer = 8;
@@ -104,12 +116,16 @@ void check_against_reconstruction(int kv_heads, int q_heads, int layers) {
   for (Eigen::Index t = 0; t < tokens; ++t) {
     for (int l = 0; l < layers; ++l) {
       cache.decode(l, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q_heads, d), out);
-      const Eigen::Index buffered = cache.buffered_tokens(l), coded = cache.coded_tokens(l);
-      ASSERT_EQ(coded + buffered, t + 1);
+      const Eigen::Index sinks = cache.sink_tokens(l), buffered = cache.buffered_tokens(l),
+                         coded = cache.coded_tokens(l);
+      ASSERT_EQ(sinks + coded + buffered, t + 1);
+      ASSERT_EQ(sinks, std::min<Eigen::Index>(t + 1, options.sinks));
       ASSERT_LE(buffered, options.buffer);
-      const RowMatrix want = reference_attention(cache, l, query_at(s, t, q_heads, d),
-                                                 s.keys.middleRows(coded, buffered),
-                                                 s.values.middleRows(coded, buffered));
+      for (int tier = 1; tier < cache.code_tiers(); ++tier)
+        ASSERT_LE(static_cast<int>(cache.key_codes(l, 0, tier).rows()), options.tiers[static_cast<std::size_t>(cache.code_tiers() - 1 - tier)].tokens);
+      const RowMatrix want = reference_attention(cache, l, query_at(s, t, q_heads, d), s.keys.topRows(sinks),
+                                                 s.values.topRows(sinks), s.keys.middleRows(sinks + coded, buffered),
+                                                 s.values.middleRows(sinks + coded, buffered));
       ASSERT_LT(relative_error(out, want), 1e-5) << "token " << t << " layer " << l;
     }
   }
@@ -120,6 +136,48 @@ TEST(LexicoCache, EqualsAttentionOverReconstructedKV_Gqa4) { check_against_recon
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_Gqa2ThreeLayers) { check_against_reconstruction(3, 6, 3); }
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_OddGroup) { check_against_reconstruction(1, 5, 1); }
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_NoGqa) { check_against_reconstruction(2, 2, 2); }
+
+lexico::LexicoOptions with_sinks_and_tiers() {
+  lexico::LexicoOptions options;
+  options.sinks = 3;
+  options.tiers = {{6, 12, 10}, {9, 8, 7}};  // newest first
+  return options;
+}
+
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_SinksAndTiers) {
+  check_against_reconstruction(2, 8, 2, with_sinks_and_tiers());
+}
+
+TEST(LexicoCache, TiersReCodeAgingTokensAtLowerSparsity) {
+  const int d = 16, kv = 1, tokens = 60;
+  lexico::LexicoOptions options = with_sinks_and_tiers();
+  options.buffer = 4;
+  options.flush = 1;
+  lexico::LexicoCache cache({1, kv, d}, random_dictionaries(1, d, 48, 21), options);
+  const Sequence s = random_sequence(tokens, kv, 1, d, 22);
+  RowMatrix out(1, d);
+  for (Eigen::Index t = 0; t < tokens; ++t)
+    cache.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, 1, d), out);
+  // flush = 1: every tier is exactly full; tier 2 is the newest (6 tokens at 12/10 atoms).
+  EXPECT_EQ(cache.sink_tokens(0), 3);
+  EXPECT_EQ(cache.buffered_tokens(0), 4);
+  EXPECT_EQ(cache.key_codes(0, 0, 2).rows(), 6u);
+  EXPECT_EQ(cache.key_codes(0, 0, 2).sparsity(), 12);
+  EXPECT_EQ(cache.value_codes(0, 0, 1).sparsity(), 7);
+  EXPECT_EQ(cache.key_codes(0, 0, 1).rows(), 9u);
+  EXPECT_EQ(cache.key_codes(0, 0, 0).rows(), static_cast<std::size_t>(tokens - 3 - 4 - 6 - 9));
+  EXPECT_EQ(cache.key_codes(0, 0, 0).sparsity(), 8);
+  // Re-coding the 12-atom reconstruction at 8 atoms: each tier's error grows with age.
+  auto error_of_tier = [&](int tier, Eigen::Index first_token) {
+    const Eigen::MatrixXd k = reconstruct(cache.key_codes(0, 0, tier), cache.key_dictionary(0));
+    const Eigen::MatrixXd x = s.keys.middleRows(first_token, k.rows()).cast<double>();
+    return (k - x).norm() / x.norm();
+  };
+  const double oldest = error_of_tier(0, 3), middle = error_of_tier(1, tokens - 4 - 6 - 9),
+               newest = error_of_tier(2, tokens - 4 - 6);
+  EXPECT_LT(newest, middle);
+  EXPECT_LT(middle, oldest);
+}
 
 TEST(LexicoCache, EqualsDenseFp16WhileEverythingIsBuffered) {
   const int d = 16, kv = 2, q = 8, tokens = 40;
@@ -138,9 +196,8 @@ TEST(LexicoCache, EqualsDenseFp16WhileEverythingIsBuffered) {
   EXPECT_EQ(cache.bytes().total(), dense.bytes().total());
 }
 
-TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken) {
+void check_prefill_then_decode(lexico::LexicoOptions options) {
   const int d = 16, kv = 2, q = 4, prompt = 50, tokens = 65;
-  lexico::LexicoOptions options;
   options.buffer = 12;
   options.flush = 1;  // one-by-one then codes exactly the tokens a prefill codes
   const auto dicts = random_dictionaries(1, d, 48, 5);
@@ -150,8 +207,8 @@ TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken) {
   prefilled.prefill(0, s.keys.topRows(prompt), s.values.topRows(prompt), s.queries.topRows(prompt), block_out);
   for (Eigen::Index t = 0; t < prompt; ++t)
     streamed.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), a);
-  EXPECT_EQ(prefilled.coded_tokens(0), prompt - options.buffer);
-  EXPECT_EQ(streamed.coded_tokens(0), prompt - options.buffer);
+  EXPECT_EQ(prefilled.coded_tokens(0), prompt - options.sinks - options.buffer);
+  EXPECT_EQ(streamed.coded_tokens(0), prompt - options.sinks - options.buffer);
   for (Eigen::Index t = prompt; t < tokens; ++t) {
     prefilled.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), a);
     streamed.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), b);
@@ -159,6 +216,9 @@ TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken) {
   }
   EXPECT_EQ(prefilled.bytes().total(), streamed.bytes().total());
 }
+
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken) { check_prefill_then_decode({}); }
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_SinksAndTiers) { check_prefill_then_decode(with_sinks_and_tiers()); }
 
 TEST(LexicoCache, PrefillAttentionIsExact) {
   const int d = 16, kv = 2, q = 4, prompt = 30;
@@ -173,9 +233,10 @@ TEST(LexicoCache, PrefillAttentionIsExact) {
   EXPECT_EQ(cache.coded_tokens(0), prompt - 4);
 }
 
-TEST(LexicoCache, BytesFollowTheFormula) {
+void check_bytes(bool pack_indices) {
   const int d = 32, kv = 2, layers = 2, tokens = 100, sk = 4, sv = 8, buffer = 16, flush = 8;
   lexico::LexicoOptions options;
+  options.pack_indices = pack_indices;
   options.key_sparsity = sk;
   options.value_sparsity = sv;
   options.buffer = buffer;
@@ -191,8 +252,11 @@ TEST(LexicoCache, BytesFollowTheFormula) {
   while (tokens - coded > static_cast<std::size_t>(buffer)) coded += flush;
   const std::size_t buffered = tokens - coded;
   ASSERT_EQ(static_cast<std::size_t>(cache.coded_tokens(0)), coded);
-  // Per coded vector: s uint16 indices + s FP8 coefficients + 1 scale byte.
-  auto row = [](int s) { return static_cast<std::size_t>(3 * s + 1); };
+  // Per coded vector: s indices of 7 bits (N = 128) packed into whole bytes, or 16 bits
+  // each unpacked, + s FP8 coefficients + 1 scale byte.
+  auto row = [&](int s) {
+    return static_cast<std::size_t>(pack_indices ? (7 * s + 7) / 8 + s + 1 : 3 * s + 1);
+  };
   const std::size_t codes = coded * kv * (row(sk) + row(sv) + row(6) + row(2));
   const std::size_t fp16_buffer = layers * 2 * buffered * kv * d * 2;
   EXPECT_EQ(cache.bytes().total(), codes + fp16_buffer);
@@ -201,6 +265,9 @@ TEST(LexicoCache, BytesFollowTheFormula) {
   const double fp16 = static_cast<double>(layers * 2 * tokens * kv * d * 2);
   EXPECT_DOUBLE_EQ(cache.kv_size_fraction(), static_cast<double>(codes + fp16_buffer) / fp16);
 }
+
+TEST(LexicoCache, BytesFollowTheFormula_PackedIndices) { check_bytes(true); }
+TEST(LexicoCache, BytesFollowTheFormula_SixteenBitIndices) { check_bytes(false); }
 
 TEST(LexicoCache, ZeroBufferCodesEveryToken) {
   const int d = 16, kv = 1, q = 2;
@@ -215,7 +282,8 @@ TEST(LexicoCache, ZeroBufferCodesEveryToken) {
     EXPECT_EQ(cache.buffered_tokens(0), 0);
     EXPECT_TRUE(out.allFinite());
   }
-  EXPECT_EQ(cache.bytes().total(), static_cast<std::size_t>(10 * 2 * (3 * 8 + 1)));
+  // N = 32: 8 indices of 5 bits = 5 bytes, 8 coefficients, 1 scale.
+  EXPECT_EQ(cache.bytes().total(), static_cast<std::size_t>(10 * 2 * (5 + 8 + 1)));
 }
 
 TEST(LexicoCache, ToleranceStoresVariableRows) {
@@ -230,8 +298,8 @@ TEST(LexicoCache, ToleranceStoresVariableRows) {
   float token[d] = {};
   token[3] = 2.0f;  // one atom suffices
   cache.append(0, token, token);
-  // 1 entry (3 bytes) + scale + count, for K and for V.
-  EXPECT_EQ(cache.bytes().total(), 2u * (3 + 2));
+  // 1 entry (a 4-bit index in one byte, N = 16, and one coefficient byte) + scale + count, for K and V.
+  EXPECT_EQ(cache.bytes().total(), 2u * (2 + 2));
 }
 
 TEST(LexicoCache, RejectsMismatchedDictionaries) {

@@ -3,13 +3,15 @@
 // (uint16) and coefficients (FP8 E4M3) with one power-of-two scale byte (E8M0) per
 // row, so coefficients never overflow the format.
 //
-// Fixed rows hold exactly s entries (a code with fewer atoms is padded with zero
-// coefficients): 3s + 1 bytes a row, no row header. Variable rows, for codes that a
-// residual tolerance stopped early, store only the entries used plus a one-byte
-// count: 3k + 2 bytes for a row of k entries.
+// Indices take b = index_bits bits each (ceil(log2 N) for N atoms: 12 for N = 4096),
+// packed, each row starting on a byte. Fixed rows hold exactly s entries (a code with
+// fewer atoms is padded with zero coefficients): ceil(s·b/8) + s + 1 bytes a row, no
+// row header (3s + 1 at b = 16). Variable rows, for codes that a residual tolerance
+// stopped early, store only the k entries used plus a one-byte count.
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "error.hpp"
@@ -20,11 +22,21 @@ namespace lexico {
 class CodeStore {
  public:
   CodeStore() = default;
-  CodeStore(int sparsity, bool variable_rows) : sparsity_(sparsity), variable_(variable_rows) {
+  CodeStore(int sparsity, bool variable_rows, int index_bits = 16)
+      : sparsity_(sparsity), index_bits_(index_bits), variable_(variable_rows) {
     require(sparsity >= 1 && sparsity <= 255, "CodeStore: sparsity ", sparsity, " outside [1, 255]");
+    require(index_bits >= 1 && index_bits <= 16, "CodeStore: index_bits ", index_bits, " outside [1, 16]");
+  }
+
+  // Bits an index needs to address `atoms` atoms.
+  static int bits_for(std::size_t atoms) {
+    int bits = 1;
+    while (bits < 16 && (std::size_t{1} << bits) < atoms) ++bits;
+    return bits;
   }
 
   int sparsity() const { return sparsity_; }
+  int index_bits() const { return index_bits_; }
   bool variable_rows() const { return variable_; }
   std::size_t rows() const { return scales_.size(); }
 
@@ -32,11 +44,18 @@ class CodeStore {
   void append(const std::uint16_t* indices, const float* coefficients, int count) {
     require(count >= 0 && count <= sparsity_, "CodeStore::append: code has ", count, " entries, the store holds at most ",
             sparsity_);
+    for (int i = 0; i < count; ++i)  // checked before anything changes
+      require(indices[i] >> index_bits_ == 0, "CodeStore::append: atom index ", indices[i], " needs more than ",
+              index_bits_, " bits");
     const int stored = variable_ ? count : sparsity_;
-    const std::size_t begin = indices_.size();
-    indices_.resize(begin + static_cast<std::size_t>(stored), 0);
+    const std::size_t begin = coefficients_.size(), packed = indices_.size();
+    indices_.resize(packed + index_bytes(stored), 0);
+    for (int i = 0; i < count; ++i) {
+      const std::size_t bit = static_cast<std::size_t>(i) * static_cast<std::size_t>(index_bits_);
+      std::uint32_t field = static_cast<std::uint32_t>(indices[i]) << (bit % 8);
+      for (std::size_t b = packed + bit / 8; field != 0; ++b, field >>= 8) indices_[b] |= static_cast<std::uint8_t>(field);
+    }
     coefficients_.resize(begin + static_cast<std::size_t>(stored), 0);  // FP8 code 0 is +0.0
-    std::copy(indices, indices + count, indices_.begin() + static_cast<std::ptrdiff_t>(begin));
     scales_.push_back(fp8_encode_scaled(coefficients, count, coefficients_.data() + begin));
     if (variable_) counts_.push_back(static_cast<std::uint8_t>(count));
   }
@@ -45,16 +64,50 @@ class CodeStore {
   template <typename Visitor>
   void for_each_row(Visitor&& visit) const {
     const auto& scale_of = detail::e8m0_table();
-    std::size_t offset = 0;
+    std::uint16_t row_indices[255];
+    const std::uint32_t mask = (std::uint32_t{1} << index_bits_) - 1;
+    std::size_t offset = 0, packed = 0;
     for (std::size_t r = 0; r < scales_.size(); ++r) {
       const int count = variable_ ? counts_[r] : sparsity_;
-      visit(r, indices_.data() + offset, coefficients_.data() + offset, count, scale_of[scales_[r]]);
+      const std::size_t bytes = index_bytes(count);
+      const std::uint8_t* row = indices_.data() + packed;
+      if (index_bits_ == 16) {
+        std::memcpy(row_indices, row, bytes);
+      } else {
+        for (int i = 0; i < count; ++i) {
+          const std::size_t bit = static_cast<std::size_t>(i) * static_cast<std::size_t>(index_bits_);
+          std::uint32_t word = 0;  // the (at most 3) bytes the field touches, within the row
+          for (std::size_t b = bit / 8, shift = 0; b < bytes && shift < 24; ++b, shift += 8)
+            word |= static_cast<std::uint32_t>(row[b]) << shift;
+          row_indices[i] = static_cast<std::uint16_t>((word >> (bit % 8)) & mask);
+        }
+      }
+      visit(r, static_cast<const std::uint16_t*>(row_indices), coefficients_.data() + offset, count,
+            scale_of[scales_[r]]);
       offset += static_cast<std::size_t>(count);
+      packed += bytes;
     }
   }
 
-  std::size_t payload_bytes() const { return indices_.size() * sizeof(std::uint16_t) + coefficients_.size(); }
+  std::size_t payload_bytes() const { return indices_.size() + coefficients_.size(); }
   std::size_t metadata_bytes() const { return scales_.size() + counts_.size(); }
+
+  // Drops the oldest `count` rows.
+  void erase_front(std::size_t count) {
+    require(count <= rows(), "CodeStore::erase_front: ", count, " rows asked, ", rows(), " held");
+    std::size_t entries = count * static_cast<std::size_t>(sparsity_), packed = count * index_bytes(sparsity_);
+    if (variable_) {
+      entries = packed = 0;
+      for (std::size_t r = 0; r < count; ++r) {
+        entries += counts_[r];
+        packed += index_bytes(counts_[r]);
+      }
+      counts_.erase(counts_.begin(), counts_.begin() + static_cast<std::ptrdiff_t>(count));
+    }
+    indices_.erase(indices_.begin(), indices_.begin() + static_cast<std::ptrdiff_t>(packed));
+    coefficients_.erase(coefficients_.begin(), coefficients_.begin() + static_cast<std::ptrdiff_t>(entries));
+    scales_.erase(scales_.begin(), scales_.begin() + static_cast<std::ptrdiff_t>(count));
+  }
 
   void clear() {
     indices_.clear();
@@ -64,9 +117,13 @@ class CodeStore {
   }
 
  private:
-  int sparsity_ = 1;
+  std::size_t index_bytes(int count) const {
+    return (static_cast<std::size_t>(count) * static_cast<std::size_t>(index_bits_) + 7) / 8;
+  }
+
+  int sparsity_ = 1, index_bits_ = 16;
   bool variable_ = false;
-  std::vector<std::uint16_t> indices_;
+  std::vector<std::uint8_t> indices_;  // packed, index_bits_ per index
   std::vector<std::uint8_t> coefficients_;  // FP8 E4M3 codes
   std::vector<std::uint8_t> scales_;        // E8M0, one per row
   std::vector<std::uint8_t> counts_;        // entries per row, variable rows only

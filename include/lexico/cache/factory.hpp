@@ -144,6 +144,10 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"sv", "", "atoms per value vector (default: s)"},
         {"buffer", "128", "recent tokens kept in fp16 (n_b)"},
         {"flush", "32", "tokens coded at once when the buffer overflows (n_a)"},
+        {"sinks", "0", "first tokens kept in fp16 for good (attention sinks)"},
+        {"pack", "1", "1: atom indices packed at ceil(log2 N) bits; 0: 16 bits as in the paper"},
+        {"recent", "0", "tokens kept at sparsity rs after leaving the buffer, then re-coded at s (0: no tier)"},
+        {"rs", "", "atoms per key and value vector of recent tokens (default: 2s)"},
         {"tol", "0", "relative residual at which OMP may stop early (0: always s atoms)"}},
        [](CacheShape shape, const CacheOptions& o) -> Made {
          require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
@@ -154,6 +158,12 @@ inline std::vector<CacheType> builtin_cache_types() {
          options.value_sparsity = o.has("sv") ? o.get_int("sv", 1, 255) : s;
          options.buffer = o.get_int("buffer", 0);
          options.flush = o.get_int("flush", 1);
+         options.sinks = o.get_int("sinks", 0);
+         options.pack_indices = o.get_int("pack", 0, 1) == 1;
+         if (const int recent = o.get_int("recent", 0); recent > 0) {
+           const int rs = o.has("rs") ? o.get_int("rs", 1, 255) : std::min(2 * s, 255);
+           options.tiers.push_back({recent, rs, rs});
+         }
          options.key_tolerance = options.value_tolerance = static_cast<float>(o.get_number("tol"));
          require(options.key_tolerance >= 0 && options.key_tolerance < 1, "make_cache: lexico tol must be in [0, 1)");
          return std::make_unique<LexicoCache>(shape, set.layers, options);

@@ -4,6 +4,10 @@
 // key or value dictionary, and attention runs on the codes without densifying them:
 // u = Dᵀq once per query, score_t = Σ_i coef_ti · u[idx_ti]; values accumulate
 // w = Σ_t p_t c_t in atom space and the output is D_v · w.
+//
+// Optionally, codes are kept at a higher sparsity while their tokens are recent (tiers)
+// and re-coded at the next lower one as they age: attention in these models is mostly
+// local, so precision spent on recent tokens buys more than precision spent on old ones.
 
 #include <algorithm>
 #include <map>
@@ -29,8 +33,21 @@ struct LexicoOptions {
   float value_tolerance = 0.0f;
   int buffer = 128;  // n_b: most recent tokens kept uncompressed (fp16)
   int flush = 32;    // n_a: tokens coded at once when the buffer overflows
+  // The first tokens of a sequence, kept in fp16 for good: attention sinks draw a large
+  // share of every query's attention, so their coding error reaches every step
+  // (Xiao et al. 2023, StreamingLLM). 0 is the paper's cache.
+  int sinks = 0;
+  // Atom indices packed at ceil(log2 N) bits (12 for N = 4096) instead of 16.
+  bool pack_indices = true;
   // Per-layer (key, value) sparsity that replaces the two above for that layer.
   std::map<int, std::pair<int, int>> layer_sparsity;
+  // Recent tiers, newest first: a token leaving the buffer is coded at the first tier's
+  // sparsity; past its `tokens` it is re-coded (from its reconstruction) at the next
+  // tier's, and past the last tier at key_sparsity / value_sparsity for good.
+  struct Tier {
+    int tokens, key_sparsity, value_sparsity;
+  };
+  std::vector<Tier> tiers;
 };
 
 // A layer's key and value dictionaries.
@@ -44,10 +61,13 @@ class LexicoCache final : public KVCache {
       : KVCache(shape), options_(std::move(options)) {
     require(static_cast<int>(dictionaries.size()) == shape.layers, "LexicoCache: ", dictionaries.size(),
             " layer dictionaries for ", shape.layers, " layers");
-    require(options_.buffer >= 0 && options_.flush >= 1, "LexicoCache: buffer must be >= 0 and flush >= 1 (got ",
-            options_.buffer, ", ", options_.flush, ")");
+    require(options_.buffer >= 0 && options_.flush >= 1 && options_.sinks >= 0,
+            "LexicoCache: buffer and sinks must be >= 0 and flush >= 1 (got ", options_.buffer, ", ",
+            options_.sinks, ", ", options_.flush, ")");
     require(shape.head_dim <= TokenStore<Eigen::half>::max_head_dim, "LexicoCache: head_dim ", shape.head_dim,
             " above ", TokenStore<Eigen::half>::max_head_dim);
+    for (const LexicoOptions::Tier& tier : options_.tiers)
+      require(tier.tokens >= 1, "LexicoCache: a recent tier must hold at least one token (got ", tier.tokens, ")");
     for (const auto& [layer, sparsity] : options_.layer_sparsity)
       require(layer >= 0 && layer < shape.layers, "LexicoCache: sparsity override for layer ", layer,
               " outside [0, ", shape.layers, ")");
@@ -55,7 +75,10 @@ class LexicoCache final : public KVCache {
       const LayerDictionaries& dicts = dictionaries[static_cast<std::size_t>(l)];
       require(dicts.keys && dicts.values, "LexicoCache: layer ", l, " lacks a key or value dictionary");
       const auto [key_s, value_s] = sparsity(l);
-      layers_.push_back(std::make_unique<Layer>(shape, dicts, key_s, value_s, options_));
+      std::vector<TierSpec> tiers = {{0, key_s, value_s}};  // oldest first; the first is unbounded
+      for (auto tier = options_.tiers.rbegin(); tier != options_.tiers.rend(); ++tier)
+        tiers.push_back({tier->tokens, tier->key_sparsity, tier->value_sparsity});
+      layers_.push_back(std::make_unique<Layer>(shape, dicts, tiers, options_));
     }
   }
 
@@ -65,37 +88,61 @@ class LexicoCache final : public KVCache {
     out << "sk=" << options_.key_sparsity << " sv=" << options_.value_sparsity
         << " N=" << layers_.front()->keys.dictionary->size() << " buffer=" << options_.buffer
         << " flush=" << options_.flush;
+    if (options_.sinks > 0) out << " sinks=" << options_.sinks;
+    if (!options_.pack_indices) out << " index_bits=16";
+    for (const LexicoOptions::Tier& tier : options_.tiers)
+      out << " tier=" << tier.tokens << ":" << tier.key_sparsity << ":" << tier.value_sparsity;
     if (options_.key_tolerance > 0 || options_.value_tolerance > 0)
       out << " tol_k=" << options_.key_tolerance << " tol_v=" << options_.value_tolerance;
     return out.str();
   }
 
-  // Tokens of `layer` held as codes and in the buffer.
+  // Tokens of `layer` held as sinks, as codes and in the buffer.
+  Eigen::Index sink_tokens(int layer) const {
+    return layers_[static_cast<std::size_t>(checked_layer(layer))]->keys.sinks.tokens();
+  }
   Eigen::Index coded_tokens(int layer) const { return layers_[static_cast<std::size_t>(checked_layer(layer))]->coded; }
   Eigen::Index buffered_tokens(int layer) const {
     return layers_[static_cast<std::size_t>(checked_layer(layer))]->keys.buffer.tokens();
   }
-  // The coded keys or values of one KV head of a layer, in token order.
-  const CodeStore& key_codes(int layer, int head) const { return part(layer, head, true); }
-  const CodeStore& value_codes(int layer, int head) const { return part(layer, head, false); }
+  // The coded keys or values of one KV head of a layer in token order, tier by tier:
+  // tier 0 holds the oldest tokens at key_sparsity / value_sparsity, the last tier the
+  // newest (tier i > 0 is options.tiers[tiers - 1 - i]).
+  int code_tiers() const { return static_cast<int>(options_.tiers.size()) + 1; }
+  const CodeStore& key_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, true); }
+  const CodeStore& value_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, false); }
   const Dictionary& key_dictionary(int layer) const { return *layers_[static_cast<std::size_t>(checked_layer(layer))]->keys.dictionary; }
   const Dictionary& value_dictionary(int layer) const { return *layers_[static_cast<std::size_t>(checked_layer(layer))]->values.dictionary; }
 
  protected:
   void append_token(int layer, const float* key, const float* value) override {
     Layer& state = *layers_[static_cast<std::size_t>(layer)];
+    if (state.keys.sinks.tokens() < options_.sinks) {
+      state.keys.sinks.append(key);
+      state.values.sinks.append(value);
+      return;
+    }
     state.keys.buffer.append(key);
     state.values.buffer.append(value);
     const Eigen::Index excess = state.keys.buffer.tokens() - options_.buffer;
-    if (excess > 0) state.code_oldest(std::min<Eigen::Index>(state.keys.buffer.tokens(), std::max<Eigen::Index>(options_.flush, excess)));
+    if (excess > 0) {
+      state.code_oldest(std::min<Eigen::Index>(state.keys.buffer.tokens(), std::max<Eigen::Index>(options_.flush, excess)));
+      state.age_tiers(options_.flush);
+    }
   }
 
-  // Prefill: everything but the last n_b tokens is coded in one batch.
+  // Prefill: the sinks aside, everything but the last n_b tokens is coded in one batch.
   void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef /*queries*/) override {
     Layer& state = *layers_[static_cast<std::size_t>(layer)];
-    const Eigen::Index coded = std::max<Eigen::Index>(0, keys.rows() - options_.buffer);
-    state.code_rows(keys.topRows(coded), values.topRows(coded));
-    for (Eigen::Index t = coded; t < keys.rows(); ++t) {
+    const Eigen::Index sinks = std::min<Eigen::Index>(options_.sinks, keys.rows());
+    for (Eigen::Index t = 0; t < sinks; ++t) {
+      state.keys.sinks.append(keys.row(t).data());
+      state.values.sinks.append(values.row(t).data());
+    }
+    const Eigen::Index coded = std::max<Eigen::Index>(0, keys.rows() - sinks - options_.buffer);
+    state.code_rows(keys.middleRows(sinks, coded), values.middleRows(sinks, coded));
+    state.age_tiers(options_.flush);
+    for (Eigen::Index t = sinks + coded; t < keys.rows(); ++t) {
       state.keys.buffer.append(keys.row(t).data());
       state.values.buffer.append(values.row(t).data());
     }
@@ -103,29 +150,42 @@ class LexicoCache final : public KVCache {
 
   void attend_tokens(int layer, ConstRowsRef queries, RowsRef out) override {
     Layer& state = *layers_[static_cast<std::size_t>(layer)];
-    const Eigen::Index coded = state.coded;
+    // Score columns: sinks, then coded tokens, then the buffer.
+    const Eigen::Index sinks = state.keys.sinks.tokens(), coded = state.coded;
     const Dictionary& key_dict = *state.keys.dictionary;
     const Dictionary& value_dict = *state.values.dictionary;
     const Eigen::Index atoms_k = key_dict.size(), atoms_v = value_dict.size();
     grouped_decode_attention(
-        queries, shape().kv_heads, coded + state.keys.buffer.tokens(), out,
+        queries, shape().kv_heads, sinks + coded + state.keys.buffer.tokens(), out,
         [&](int h, const float* q, int group, float* scores, Eigen::Index ld) {
+          state.keys.sinks.scores(h, q, group, scores, ld);
           if (coded > 0) {
             thread_local std::vector<float> table;
             table.resize(static_cast<std::size_t>(atoms_k * group));
             atom_table(key_dict, q, group, table.data());
-            code_scores(state.keys.codes[static_cast<std::size_t>(h)], table.data(), group, scores, ld);
+            Eigen::Index column = sinks;
+            for (const Tier& tier : state.keys.tiers) {
+              const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
+              code_scores(codes, table.data(), group, scores + column, ld);
+              column += static_cast<Eigen::Index>(codes.rows());
+            }
           }
-          state.keys.buffer.scores(h, q, group, scores + coded, ld);
+          state.keys.buffer.scores(h, q, group, scores + sinks + coded, ld);
         },
         [&](int h, const float* p, Eigen::Index ld, int group, float* o) {
+          state.values.sinks.accumulate(h, p, ld, group, o);
           if (coded > 0) {
             thread_local std::vector<float> weights;
             weights.assign(static_cast<std::size_t>(atoms_v * group), 0.0f);
-            code_accumulate(state.values.codes[static_cast<std::size_t>(h)], p, ld, group, weights.data());
+            Eigen::Index column = sinks;
+            for (const Tier& tier : state.values.tiers) {
+              const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
+              code_accumulate(codes, p + column, ld, group, weights.data());
+              column += static_cast<Eigen::Index>(codes.rows());
+            }
             add_atom_combination(value_dict, weights.data(), group, o);
           }
-          state.values.buffer.accumulate(h, p + coded, ld, group, o);
+          state.values.buffer.accumulate(h, p + sinks + coded, ld, group, o);
         });
   }
 
@@ -133,11 +193,12 @@ class LexicoCache final : public KVCache {
     const Layer& state = *layers_[static_cast<std::size_t>(layer)];
     CacheBytes bytes;
     for (const Part* part : {&state.keys, &state.values}) {
-      for (const CodeStore& codes : part->codes) {
-        bytes.payload += codes.payload_bytes();
-        bytes.metadata += codes.metadata_bytes();
-      }
-      bytes.buffer += part->buffer.bytes();
+      for (const Tier& tier : part->tiers)
+        for (const CodeStore& codes : tier.heads) {
+          bytes.payload += codes.payload_bytes();
+          bytes.metadata += codes.metadata_bytes();
+        }
+      bytes.buffer += part->buffer.bytes() + part->sinks.bytes();
     }
     return bytes;
   }
@@ -145,27 +206,51 @@ class LexicoCache final : public KVCache {
   void clear_layer(int layer) override {
     Layer& state = *layers_[static_cast<std::size_t>(layer)];
     for (Part* part : {&state.keys, &state.values}) {
-      for (CodeStore& codes : part->codes) codes.clear();
+      for (Tier& tier : part->tiers)
+        for (CodeStore& codes : tier.heads) codes.clear();
       part->buffer.clear();
+      part->sinks.clear();
     }
     state.coded = 0;
   }
 
  private:
-  // Keys or values of one layer: dictionary, encoder, per-head codes, fp16 buffer.
+  struct TierSpec {
+    Eigen::Index tokens;  // capacity; 0: unbounded
+    int key_sparsity, value_sparsity;
+  };
+
+  // Codes at one sparsity, one store per KV head, and the encoder that makes them.
+  struct Tier {
+    Tier(const Dictionary& dictionary, int kv_heads, int sparsity, float tolerance, int index_bits,
+         Eigen::Index capacity)
+        : encoder(dictionary, OmpOptions{sparsity, tolerance}),
+          heads(static_cast<std::size_t>(kv_heads), CodeStore(sparsity, tolerance > 0, index_bits)),
+          capacity(capacity) {}
+    Eigen::Index tokens() const { return static_cast<Eigen::Index>(heads.front().rows()); }
+
+    OmpEncoder encoder;
+    std::vector<CodeStore> heads;
+    Eigen::Index capacity;
+  };
+
+  // Keys or values of one layer: dictionary, code tiers (oldest first), fp16 buffer and sinks.
   struct Part {
-    Part(const CacheShape& shape, std::shared_ptr<const Dictionary> dict, int sparsity, float tolerance)
-        : dictionary(std::move(dict)),
-          encoder(*dictionary, OmpOptions{sparsity, tolerance}),
-          codes(static_cast<std::size_t>(shape.kv_heads), CodeStore(sparsity, tolerance > 0)),
-          buffer(shape.kv_heads, shape.head_dim) {
+    Part(const CacheShape& shape, std::shared_ptr<const Dictionary> dict, const std::vector<TierSpec>& specs, bool keys,
+         float tolerance, bool pack_indices)
+        : dictionary(std::move(dict)), buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
       require(dictionary->dim() == shape.head_dim, "LexicoCache: dictionary dimension ", dictionary->dim(),
               " differs from head_dim ", shape.head_dim);
+      const int index_bits = pack_indices ? CodeStore::bits_for(static_cast<std::size_t>(dictionary->size())) : 16;
+      for (const TierSpec& spec : specs)
+        tiers.emplace_back(*dictionary, shape.kv_heads, keys ? spec.key_sparsity : spec.value_sparsity, tolerance,
+                           index_bits, spec.tokens);
     }
 
-    // Codes T tokens (rows of kv_heads x head_dim) and appends them head by head.
+    // Codes T tokens (rows of kv_heads x head_dim) into the newest tier, head by head.
     void code(ConstRowsRef rows) {
-      const int heads = static_cast<int>(codes.size());
+      Tier& tier = tiers.back();
+      const int heads = static_cast<int>(tier.heads.size());
       const int dim = dictionary->dim();
       const Eigen::Index vectors = rows.rows() * heads;
       scratch.resize(dim, vectors);
@@ -174,25 +259,63 @@ class LexicoCache final : public KVCache {
       // Code what an fp16 cache holds, so a token codes the same whether it came
       // straight from a prefill or through the fp16 buffer.
       for (Eigen::Index i = 0; i < scratch.size(); ++i) scratch.data()[i] = static_cast<float>(Eigen::half(scratch.data()[i]));
-      encoder.encode(scratch, result);
-      for (Eigen::Index v = 0; v < vectors; ++v)
-        codes[static_cast<std::size_t>(v % heads)].append(result.indices.col(v).data(),
-                                                          result.coefficients.col(v).data(), result.counts(v));
+      encode_into(tier);
+    }
+
+    // Moves the oldest `count` tokens of tier i into tier i - 1, re-coding their
+    // reconstructions at that tier's sparsity.
+    void age(std::size_t i, Eigen::Index count) {
+      Tier &from = tiers[i], &to = tiers[i - 1];
+      const int heads = static_cast<int>(from.heads.size());
+      const int dim = dictionary->dim();
+      scratch.setZero(dim, count * heads);
+      for (int h = 0; h < heads; ++h) {
+        CodeStore& codes = from.heads[static_cast<std::size_t>(h)];
+        codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int entries,
+                               float scale) {
+          if (static_cast<Eigen::Index>(r) >= count) return;
+          for (int e = 0; e < entries; ++e)
+            scratch.col(static_cast<Eigen::Index>(r) * heads + h) +=
+                (fp8_e4m3_decode(coefficient[e]) * scale) * dictionary->atoms().col(index[e]);
+        });
+        codes.erase_front(static_cast<std::size_t>(count));
+      }
+      encode_into(to);
+    }
+
+    // Encodes the columns of `scratch` (token-major, heads within a token) into a tier.
+    void encode_into(Tier& tier) {
+      const int heads = static_cast<int>(tier.heads.size());
+      tier.encoder.encode(scratch, result);
+      for (Eigen::Index v = 0; v < scratch.cols(); ++v)
+        tier.heads[static_cast<std::size_t>(v % heads)].append(result.indices.col(v).data(),
+                                                               result.coefficients.col(v).data(), result.counts(v));
     }
 
     std::shared_ptr<const Dictionary> dictionary;
-    OmpEncoder encoder;
-    std::vector<CodeStore> codes;  // one per KV head
-    TokenStore<Eigen::half> buffer;
+    std::vector<Tier> tiers;  // oldest first; tiers[0] is unbounded
+    TokenStore<Eigen::half> buffer, sinks;
     Eigen::MatrixXf scratch;
     SparseCodes result;
   };
 
   struct Layer {
-    Layer(const CacheShape& shape, const LayerDictionaries& dicts, int key_sparsity, int value_sparsity,
+    Layer(const CacheShape& shape, const LayerDictionaries& dicts, const std::vector<TierSpec>& tiers,
           const LexicoOptions& options)
-        : keys(shape, dicts.keys, key_sparsity, options.key_tolerance),
-          values(shape, dicts.values, value_sparsity, options.value_tolerance) {}
+        : keys(shape, dicts.keys, tiers, true, options.key_tolerance, options.pack_indices),
+          values(shape, dicts.values, tiers, false, options.value_tolerance, options.pack_indices) {}
+
+    // Re-codes, newest tier first, whatever overflows a tier: at least `flush` tokens at
+    // once, so a token is re-coded once per tier however it arrived.
+    void age_tiers(int flush) {
+      for (std::size_t i = keys.tiers.size() - 1; i > 0; --i) {
+        const Eigen::Index excess = keys.tiers[i].tokens() - keys.tiers[i].capacity;
+        if (excess <= 0) continue;
+        const Eigen::Index count = std::min(keys.tiers[i].tokens(), std::max<Eigen::Index>(flush, excess));
+        keys.age(i, count);
+        values.age(i, count);
+      }
+    }
 
     void code_rows(ConstRowsRef key_rows, ConstRowsRef value_rows) {
       if (key_rows.rows() == 0) return;
@@ -227,10 +350,11 @@ class LexicoCache final : public KVCache {
                                                   : std::make_pair(options_.key_sparsity, options_.value_sparsity);
   }
 
-  const CodeStore& part(int layer, int head, bool keys) const {
+  const CodeStore& part(int layer, int head, int tier, bool keys) const {
     const Layer& state = *layers_[static_cast<std::size_t>(checked_layer(layer))];
     require(head >= 0 && head < shape().kv_heads, "LexicoCache: KV head ", head, " out of range");
-    return (keys ? state.keys : state.values).codes[static_cast<std::size_t>(head)];
+    require(tier >= 0 && tier < code_tiers(), "LexicoCache: code tier ", tier, " out of range");
+    return (keys ? state.keys : state.values).tiers[static_cast<std::size_t>(tier)].heads[static_cast<std::size_t>(head)];
   }
 
   LexicoOptions options_;
