@@ -48,13 +48,16 @@ const char* const usage =
     "  --batch B  --lr RATE       vectors per update, Adam learning rate (defaults per method)\n"
     "  --window T                 tokens per collection window, BOS first (default 1024)\n"
     "  --seed X  --threads T      (defaults 0, all cores)\n"
-    "  --work DIR                 where collected KV vectors live (default OUT/vectors)\n";
+    "  --work DIR                 where collected KV vectors live (default OUT/vectors)\n"
+    "  --keys-before-rope         train the key dictionaries on keys before RoPE (an experiment:\n"
+    "                             the lexico cache codes keys after RoPE and refuses such a set)\n";
 
 struct Args {
   std::string model, tokens, text, tokenizer, dev, out, work;
   lexico::TrainOptions train;
   Eigen::Index dev_vectors = 32768;
   int window = 1024;
+  bool keys_before_rope = false;
 };
 
 // A flag whose value a lexico parser reads; its lexico::error becomes a usage error.
@@ -95,8 +98,9 @@ Args parse_args(int argc, char** argv) {
        {"--seed", [&](const std::string& v) { a.train.seed = parse_number<std::uint64_t>("--seed", v, 0, ~std::uint64_t(0)); }},
        {"--threads", [&](const std::string& v) { a.train.threads = parse_number<int>("--threads", v, 1, 1024); }},
        {"--method", named("--method", [&](const std::string& v) { a.train.method = lexico::parse_train_method(v); })},
-       {"--init", named("--init", [&](const std::string& v) { a.train.init = lexico::parse_train_init(v); })}},
-      usage);
+       {"--init", named("--init", [&](const std::string& v) { a.train.init = lexico::parse_train_init(v); })},
+       {"--keys-before-rope", [&](const std::string&) { a.keys_before_rope = true; }}},
+      usage, {"--keys-before-rope"});
   if (a.model.empty()) throw cli::usage_error("--model is required");
   if (a.tokens.empty() == a.text.empty()) throw cli::usage_error("give exactly one of --tokens FILE.u16 and --text FILE");
   if (!atoms || !sparsity) throw cli::usage_error("--atoms and --sparsity are required");
@@ -121,11 +125,12 @@ struct Collection {
   int window = 0;
   std::uint64_t seed = 0;
   std::size_t windows = 0;
+  bool keys_before_rope = false;
 
   std::string key() const {
     std::ostringstream out;
     out << "model=" << fs::absolute(model).string() << "\ncorpus=" << fs::absolute(corpus).string()
-        << "\nwindow=" << window << "\nseed=" << seed << "\n";
+        << "\nwindow=" << window << "\nseed=" << seed << "\n" << (keys_before_rope ? "keys=before_rope\n" : "");
     return out.str();
   }
   static std::string stamp_path(const std::string& dir) { return (fs::path(dir) / "collection.txt").string(); }
@@ -175,7 +180,7 @@ void ensure_collected(const lexico::LlamaModel& model, const std::vector<std::ve
     const double fraction = static_cast<double>(done) / static_cast<double>(windows.size());
     bar.show(label, fraction, elapsed / fraction - elapsed,
              std::to_string(done) + "/" + std::to_string(windows.size()) + " windows");
-  });
+  }, collection.keys_before_rope);
   collection.stamp(dir);
 }
 
@@ -204,11 +209,12 @@ int run(const Args& args) {
   Eigen::Index train_available = 0;
   for (const auto& w : train_windows) train_available += static_cast<Eigen::Index>(w.size()) * config.kv_heads;
   const std::string train_dir = (fs::path(args.work) / "train").string();
-  ensure_collected(model, train_windows, {args.model, corpus, args.window, args.train.seed, 0}, train_dir,
-                   "collect train");
+  ensure_collected(model, train_windows, {args.model, corpus, args.window, args.train.seed, 0, args.keys_before_rope},
+                   train_dir, "collect train");
 
   std::vector<std::vector<int>> dev_windows;
-  Collection dev_collection{args.model, args.dev.empty() ? corpus : args.dev, args.window, args.train.seed, 0};
+  Collection dev_collection{args.model, args.dev.empty() ? corpus : args.dev, args.window, args.train.seed, 0,
+                            args.keys_before_rope};
   if (args.dev.empty()) {
     std::size_t first = 0;
     dev_windows = windows_for(train_all, config.kv_heads, args.dev_vectors, train_available, &first);
@@ -294,6 +300,7 @@ int run(const Args& args) {
   settings["train_vectors_available"] = std::to_string(std::min(train_available, options.vectors));
   settings["dev_vectors"] = std::to_string(args.dev_vectors);
   settings["window"] = std::to_string(args.window);
+  settings["keys"] = args.keys_before_rope ? "before_rope" : "after_rope";
   settings["init"] = lexico::to_string(options.init);
   settings["batch"] = std::to_string(batch);
   if (options.method == lexico::TrainMethod::lexico)

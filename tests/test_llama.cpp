@@ -247,6 +247,38 @@ std::string trim_newlines(std::string s) {
   return s;
 }
 
+// Keys observed before RoPE are the observed-after-RoPE keys rotated back: equal at
+// position 0, and at every position each rotated pair keeps its length. The pairs are
+// (i, i + d/2) for the Hugging Face layout and (2i, 2i + 1) for llama2.c's.
+void check_keys_before_rope(const LlamaModel& model, bool interleaved) {
+  const int d = model.config().head_dim, heads = model.config().kv_heads;
+  std::vector<lexico::RowMatrix> seen[2];
+  for (int before = 0; before < 2; ++before) {
+    lexico::LlamaRunner runner(model);
+    runner.set_kv_observer([&](int layer, lexico::ConstRowsRef keys, lexico::ConstRowsRef) {
+      if (layer == 1) seen[before].push_back(keys);
+    }, before == 1);
+    lexico::DenseCache<float> cache(model.config().cache_shape());
+    runner.prefill({1, 20, 300, 40, 500, 60, 70}, cache);
+  }
+  const lexico::RowMatrix& after = seen[0].front();
+  const lexico::RowMatrix& before = seen[1].front();
+  EXPECT_LT((after.row(0) - before.row(0)).cwiseAbs().maxCoeff(), 1e-6f);
+  EXPECT_GT((after.row(3) - before.row(3)).cwiseAbs().maxCoeff(), 1e-3f);
+  for (Eigen::Index t = 0; t < after.rows(); ++t)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < d / 2; ++i) {
+        const int a = h * d + (interleaved ? 2 * i : i), b = h * d + (interleaved ? 2 * i + 1 : i + d / 2);
+        EXPECT_NEAR(std::hypot(after(t, a), after(t, b)), std::hypot(before(t, a), before(t, b)), 1e-4f)
+            << "token " << t << " head " << h << " pair " << i;
+      }
+}
+
+TEST(LlamaObserver, KeysBeforeRopeRotateIntoTheCachedKeys) {
+  check_keys_before_rope(LlamaModel::load(LEXICO_REPO_DATA "/stories260k/stories260K.bin"), true);
+  check_keys_before_rope(LlamaModel::load(LEXICO_REPO_DATA "/tinystories-656k"), false);
+}
+
 TEST(LlamaGreedy, Stories260KMatchesRunC) {
   const std::string dir = LEXICO_REPO_DATA "/stories260k";
   const LlamaModel model = LlamaModel::load(dir + "/stories260K.bin");

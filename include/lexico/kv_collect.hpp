@@ -76,8 +76,9 @@ inline std::vector<std::vector<int>> sample_windows(const std::vector<int>& toke
 using KVSink = std::function<void(int layer, const Eigen::MatrixXf& keys, const Eigen::MatrixXf& values)>;
 
 // Runs the model over each window in a fresh dense cache; `progress(done)` after each.
+// Keys are taken after RoPE (what a cache stores) unless `keys_before_rope`.
 inline void collect_kv(const LlamaModel& model, const std::vector<std::vector<int>>& windows, const KVSink& sink,
-                       const std::function<void(std::size_t)>& progress = {}) {
+                       const std::function<void(std::size_t)>& progress = {}, bool keys_before_rope = false) {
   const LlamaConfig& config = model.config();
   const int d = config.head_dim, heads = config.kv_heads;
   LlamaRunner runner(model);
@@ -91,7 +92,7 @@ inline void collect_kv(const LlamaModel& model, const std::vector<std::vector<in
       values.middleCols(t * heads, heads) = Eigen::Map<const Eigen::MatrixXf>(v.row(t).data(), d, heads);
     }
     sink(layer, keys, values);
-  });
+  }, keys_before_rope);
   for (std::size_t w = 0; w < windows.size(); ++w) {
     DenseCache<float> cache(config.cache_shape());
     runner.prefill(windows[w], cache);
@@ -304,7 +305,8 @@ inline std::string kv_vector_path(const std::string& directory, int layer, bool 
 
 // collect_kv into one vector file per layer and K/V under `directory`.
 inline void collect_kv_files(const LlamaModel& model, const std::vector<std::vector<int>>& windows,
-                             const std::string& directory, const std::function<void(std::size_t)>& progress = {}) {
+                             const std::string& directory, const std::function<void(std::size_t)>& progress = {},
+                             bool keys_before_rope = false) {
   const LlamaConfig& config = model.config();
   std::filesystem::create_directories(directory);
   std::vector<std::unique_ptr<VectorFileWriter>> keys, values;
@@ -318,7 +320,7 @@ inline void collect_kv_files(const LlamaModel& model, const std::vector<std::vec
         keys[static_cast<std::size_t>(l)]->append(k);
         values[static_cast<std::size_t>(l)]->append(v);
       },
-      progress);
+      progress, keys_before_rope);
   for (int l = 0; l < config.layers; ++l) {
     keys[static_cast<std::size_t>(l)]->close();
     values[static_cast<std::size_t>(l)]->close();

@@ -152,6 +152,9 @@ inline std::vector<CacheType> builtin_cache_types() {
        [](CacheShape shape, const CacheOptions& o) -> Made {
          require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
          const DictionarySet set = load_dictionaries(o.get("dict"));
+         const auto keys = set.manifest.settings.find("keys");
+         require(keys == set.manifest.settings.end() || keys->second == "after_rope", "make_cache: ", o.get("dict"),
+                 " holds key dictionaries trained on keys before RoPE; the lexico cache codes keys after RoPE");
          LexicoOptions options;
          const int s = o.get_int("s", 1, 255);
          options.key_sparsity = o.has("sk") ? o.get_int("sk", 1, 255) : s;

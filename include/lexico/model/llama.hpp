@@ -353,8 +353,9 @@ inline void rms_norm(ConstRowsRef x, const Eigen::VectorXf& weight, float eps, R
 // decode() allocates nothing; the model must outlive the runner.
 class LlamaRunner {
  public:
-  // Sees every layer's new keys (after RoPE) and values, T x kv_width each, before
-  // they reach the cache: how dictionary training collects KV vectors.
+  // Sees every layer's new keys and values, T x kv_width each, before they reach the
+  // cache: how dictionary training collects KV vectors. Keys are those the cache
+  // stores (after RoPE) unless `keys_before_rope`.
   using KVObserver = std::function<void(int layer, ConstRowsRef keys, ConstRowsRef values)>;
 
   explicit LlamaRunner(const LlamaModel& model) : model_(model), decode_ws_(model.config(), 1) {
@@ -366,7 +367,10 @@ class LlamaRunner {
   }
 
   const LlamaModel& model() const { return model_; }
-  void set_kv_observer(KVObserver observer) { observer_ = std::move(observer); }
+  void set_kv_observer(KVObserver observer, bool keys_before_rope = false) {
+    observer_ = std::move(observer);
+    observe_before_rope_ = keys_before_rope;
+  }
 
   // Runs `tokens` after what the cache already holds; returns their logits, T x vocab
   // (row t predicts the token after tokens[t]).
@@ -415,12 +419,13 @@ class LlamaRunner {
               start);
       detail::rms_norm(ws.x, layer.attn_norm, c.norm_eps, ws.xn);
       detail::linear(ws.xn, layer.wqkv, ws.qkv, false);
-      rotate(ws, 0, c.heads);
-      rotate(ws, q_width, c.kv_heads);
       const auto queries = ws.qkv.leftCols(q_width);
       const auto keys = ws.qkv.middleCols(q_width, kv_width);
       const auto values = ws.qkv.rightCols(kv_width);
-      if (observer_) observer_(l, keys, values);
+      if (observer_ && observe_before_rope_) observer_(l, keys, values);
+      rotate(ws, 0, c.heads);
+      rotate(ws, q_width, c.kv_heads);
+      if (observer_ && !observe_before_rope_) observer_(l, keys, values);
       if (T == 1) {
         const Eigen::Map<const RowMatrix> q(ws.qkv.data(), c.heads, c.head_dim);
         Eigen::Map<RowMatrix> out(ws.att.data(), c.heads, c.head_dim);
@@ -476,6 +481,7 @@ class LlamaRunner {
   Workspace decode_ws_;
   std::vector<float> inv_freq_;
   KVObserver observer_;
+  bool observe_before_rope_ = false;
 };
 
 }  // namespace lexico
