@@ -91,6 +91,8 @@ def load_runs(build):
             m = json.load(f)
         m["name"] = name
         m["default"] = "-default-" in name
+        # The keys-before/after-RoPE pair is its own experiment, kept out of the method tables.
+        m["rope_pair"] = "-keys-" in name
         wall = os.path.join(base, name, "wall_seconds.txt")
         m["wall"] = float(open(wall).read()) if os.path.exists(wall) else None
         # Process CPU time sampled from /proc by hand, for runs made before lexico-train recorded it.
@@ -156,7 +158,8 @@ def run_summary(m):
 
 def comparison(runs, vectors):
     # A default run stands for its method unless that method also ran by name.
-    sized = [r for r in runs if int(r["settings"]["vectors"]) == vectors and r["sparsity"] == 8]
+    sized = [r for r in runs if int(r["settings"]["vectors"]) == vectors and r["sparsity"] == 8
+             and not r["rope_pair"]]
     named = {(model_name(r), r["atoms"], r["method"]) for r in sized if not r["default"]}
     rows = [r for r in sized if not r["default"] or (model_name(r), r["atoms"], r["method"]) not in named]
     if not rows:
@@ -199,7 +202,7 @@ def verdict(runs):
     error relative to the group's best, at s=8 (mean of K and V)."""
     groups = {}
     for r in runs:
-        if r["sparsity"] != 8:
+        if r["sparsity"] != 8 or r["rope_pair"]:
             continue
         groups.setdefault((model_name(r), r["atoms"], int(r["settings"]["vectors"])), {})[r["method"]] = \
             (mean_error(r, "K", 8) + mean_error(r, "V", 8)) / 2
@@ -240,6 +243,31 @@ def sparsity_comparison(runs):
     return lines + [""]
 
 
+def rope_comparison(runs):
+    """Key dictionaries trained on keys before RoPE against the same run on keys after it."""
+    pair = {r["settings"].get("keys"): r for r in runs if r["rope_pair"]}
+    if "before_rope" not in pair or "after_rope" not in pair:
+        return []
+    before, after = pair["before_rope"], pair["after_rope"]
+    lines = ["## Keys before RoPE", "",
+             f"{model_name(before)}, K-SVD, N={before['atoms']}, s={before['sparsity']}, "
+             f"{int(before['settings']['vectors']):,} vectors per dictionary, the same windows: key dictionaries "
+             "trained and evaluated on keys before RoPE against keys after RoPE (what the cache stores). Dev "
+             "relative error per layer; values are the same vectors in both runs.", "",
+             "| layer | " + " | ".join(f"K s={s} after RoPE | K s={s} before RoPE" for s in EVAL_S) + " |",
+             "|---|" + "---|---|" * len(EVAL_S)]
+    for layer in range(before["layers"]):
+        cells = []
+        for s in EVAL_S:
+            for r in (after, before):
+                cells += [f"{e['dev']:.4f}" for e in r["errors"]
+                          if e["layer"] == layer and e["kind"] == "K" and e["sparsity"] == s]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines.append("| mean | " + " | ".join(f"{mean_error(r, 'K', s):.4f}" for s in EVAL_S for r in (after, before))
+                 + " |")
+    return lines + [""]
+
+
 def report(build):
     runs = load_runs(build)
     out = ["# Dictionary training: measured quality and time", "",
@@ -264,6 +292,7 @@ def report(build):
     compared = comparison(runs, FULL) + comparison(runs, REDUCED)
     out += compared if compared else ["Not run yet.", ""]
     out += sparsity_comparison(runs)
+    out += rope_comparison(runs)
     out += ["## Every run", ""]
     for m in runs:
         out += [f"<details><summary>{m['name']}</summary>", "", run_summary(m), ""] + per_layer_table(m) + \

@@ -32,8 +32,9 @@ std::vector<Row> random_rows(int bits, int sparsity, bool variable, int count, u
 // Indices as stored, row by row (a fixed row shorter than s is padded with zeros).
 std::vector<std::vector<std::uint16_t>> read_indices(const lexico::CodeStore& store) {
   std::vector<std::vector<std::uint16_t>> out;
-  store.for_each_row([&](std::size_t, const std::uint16_t* index, const std::uint8_t*, int count, float) {
-    out.emplace_back(index, index + count);
+  store.for_each_row([&](std::size_t, lexico::CodeStore::Indices index, const std::uint8_t*, int count, float) {
+    out.emplace_back();
+    for (int i = 0; i < count; ++i) out.back().push_back(index[i]);
   });
   return out;
 }

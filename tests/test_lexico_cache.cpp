@@ -35,7 +35,7 @@ std::vector<lexico::LayerDictionaries> random_dictionaries(int layers, int d, in
 Eigen::MatrixXd reconstruct(const lexico::CodeStore& codes, const lexico::Dictionary& dict) {
   Eigen::MatrixXd rows(static_cast<Eigen::Index>(codes.rows()), dict.dim());
   rows.setZero();
-  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+  codes.for_each_row([&](std::size_t r, lexico::CodeStore::Indices index, const std::uint8_t* coefficient, int count,
                          float scale) {
     for (int i = 0; i < count; ++i)
       rows.row(static_cast<Eigen::Index>(r)) +=

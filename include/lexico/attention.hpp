@@ -152,7 +152,7 @@ template <int Group>
 void code_scores_grouped(const CodeStore& codes, const float* table, int /*group*/, float* scores, Eigen::Index ld) {
   using Vector = typename GroupVector<Group>::type;
   const auto& fp8 = fp8_e4m3_table();
-  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+  codes.for_each_row([&](std::size_t r, CodeStore::Indices index, const std::uint8_t* coefficient, int count,
                          float scale) {
     Vector sum{};
     for (int i = 0; i < count; ++i) {
@@ -172,7 +172,7 @@ void code_accumulate_grouped(const CodeStore& codes, const float* probabilities,
                              float* weights) {
   using Vector = typename GroupVector<Group>::type;
   const auto& fp8 = fp8_e4m3_table();
-  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+  codes.for_each_row([&](std::size_t r, CodeStore::Indices index, const std::uint8_t* coefficient, int count,
                          float scale) {
     float lanes[Group];
     for (int g = 0; g < Group; ++g) lanes[g] = probabilities[g * ld + static_cast<Eigen::Index>(r)] * scale;
@@ -191,7 +191,7 @@ void code_accumulate_grouped(const CodeStore& codes, const float* probabilities,
 // Any group size, one query at a time.
 inline void code_scores_any(const CodeStore& codes, const float* table, int group, float* scores, Eigen::Index ld) {
   const auto& fp8 = fp8_e4m3_table();
-  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+  codes.for_each_row([&](std::size_t r, CodeStore::Indices index, const std::uint8_t* coefficient, int count,
                          float scale) {
     for (int g = 0; g < group; ++g) {
       float sum = 0.0f;
@@ -204,7 +204,7 @@ inline void code_scores_any(const CodeStore& codes, const float* table, int grou
 inline void code_accumulate_any(const CodeStore& codes, const float* probabilities, Eigen::Index ld, int group,
                                 float* weights) {
   const auto& fp8 = fp8_e4m3_table();
-  codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int count,
+  codes.for_each_row([&](std::size_t r, CodeStore::Indices index, const std::uint8_t* coefficient, int count,
                          float scale) {
     for (int g = 0; g < group; ++g) {
       const float p = probabilities[g * ld + static_cast<Eigen::Index>(r)] * scale;

@@ -1,6 +1,6 @@
 #pragma once
 // Compact storage of sparse codes, one row per coded vector: up to s atom indices
-// (uint16) and coefficients (FP8 E4M3) with one power-of-two scale byte (E8M0) per
+// and coefficients (FP8 E4M3) with one power-of-two scale byte (E8M0) per
 // row, so coefficients never overflow the format.
 //
 // Indices take b = index_bits bits each (ceil(log2 N) for N atoms: 12 for N = 4096),
@@ -48,8 +48,9 @@ class CodeStore {
       require(indices[i] >> index_bits_ == 0, "CodeStore::append: atom index ", indices[i], " needs more than ",
               index_bits_, " bits");
     const int stored = variable_ ? count : sparsity_;
-    const std::size_t begin = coefficients_.size(), packed = indices_.size();
-    indices_.resize(packed + index_bytes(stored), 0);
+    const std::size_t begin = coefficients_.size(), packed = packed_bytes_;
+    packed_bytes_ += index_bytes(stored);
+    indices_.resize(packed_bytes_ + read_slack, 0);
     for (int i = 0; i < count; ++i) {
       const std::size_t bit = static_cast<std::size_t>(i) * static_cast<std::size_t>(index_bits_);
       std::uint32_t field = static_cast<std::uint32_t>(indices[i]) << (bit % 8);
@@ -60,36 +61,42 @@ class CodeStore {
     if (variable_) counts_.push_back(static_cast<std::uint8_t>(count));
   }
 
+  // The indices of one row, read from their packed bits where they are used.
+  class Indices {
+   public:
+    Indices(const std::uint8_t* row, int bits) : row_(row), bits_(bits), mask_((std::uint32_t{1} << bits) - 1) {}
+    std::uint16_t operator[](int i) const {
+      const std::size_t bit = static_cast<std::size_t>(i) * static_cast<std::size_t>(bits_);
+      std::uint32_t word;  // little-endian: the field's bits start at bit % 8
+      std::memcpy(&word, row_ + bit / 8, sizeof word);
+      return static_cast<std::uint16_t>((word >> (bit % 8)) & mask_);
+    }
+
+   private:
+    const std::uint8_t* row_;
+    int bits_;
+    std::uint32_t mask_;
+  };
+
   // Visits every row in order: visit(row, indices, fp8 codes, count, scale factor).
+  // Inlined into the kernels: a call keeps their loop state in memory, a third slower.
   template <typename Visitor>
+#if defined(__GNUC__)
+  __attribute__((always_inline))
+#endif
   void for_each_row(Visitor&& visit) const {
     const auto& scale_of = detail::e8m0_table();
-    std::uint16_t row_indices[255];
-    const std::uint32_t mask = (std::uint32_t{1} << index_bits_) - 1;
-    std::size_t offset = 0, packed = 0;
+    const std::uint8_t* packed = indices_.data();
+    const std::uint8_t* coefficients = coefficients_.data();
     for (std::size_t r = 0; r < scales_.size(); ++r) {
       const int count = variable_ ? counts_[r] : sparsity_;
-      const std::size_t bytes = index_bytes(count);
-      const std::uint8_t* row = indices_.data() + packed;
-      if (index_bits_ == 16) {
-        std::memcpy(row_indices, row, bytes);
-      } else {
-        for (int i = 0; i < count; ++i) {
-          const std::size_t bit = static_cast<std::size_t>(i) * static_cast<std::size_t>(index_bits_);
-          std::uint32_t word = 0;  // the (at most 3) bytes the field touches, within the row
-          for (std::size_t b = bit / 8, shift = 0; b < bytes && shift < 24; ++b, shift += 8)
-            word |= static_cast<std::uint32_t>(row[b]) << shift;
-          row_indices[i] = static_cast<std::uint16_t>((word >> (bit % 8)) & mask);
-        }
-      }
-      visit(r, static_cast<const std::uint16_t*>(row_indices), coefficients_.data() + offset, count,
-            scale_of[scales_[r]]);
-      offset += static_cast<std::size_t>(count);
-      packed += bytes;
+      visit(r, Indices(packed, index_bits_), coefficients, count, scale_of[scales_[r]]);
+      packed += index_bytes(count);
+      coefficients += count;
     }
   }
 
-  std::size_t payload_bytes() const { return indices_.size() + coefficients_.size(); }
+  std::size_t payload_bytes() const { return packed_bytes_ + coefficients_.size(); }
   std::size_t metadata_bytes() const { return scales_.size() + counts_.size(); }
 
   // Drops the oldest `count` rows.
@@ -105,25 +112,31 @@ class CodeStore {
       counts_.erase(counts_.begin(), counts_.begin() + static_cast<std::ptrdiff_t>(count));
     }
     indices_.erase(indices_.begin(), indices_.begin() + static_cast<std::ptrdiff_t>(packed));
+    packed_bytes_ -= packed;
     coefficients_.erase(coefficients_.begin(), coefficients_.begin() + static_cast<std::ptrdiff_t>(entries));
     scales_.erase(scales_.begin(), scales_.begin() + static_cast<std::ptrdiff_t>(count));
   }
 
   void clear() {
     indices_.clear();
+    packed_bytes_ = 0;
     coefficients_.clear();
     scales_.clear();
     counts_.clear();
   }
 
  private:
+  // Bytes kept after the last row so that Indices may load 4 bytes at any index.
+  static constexpr std::size_t read_slack = 3;
+
   std::size_t index_bytes(int count) const {
     return (static_cast<std::size_t>(count) * static_cast<std::size_t>(index_bits_) + 7) / 8;
   }
 
   int sparsity_ = 1, index_bits_ = 16;
   bool variable_ = false;
-  std::vector<std::uint8_t> indices_;  // packed, index_bits_ per index
+  std::size_t packed_bytes_ = 0;
+  std::vector<std::uint8_t> indices_;  // packed, index_bits_ per index, then read_slack zero bytes
   std::vector<std::uint8_t> coefficients_;  // FP8 E4M3 codes
   std::vector<std::uint8_t> scales_;        // E8M0, one per row
   std::vector<std::uint8_t> counts_;        // entries per row, variable rows only

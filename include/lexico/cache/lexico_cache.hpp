@@ -271,7 +271,7 @@ class LexicoCache final : public KVCache {
       scratch.setZero(dim, count * heads);
       for (int h = 0; h < heads; ++h) {
         CodeStore& codes = from.heads[static_cast<std::size_t>(h)];
-        codes.for_each_row([&](std::size_t r, const std::uint16_t* index, const std::uint8_t* coefficient, int entries,
+        codes.for_each_row([&](std::size_t r, CodeStore::Indices index, const std::uint8_t* coefficient, int entries,
                                float scale) {
           if (static_cast<Eigen::Index>(r) >= count) return;
           for (int e = 0; e < entries; ++e)
