@@ -278,7 +278,7 @@ def report(build):
            "`tokens_dev.u16`; **train** = the first 32,768 training vectors. Keys after RoPE, all KV heads pooled, "
            "windows of 1024 tokens opened by BOS. Machine: 2 cores shared with other jobs, so times are upper "
            "bounds.", ""]
-    notes = os.path.join(build, "runs", "NOTES.md")
+    notes = os.path.join(ROOT, "bench", "training_notes.md")  # what the manifests cannot say
     if os.path.exists(notes):
         out += ["## Notes on these runs", "", open(notes).read().strip(), ""]
     main = [r for r in runs if r["default"]]
