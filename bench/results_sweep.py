@@ -843,6 +843,14 @@ def write_report(quiet=False):
           "(nats/token; lower is better, noise can make it slightly negative). **Top-1** = how often the "
           "cache's argmax equals the dense model's. **tok/s** = decode tokens/s on a shared 2-core machine "
           "under heavy load from other jobs: indicative only.",
+          "- **KL** = mean KL(dense ‖ cache) of the next-token distribution over the scored predictions "
+          "(nats; — for runs made before lexico-eval reported it). It counts every change of the "
+          "distribution, so it is much less noisy than ΔNLL at a few thousand tokens.",
+          "- **Lexico rows** store atom indices at ceil(log2 N) bits (12 for N = 4096; option `pack`), FP8 "
+          "coefficients and one scale byte per vector. `tier=R@S` rows code tokens leaving the n_b buffer "
+          "at S atoms and re-code them at s once they are R tokens older (options `recent`, `rs`).",
+          "- **tuning** tables run on other dev windows (`--skip 64`) than every other table: the "
+          "improvement attempts were compared and chosen there.",
           "- **Windows.** Each table says how many windows (and scored tokens) it rests on; runs with "
           "different window counts are never mixed in one table. Tables with few windows are noisy: "
           "treat ΔNLL differences below ~0.01 nats as ties.",
