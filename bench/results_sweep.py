@@ -16,7 +16,8 @@ old ones.  From the cached runs alone, `report` writes
 
 Protocols (lexico-eval's): "prefill" prefills half of each window exactly, the cache
 compresses it, and the second half is decoded through the cache and scored;
-"streaming" (--prefill 0) appends every token through the cache.
+"streaming" (--prefill 0) appends every token through the cache; "tuning" is the prefill
+protocol on other dev windows (the first 64 skipped), where improvements are chosen.
 
 Usage (Debian's /usr/bin/python3, standard library only):
 
@@ -27,6 +28,10 @@ Usage (Debian's /usr/bin/python3, standard library only):
   # the proxies at 2 windows, prefill protocol, with whatever dictionaries exist
   python3 bench/results_sweep.py run --models proxy-lm-hd128,proxy-lm-hd64 \\
       --protocols prefill --windows 2 --dict-root build-train
+
+  # the improvement attempts on the tuning windows (dev windows 65-67), one table per proxy
+  python3 bench/results_sweep.py run --models proxy-lm-hd128,proxy-lm-hd64 --protocols tuning \
+      --dict-root build-train
 
   # what the grid is and which runs are done, without running anything
   python3 bench/results_sweep.py run --dry-run ...
