@@ -300,11 +300,7 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                             and re.search(label_filter, p["label"]))
                 continue
 
-            add("dense", "dense", "fp32 (exact reference)", "dense", {})
-            group = min(32, head_dim)  # KIVI's group must divide head_dim
-            for bits in (2, 4):
-                add(f"KIVI-{bits}", "KIVI", f"bits={bits} group={group} R=128", "kivi",
-                    {"bits": bits, "group": group} if group != 32 else {"bits": bits})
+            add_references(add, head_dim)
             if head_dim % 32 == 0:  # llama.cpp blocks are 32 channels of one head
                 add("q4_0", "token quant", "4.5 bits", "q4_0", {})
                 add("q8_0", "token quant", "8.5 bits", "q8_0", {})
@@ -335,14 +331,19 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
     return grid
 
 
-def add_attempts(model, head_dim, add, dictionary, lexico_names):
-    """The improvement attempts of the tuning table: each changes one thing of Lexico's
-    published cache (s = 8, n_b = 128, 16-bit indices) or combines those that helped."""
+def add_references(add, head_dim):
+    """The dense cache and KIVI-2/4, which every table is read against."""
     add("dense", "dense", "fp32 (exact reference)", "dense", {})
-    group = min(32, head_dim)
+    group = min(32, head_dim)  # KIVI's group must divide head_dim
     for bits in (2, 4):
         add(f"KIVI-{bits}", "KIVI", f"bits={bits} group={group} R=128", "kivi",
             {"bits": bits, "group": group} if group != 32 else {"bits": bits})
+
+
+def add_attempts(model, head_dim, add, dictionary, lexico_names):
+    """The improvement attempts of the tuning table: each changes one thing of Lexico's
+    published cache (s = 8, n_b = 128, 16-bit indices) or combines those that helped."""
+    add_references(add, head_dim)
     atoms = MODELS[model]["atoms"][0]
 
     def lexico(what, label, s, buffer, atoms=atoms, **more):
@@ -888,23 +889,20 @@ def write_report(quiet=False):
                "fp16 buffer of n_b tokens; indices packed at 12 bits); **fixed s or tiers** also admits the "
                "recent tiers (tokens leaving the buffer are coded at `rs` atoms and re-coded at s once they are "
                "older than `recent` tokens; chosen on the tuning windows, see *Improvement attempts*).", ""]
-        md.append(markdown_table(["model", "protocol", "windows (scored tokens)", "Lexico variant", "KIVI-2 KV %",
-                                  "KIVI-2 ΔNLL", "smallest Lexico with ΔNLL ≤ KIVI-2", "KV %", "ΔNLL", "ratio",
-                                  f"target ≥ {CLAIM_TARGET}"],
-                                 [claim_row(k, groups[k], ids, "delta", v) for k in proxy_keys for v in VARIANTS]))
+        def claim_table(metric, name, test, variants, verdict):
+            return markdown_table(["model", "protocol", "windows (scored tokens)", "Lexico variant", "KIVI-2 KV %",
+                                   f"KIVI-2 {name}", f"smallest Lexico with {name.removesuffix(' %')} {test} KIVI-2", "KV %", name,
+                                   "ratio", f"{verdict}≥ {CLAIM_TARGET}"],
+                                  [claim_row(k, groups[k], ids, metric, v) for k in proxy_keys for v in variants])
+
+        md.append(claim_table("delta", "ΔNLL", "≤", VARIANTS, "target "))
         md += ["", "Secondary views, **not** the target criterion: the same search with mean KL(dense ‖ cache) "
                "over the scored predictions (Lexico's KL ≤ KIVI-2's) and with top-1 agreement (Lexico's top-1 ≥ "
                "KIVI-2's). ΔNLL is a signed mean over the observed tokens, so errors in both directions partly "
                "cancel; KL measures the change of the whole next-token distribution and is far less noisy.", ""]
-        md.append(markdown_table(["model", "protocol", "windows (scored tokens)", "Lexico variant", "KIVI-2 KV %",
-                                  "KIVI-2 KL", "smallest Lexico with KL ≤ KIVI-2", "KV %", "KL", "ratio",
-                                  f"≥ {CLAIM_TARGET}"],
-                                 [claim_row(k, groups[k], ids, "kl", VARIANTS[1]) for k in proxy_keys]))
+        md.append(claim_table("kl", "KL", "≤", VARIANTS[1:], ""))
         md.append("")
-        md.append(markdown_table(["model", "protocol", "windows (scored tokens)", "Lexico variant", "KIVI-2 KV %",
-                                  "KIVI-2 top-1 %", "smallest Lexico with top-1 ≥ KIVI-2", "KV %", "top-1 %", "ratio",
-                                  f"≥ {CLAIM_TARGET}"],
-                                 [claim_row(k, groups[k], ids, "top1", VARIANTS[1]) for k in proxy_keys]))
+        md.append(claim_table("top1", "top-1 %", "≥", VARIANTS[1:], ""))
     else:
         md.append("No proxy runs yet.")
     md.append("")

@@ -139,10 +139,9 @@ std::vector<std::vector<int>> first_windows(const std::vector<int>& tokens, int 
   return windows;
 }
 
-// The dense model's view of a window: argmax, NLL and log-probabilities of every prediction.
+// The dense model's view of a window: argmax and log-probabilities of every prediction.
 struct Reference {
   std::vector<int> argmax;
-  std::vector<double> nll;
   std::vector<std::vector<double>> log_p;
 };
 
@@ -155,7 +154,6 @@ Reference dense_reference(lexico::LlamaRunner& runner, const std::vector<int>& t
     const float* row = logits.row(static_cast<Eigen::Index>(p)).data();
     reference.argmax.push_back(argmax(row, vocab));
     reference.log_p.push_back(log_softmax(row, vocab));
-    reference.nll.push_back(-reference.log_p.back()[static_cast<std::size_t>(tokens[p + 1])]);
   }
   return reference;
 }
@@ -223,9 +221,11 @@ int run(const Args& args) {
         ++r.decoded;
         if (p + 1 < window) {
           const std::vector<double> log_p = log_softmax(logits.data(), config.vocab);
-          r.nll -= log_p[static_cast<std::size_t>(tokens[static_cast<std::size_t>(p + 1)])];
-          r.kl += kl_divergence(reference.log_p[static_cast<std::size_t>(p)], log_p);
-          r.dense_nll += reference.nll[static_cast<std::size_t>(p)];
+          const std::vector<double>& dense_log_p = reference.log_p[static_cast<std::size_t>(p)];
+          const auto target = static_cast<std::size_t>(tokens[static_cast<std::size_t>(p + 1)]);
+          r.nll -= log_p[target];
+          r.dense_nll -= dense_log_p[target];
+          r.kl += kl_divergence(dense_log_p, log_p);
           r.agree += argmax(logits.data(), config.vocab) == reference.argmax[static_cast<std::size_t>(p)];
           ++r.scored;
         }

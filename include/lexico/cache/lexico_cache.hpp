@@ -75,9 +75,9 @@ class LexicoCache final : public KVCache {
       const LayerDictionaries& dicts = dictionaries[static_cast<std::size_t>(l)];
       require(dicts.keys && dicts.values, "LexicoCache: layer ", l, " lacks a key or value dictionary");
       const auto [key_s, value_s] = sparsity(l);
-      std::vector<TierSpec> tiers = {{0, key_s, value_s}};  // oldest first; the first is unbounded
-      for (auto tier = options_.tiers.rbegin(); tier != options_.tiers.rend(); ++tier)
-        tiers.push_back({tier->tokens, tier->key_sparsity, tier->value_sparsity});
+      // Oldest first; the first, the layer's own sparsity, is unbounded (0 tokens).
+      std::vector<LexicoOptions::Tier> tiers = {{0, key_s, value_s}};
+      tiers.insert(tiers.end(), options_.tiers.rbegin(), options_.tiers.rend());
       layers_.push_back(std::make_unique<Layer>(shape, dicts, tiers, options_));
     }
   }
@@ -215,11 +215,6 @@ class LexicoCache final : public KVCache {
   }
 
  private:
-  struct TierSpec {
-    Eigen::Index tokens;  // capacity; 0: unbounded
-    int key_sparsity, value_sparsity;
-  };
-
   // Codes at one sparsity, one store per KV head, and the encoder that makes them.
   struct Tier {
     Tier(const Dictionary& dictionary, int kv_heads, int sparsity, float tolerance, int index_bits,
@@ -231,18 +226,18 @@ class LexicoCache final : public KVCache {
 
     OmpEncoder encoder;
     std::vector<CodeStore> heads;
-    Eigen::Index capacity;
+    Eigen::Index capacity;  // 0: unbounded
   };
 
   // Keys or values of one layer: dictionary, code tiers (oldest first), fp16 buffer and sinks.
   struct Part {
-    Part(const CacheShape& shape, std::shared_ptr<const Dictionary> dict, const std::vector<TierSpec>& specs, bool keys,
-         float tolerance, bool pack_indices)
+    Part(const CacheShape& shape, std::shared_ptr<const Dictionary> dict, const std::vector<LexicoOptions::Tier>& specs,
+         bool keys, float tolerance, bool pack_indices)
         : dictionary(std::move(dict)), buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
       require(dictionary->dim() == shape.head_dim, "LexicoCache: dictionary dimension ", dictionary->dim(),
               " differs from head_dim ", shape.head_dim);
       const int index_bits = pack_indices ? CodeStore::bits_for(static_cast<std::size_t>(dictionary->size())) : 16;
-      for (const TierSpec& spec : specs)
+      for (const LexicoOptions::Tier& spec : specs)
         tiers.emplace_back(*dictionary, shape.kv_heads, keys ? spec.key_sparsity : spec.value_sparsity, tolerance,
                            index_bits, spec.tokens);
     }
@@ -300,7 +295,7 @@ class LexicoCache final : public KVCache {
   };
 
   struct Layer {
-    Layer(const CacheShape& shape, const LayerDictionaries& dicts, const std::vector<TierSpec>& tiers,
+    Layer(const CacheShape& shape, const LayerDictionaries& dicts, const std::vector<LexicoOptions::Tier>& tiers,
           const LexicoOptions& options)
         : keys(shape, dicts.keys, tiers, true, options.key_tolerance, options.pack_indices),
           values(shape, dicts.values, tiers, false, options.value_tolerance, options.pack_indices) {}
