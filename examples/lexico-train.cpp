@@ -49,8 +49,8 @@ const char* const usage =
     "  --window T                 tokens per collection window, BOS first (default 1024)\n"
     "  --seed X  --threads T      (defaults 0, all cores)\n"
     "  --work DIR                 where collected KV vectors live (default OUT/vectors)\n"
-    "  --keys-before-rope         train the key dictionaries on keys before RoPE (an experiment:\n"
-    "                             the lexico cache codes keys after RoPE and refuses such a set)\n";
+    "  --keys-before-rope         train the key dictionaries on keys before RoPE; the lexico cache\n"
+    "                             then codes keys before RoPE (lower error, slower scoring)\n";
 
 struct Args {
   std::string model, tokens, text, tokenizer, dev, out, work;
@@ -277,6 +277,7 @@ int run(const Args& args) {
     (keys ? layers[static_cast<std::size_t>(layer)].keys : layers[static_cast<std::size_t>(layer)].values) = dictionary;
     settings[name + ".seconds"] = std::to_string(dict_seconds);
     settings[name + ".replaced"] = std::to_string(result.replaced);
+    if (result.random_atoms > 0) settings[name + ".random_initial_atoms"] = std::to_string(result.random_atoms);
     settings[name + ".max_coherence"] = std::to_string(dictionary->max_coherence());
     settings[name + ".last_batch_error"] = std::to_string(result.last_error);
 
@@ -301,6 +302,13 @@ int run(const Args& args) {
   settings["dev_vectors"] = std::to_string(args.dev_vectors);
   settings["window"] = std::to_string(args.window);
   settings["keys"] = args.keys_before_rope ? "before_rope" : "after_rope";
+  if (args.keys_before_rope) {  // what the cache needs to undo and redo the rotation
+    std::ostringstream theta;
+    theta.precision(9);
+    theta << config.rope_theta;
+    settings["rope_theta"] = theta.str();
+    settings["rope_style"] = lexico::to_string(config.rope);
+  }
   settings["init"] = lexico::to_string(options.init);
   settings["batch"] = std::to_string(batch);
   if (options.method == lexico::TrainMethod::lexico)

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <map>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -56,10 +57,11 @@ TEST(CacheOptions, TypedGettersRejectMalformedValues) {
 }
 
 // A dictionary set of random atoms for `shape`, saved once per shape in a temp dir.
-std::string random_dictionary_dir(const lexico::CacheShape& shape) {
+std::string random_dictionary_dir(const lexico::CacheShape& shape, const std::map<std::string, std::string>& settings = {},
+                                  const std::string& tag = "") {
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / ("lexico_factory_" + std::to_string(::getpid()) + "_" +
-                                                    std::to_string(shape.layers) + "x" + std::to_string(shape.head_dim));
+                                                    std::to_string(shape.layers) + "x" + std::to_string(shape.head_dim) + tag);
   if (fs::exists(dir / "manifest.json")) return dir.string();
   fs::create_directories(dir);
   std::mt19937 rng(7);
@@ -78,6 +80,7 @@ std::string random_dictionary_dir(const lexico::CacheShape& shape) {
   manifest.head_dim = shape.head_dim;
   manifest.atoms = 64;
   manifest.sparsity = 8;
+  manifest.settings = settings;
   lexico::save_dictionaries(dir.string(), layers, manifest);
   return dir.string();
 }
@@ -169,6 +172,29 @@ TEST(Factory, UnknownNamesKeysAndBadValuesRaise) {
   for (const auto& [name, options] : bad)
     EXPECT_THROW(lexico::make_cache(name, shape, CacheOptions::parse(options)), lexico::error)
         << name << " " << options;
+}
+
+// A set trained on keys before RoPE makes a cache that codes keys before RoPE with the
+// manifest's rotation; a set that does not say which rotation is refused.
+TEST(Factory, KeysBeforeRopeFollowTheManifest) {
+  const lexico::CacheShape shape{1, 2, 32};
+  const std::string before = random_dictionary_dir(
+      shape, {{"keys", "before_rope"}, {"rope_theta", "10000"}, {"rope_style", "interleaved"}}, "_before");
+  EXPECT_NE(lexico::make_cache("lexico", shape, CacheOptions({{"dict", before}}))->parameters().find("keys=before_rope"),
+            std::string::npos);
+  const std::string after = random_dictionary_dir(shape, {{"keys", "after_rope"}}, "_after");
+  EXPECT_EQ(lexico::make_cache("lexico", shape, CacheOptions({{"dict", after}}))->parameters().find("keys="),
+            std::string::npos);
+  const std::vector<std::pair<std::map<std::string, std::string>, const char*>> refused = {
+      {{{"keys", "before_rope"}, {"rope_style", "rotate_half"}}, "rope_theta"},
+      {{{"keys", "before_rope"}, {"rope_theta", "1e4x"}, {"rope_style", "rotate_half"}}, "'1e4x'"},
+      {{{"keys", "before_rope"}, {"rope_theta", "10000"}, {"rope_style", "sideways"}}, "'sideways'"},
+      {{{"keys", "sideways"}}, "keys='sideways'"}};
+  for (std::size_t i = 0; i < refused.size(); ++i) {
+    const std::string dir = random_dictionary_dir(shape, refused[i].first, "_refused" + std::to_string(i));
+    expect_error_mentioning([&] { lexico::make_cache("lexico", shape, CacheOptions({{"dict", dir}})); },
+                            {refused[i].second});
+  }
 }
 
 TEST(Factory, HelpListsEveryCacheAndOption) {

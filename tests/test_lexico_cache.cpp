@@ -53,9 +53,23 @@ void append_fp16(Eigen::MatrixXd& rows, const RowMatrix& tokens, int head, int d
     for (int i = 0; i < d; ++i) rows(begin + t, i) = static_cast<float>(Eigen::half(tokens(t, head * d + i)));
 }
 
+// Rotates rows of keys coded before RoPE to their positions first, first + 1, ... with
+// the model's angles.
+void rotate_rows(Eigen::MatrixXd& rows, const lexico::Rope& rope, Eigen::Index first) {
+  std::vector<float> cos(static_cast<std::size_t>(rope.pairs())), sin(cos.size()), row(static_cast<std::size_t>(rows.cols()));
+  for (Eigen::Index r = 0; r < rows.rows(); ++r) {
+    rope.angles(first + r, cos.data(), sin.data());
+    for (Eigen::Index i = 0; i < rows.cols(); ++i) row[static_cast<std::size_t>(i)] = static_cast<float>(rows(r, i));
+    rope.rotate(row.data(), cos.data(), sin.data());
+    for (Eigen::Index i = 0; i < rows.cols(); ++i) rows(r, i) = row[static_cast<std::size_t>(i)];
+  }
+}
+
 // Attention in double over explicit K̂, V̂: sinks (fp16), coded rows tier by tier
-// (oldest first), then the fp16 buffer.
-RowMatrix reference_attention(const lexico::LexicoCache& cache, int layer, const RowMatrix& queries,
+// (oldest first; rotated to their positions when keys are coded before RoPE), then the
+// fp16 buffer.
+RowMatrix reference_attention(const lexico::LexicoCache& cache, const lexico::LexicoOptions& options, int layer,
+                              const RowMatrix& queries,
                               const RowMatrix& key_sinks, const RowMatrix& value_sinks, const RowMatrix& key_buffer,
                               const RowMatrix& value_buffer) {
   const auto& shape = cache.shape();
@@ -66,7 +80,8 @@ RowMatrix reference_attention(const lexico::LexicoCache& cache, int layer, const
     append_fp16(keys, key_sinks, h, shape.head_dim);
     append_fp16(values, value_sinks, h, shape.head_dim);
     for (int tier = 0; tier < cache.code_tiers(); ++tier) {
-      const Eigen::MatrixXd k = reconstruct(cache.key_codes(layer, h, tier), cache.key_dictionary(layer));
+      Eigen::MatrixXd k = reconstruct(cache.key_codes(layer, h, tier), cache.key_dictionary(layer));
+      if (options.key_rope) rotate_rows(k, *options.key_rope, keys.rows());
       const Eigen::MatrixXd v = reconstruct(cache.value_codes(layer, h, tier), cache.value_dictionary(layer));
       keys.conservativeResize(keys.rows() + k.rows(), Eigen::NoChange);
       keys.bottomRows(k.rows()) = k;
@@ -123,7 +138,7 @@ void check_against_reconstruction(int kv_heads, int q_heads, int layers, lexico:
       ASSERT_LE(buffered, options.buffer);
       for (int tier = 1; tier < cache.code_tiers(); ++tier)
         ASSERT_LE(static_cast<int>(cache.key_codes(l, 0, tier).rows()), options.tiers[static_cast<std::size_t>(cache.code_tiers() - 1 - tier)].tokens);
-      const RowMatrix want = reference_attention(cache, l, query_at(s, t, q_heads, d), s.keys.topRows(sinks),
+      const RowMatrix want = reference_attention(cache, options, l, query_at(s, t, q_heads, d), s.keys.topRows(sinks),
                                                  s.values.topRows(sinks), s.keys.middleRows(sinks + coded, buffered),
                                                  s.values.middleRows(sinks + coded, buffered));
       ASSERT_LT(relative_error(out, want), 1e-5) << "token " << t << " layer " << l;
@@ -146,6 +161,64 @@ lexico::LexicoOptions with_sinks_and_tiers() {
 
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_SinksAndTiers) {
   check_against_reconstruction(2, 8, 2, with_sinks_and_tiers());
+}
+
+lexico::LexicoOptions keys_before_rope(lexico::LexicoOptions options, lexico::RopeStyle style) {
+  options.key_rope = lexico::Rope(16, 10000.0f, style);
+  return options;
+}
+
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_KeysBeforeRope) {
+  check_against_reconstruction(2, 8, 2, keys_before_rope({}, lexico::RopeStyle::rotate_half));
+  check_against_reconstruction(1, 5, 1, keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::interleaved));
+}
+
+// Keys that are sparse over the dictionary before RoPE, then rotated as a model does:
+// coded before RoPE they come back up to fp8 rounding, and so does attention over them;
+// coded after RoPE they do not.
+TEST(LexicoCache, KeysBeforeRopeRecoverRotatedSparseKeys) {
+  const int d = 32, n = 96, kv = 1, q = 2, tokens = 300;
+  const auto dicts = random_dictionaries(1, d, n, 21);
+  const lexico::Rope rope(d, 10000.0f, lexico::RopeStyle::rotate_half);
+  std::mt19937 rng(22);
+  std::uniform_int_distribution<int> atom(0, n - 1);
+  std::normal_distribution<float> normal;
+  RowMatrix keys(tokens, d), values(tokens, d);
+  std::vector<float> cos(static_cast<std::size_t>(rope.pairs())), sin(cos.size());
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    keys.row(t) = (normal(rng) * dicts[0].keys->atoms().col(atom(rng)) +
+                   normal(rng) * dicts[0].keys->atoms().col(atom(rng))).transpose();
+    rope.angles(t, cos.data(), sin.data());
+    rope.rotate(keys.row(t).data(), cos.data(), sin.data());
+    values.row(t) = (normal(rng) * dicts[0].values->atoms().col(atom(rng))).transpose();
+  }
+  const RowMatrix queries = lexico_test::random_rows(1, q * d, rng) * 2.0f;  // peaked attention
+  // Relative error of the coded keys (before RoPE when coded so) and of the attention output.
+  const auto errors = [&](lexico::LexicoOptions options) {
+    options.key_sparsity = options.value_sparsity = 4;
+    options.buffer = 0;
+    lexico::LexicoCache cache({1, kv, d}, dicts, options);
+    RowMatrix out(q, d);
+    for (Eigen::Index t = 0; t < tokens; ++t) cache.append(0, keys.row(t).data(), values.row(t).data());
+    const RowMatrix query = Eigen::Map<const RowMatrix>(queries.data(), q, d);
+    cache.attend(0, query, out);
+    lexico::DenseCache<float> dense({1, kv, d});
+    for (Eigen::Index t = 0; t < tokens; ++t) dense.append(0, keys.row(t).data(), values.row(t).data());
+    RowMatrix want(q, d);
+    dense.attend(0, query, want);
+    Eigen::MatrixXd coded = reconstruct(cache.key_codes(0, 0), *dicts[0].keys);
+    if (options.key_rope) rotate_rows(coded, rope, 0);
+    return std::make_pair((coded - keys.cast<double>()).norm() / keys.cast<double>().norm(),
+                          relative_error(out, want));
+  };
+  lexico::LexicoOptions coded_before_rope;
+  coded_before_rope.key_rope = rope;
+  const auto [key_before, out_before] = errors(coded_before_rope);
+  const auto [key_after, out_after] = errors({});
+  EXPECT_LT(key_before, 0.05);
+  EXPECT_GT(key_after, 0.3);
+  EXPECT_LT(out_before, 0.05);
+  EXPECT_GT(out_after, 3 * out_before) << "key errors " << key_before << " and " << key_after;
 }
 
 TEST(LexicoCache, TiersReCodeAgingTokensAtLowerSparsity) {
@@ -219,6 +292,9 @@ void check_prefill_then_decode(lexico::LexicoOptions options) {
 
 TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken) { check_prefill_then_decode({}); }
 TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_SinksAndTiers) { check_prefill_then_decode(with_sinks_and_tiers()); }
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_KeysBeforeRope) {
+  check_prefill_then_decode(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half));
+}
 
 TEST(LexicoCache, PrefillAttentionIsExact) {
   const int d = 16, kv = 2, q = 4, prompt = 30;

@@ -227,9 +227,19 @@ TEST(Initialisation, GivesDistinctUnitAtoms) {
     EXPECT_LT((gram.diagonal().array() - 1).abs().maxCoeff(), 1e-5f);
     EXPECT_LT((gram - Eigen::MatrixXf::Identity(64, 64)).cwiseAbs().maxCoeff(), 0.95f);
   }
-  // Too few distinct directions: a clear error.
-  const Eigen::MatrixXf same = Eigen::MatrixXf::Ones(4, 10);
-  EXPECT_THROW(lexico::initial_atoms(same, 3, lexico::TrainInit::kmeans_pp, 1), lexico::error);
+  // One distinct direction: it comes first, random distinct unit atoms fill the rest.
+  const Eigen::MatrixXf same = Eigen::MatrixXf::Ones(8, 10);
+  for (const lexico::TrainInit init : {lexico::TrainInit::samples, lexico::TrainInit::kmeans_pp}) {
+    Eigen::Index random = -1;
+    const Eigen::MatrixXf atoms = lexico::initial_atoms(same, 5, init, 1, 0.95f, &random);
+    EXPECT_EQ(random, 4);
+    EXPECT_LT((atoms.col(0) - same.col(0).normalized()).norm(), 1e-6f);
+    const Eigen::MatrixXf gram = atoms.transpose() * atoms;
+    EXPECT_LT((gram.diagonal().array() - 1).abs().maxCoeff(), 1e-5f);
+    EXPECT_LT((gram - Eigen::MatrixXf::Identity(5, 5)).cwiseAbs().maxCoeff(), 0.95f);
+  }
+  // Nothing to start from, or fewer samples than atoms: a clear error.
+  EXPECT_THROW(lexico::initial_atoms(Eigen::MatrixXf::Zero(4, 10), 3, lexico::TrainInit::kmeans_pp, 1), lexico::error);
   EXPECT_THROW(lexico::initial_atoms(same, 20, lexico::TrainInit::samples, 1), lexico::error);
 }
 

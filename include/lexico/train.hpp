@@ -317,9 +317,12 @@ inline std::vector<Eigen::Index> replace_atoms(Eigen::MatrixXf& atoms, const std
 // energy it keeps after projection on the closest atom so far, ||x||² − max_j <a_j, x>²
 // (k-means++ seeding, Arthur & Vassilvitskii 2007, with the sign-free rank-1 distance
 // that OMP sees). Both skip zero vectors and directions within accept_coherence of a
-// chosen atom.
+// chosen atom. Data whose directions cluster too tightly to give N distinct ones (keys
+// before RoPE in some layers) gets random unit atoms for the rest, which training uses
+// or replaces like any other; `random_atoms`, if given, receives how many.
 inline Eigen::MatrixXf initial_atoms(const Eigen::Ref<const Eigen::MatrixXf>& sample, int atoms, TrainInit init,
-                                     std::uint64_t seed, float accept_coherence = 0.95f) {
+                                     std::uint64_t seed, float accept_coherence = 0.95f,
+                                     Eigen::Index* random_atoms = nullptr) {
   const Eigen::Index count = sample.cols();
   require(atoms >= 1 && count >= atoms, "initial_atoms: ", atoms, " atoms need at least as many sample vectors, got ",
           count);
@@ -370,8 +373,19 @@ inline Eigen::MatrixXf initial_atoms(const Eigen::Ref<const Eigen::MatrixXf>& sa
     detail::shuffle(order, rng);
     for (std::size_t i = 0; i < order.size() && filled < atoms; ++i) accept(order[i]);
   }
-  require(filled == atoms, "initial_atoms: only ", filled, " of ", atoms, " sample directions are nonzero and pairwise ",
-          "|cos| < ", accept_coherence, "; give more (or more varied) vectors");
+  require(filled > 0, "initial_atoms: every one of the ", count, " sample vectors is zero");
+  const int from_sample = filled;
+  std::normal_distribution<float> normal;
+  for (int tries = 0; filled < atoms; ++tries) {
+    require(tries < 64 * atoms, "initial_atoms: found no ", atoms, " directions pairwise |cos| < ", accept_coherence,
+            " in dimension ", sample.rows());
+    Eigen::VectorXf direction(sample.rows());
+    for (Eigen::Index i = 0; i < direction.size(); ++i) direction(i) = normal(rng);
+    direction.normalize();
+    if ((chosen.leftCols(filled).transpose() * direction).cwiseAbs().maxCoeff() < accept_coherence)
+      chosen.col(filled++) = direction;
+  }
+  if (random_atoms) *random_atoms = atoms - from_sample;
   return chosen;
 }
 
@@ -620,6 +634,7 @@ struct TrainResult {
   double last_error = 0;  // mean relative error of the final tenth of the batches
   Eigen::Index replaced = 0;
   double seconds = 0;
+  Eigen::Index random_atoms = 0;  // initial atoms drawn at random (see initial_atoms)
 };
 
 // Initialises from the stream and trains on options.vectors vectors of it.
@@ -631,8 +646,9 @@ inline TrainResult train_dictionary(VectorSource& source, const TrainOptions& op
   const Eigen::Index init_count = options.init_sample > 0 ? options.init_sample : Eigen::Index(8) * options.atoms;
   Eigen::MatrixXf buffer(source.dim(), std::max(batch, init_count));
   source.next(buffer.leftCols(init_count));
+  Eigen::Index random_atoms = 0;
   DictionaryTrainer trainer(initial_atoms(buffer.leftCols(init_count), options.atoms, options.init, options.seed,
-                                          options.accept_coherence),
+                                          options.accept_coherence, &random_atoms),
                             options);
   TrainProgress progress;
   progress.total = options.vectors;
@@ -653,7 +669,7 @@ inline TrainResult train_dictionary(VectorSource& source, const TrainOptions& op
     if (callback) callback(progress);
   }
   return {trainer.dictionary(std::move(metadata)), tail_batches ? tail_sum / static_cast<double>(tail_batches) : 0.0,
-          trainer.replaced(), progress.seconds};
+          trainer.replaced(), progress.seconds, random_atoms};
 }
 
 }  // namespace lexico

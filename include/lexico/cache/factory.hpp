@@ -8,9 +8,11 @@
 // Adding a cache type is one entry: a line in detail::builtin_cache_types() below (where
 // the Lexico cache goes), or register_cache() at run time.
 
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -66,6 +68,26 @@ inline void read_snapkv_options(const CacheOptions& options, SnapKVOptions& snap
   snap.kernel = options.get_int("kernel", 1);
   snap.pool = options.get_choice("pool", {"max", "avg"}) == "max" ? Pool::max : Pool::avg;
   snap.layerwise = layerwise_option(options);
+}
+
+// The RoPE a dictionary set's keys were taken before (manifest keys=before_rope, with
+// the model's rope_theta and rope_style), or none for sets trained on keys after RoPE.
+inline std::optional<Rope> manifest_rope(const DictionarySetManifest& manifest, const std::string& dir, int head_dim) {
+  const auto setting = [&](const std::string& key) {
+    const auto found = manifest.settings.find(key);
+    return found == manifest.settings.end() ? std::string() : found->second;
+  };
+  const std::string keys = setting("keys");
+  require(keys.empty() || keys == "after_rope" || keys == "before_rope", "make_cache: ", dir,
+          ": manifest setting keys='", keys, "' is neither after_rope nor before_rope");
+  if (keys != "before_rope") return std::nullopt;
+  require(!setting("rope_theta").empty() && !setting("rope_style").empty(), "make_cache: ", dir,
+          " holds key dictionaries trained before RoPE but its manifest lacks rope_theta or rope_style");
+  char* end = nullptr;
+  const std::string theta = setting("rope_theta");
+  const float value = std::strtof(theta.c_str(), &end);
+  require(end != theta.c_str() && *end == '\0', "make_cache: ", dir, ": rope_theta '", theta, "' is not a number");
+  return Rope(head_dim, value, parse_rope_style(setting("rope_style")));
 }
 
 inline std::vector<CacheType> builtin_cache_types() {
@@ -152,10 +174,8 @@ inline std::vector<CacheType> builtin_cache_types() {
        [](CacheShape shape, const CacheOptions& o) -> Made {
          require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
          const DictionarySet set = load_dictionaries(o.get("dict"));
-         const auto keys = set.manifest.settings.find("keys");
-         require(keys == set.manifest.settings.end() || keys->second == "after_rope", "make_cache: ", o.get("dict"),
-                 " holds key dictionaries trained on keys before RoPE; the lexico cache codes keys after RoPE");
          LexicoOptions options;
+         options.key_rope = manifest_rope(set.manifest, o.get("dict"), shape.head_dim);
          const int s = o.get_int("s", 1, 255);
          options.key_sparsity = o.has("sk") ? o.get_int("sk", 1, 255) : s;
          options.value_sparsity = o.has("sv") ? o.get_int("sv", 1, 255) : s;

@@ -8,10 +8,16 @@
 // Optionally, codes are kept at a higher sparsity while their tokens are recent (tiers)
 // and re-coded at the next lower one as they age: attention in these models is mostly
 // local, so precision spent on recent tokens buys more than precision spent on old ones.
+//
+// Optionally, keys are coded before RoPE (options.key_rope): the cache undoes each key's
+// rotation before coding and redoes it when scoring. Unrotated keys are far easier to
+// code (TRAINING.md: 2.4x lower error at s = 8 on proxy-lm-hd128), but a score then
+// costs O(s·d) instead of O(s), since the rotation does not commute with u = Dᵀq.
 
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -20,6 +26,7 @@
 #include "../codes.hpp"
 #include "../dictionary.hpp"
 #include "../omp.hpp"
+#include "../rope.hpp"
 #include "cache.hpp"
 #include "token_store.hpp"
 
@@ -48,6 +55,10 @@ struct LexicoOptions {
     int tokens, key_sparsity, value_sparsity;
   };
   std::vector<Tier> tiers;
+  // The model's RoPE, to code keys before it: needs key dictionaries trained on keys
+  // before RoPE (lexico-train --keys-before-rope). Token i of a layer must sit at
+  // position i, as it does for a sequence that starts at position 0.
+  std::optional<Rope> key_rope;
 };
 
 // A layer's key and value dictionaries.
@@ -66,6 +77,8 @@ class LexicoCache final : public KVCache {
             options_.sinks, ", ", options_.flush, ")");
     require(shape.head_dim <= TokenStore<Eigen::half>::max_head_dim, "LexicoCache: head_dim ", shape.head_dim,
             " above ", TokenStore<Eigen::half>::max_head_dim);
+    require(!options_.key_rope || options_.key_rope->head_dim() == shape.head_dim, "LexicoCache: RoPE head_dim ",
+            options_.key_rope ? options_.key_rope->head_dim() : 0, " differs from head_dim ", shape.head_dim);
     for (const LexicoOptions::Tier& tier : options_.tiers)
       require(tier.tokens >= 1, "LexicoCache: a recent tier must hold at least one token (got ", tier.tokens, ")");
     for (const auto& [layer, sparsity] : options_.layer_sparsity)
@@ -90,6 +103,7 @@ class LexicoCache final : public KVCache {
         << " flush=" << options_.flush;
     if (options_.sinks > 0) out << " sinks=" << options_.sinks;
     if (!options_.pack_indices) out << " index_bits=16";
+    if (options_.key_rope) out << " keys=before_rope";
     for (const LexicoOptions::Tier& tier : options_.tiers)
       out << " tier=" << tier.tokens << ":" << tier.key_sparsity << ":" << tier.value_sparsity;
     if (options_.key_tolerance > 0 || options_.value_tolerance > 0)
@@ -161,12 +175,18 @@ class LexicoCache final : public KVCache {
           state.keys.sinks.scores(h, q, group, scores, ld);
           if (coded > 0) {
             thread_local std::vector<float> table;
-            table.resize(static_cast<std::size_t>(atoms_k * group));
-            atom_table(key_dict, q, group, table.data());
+            if (!options_.key_rope) {
+              table.resize(static_cast<std::size_t>(atoms_k * group));
+              atom_table(key_dict, q, group, table.data());
+            }
+            // A token's column is its position: sinks first, then the codes in order.
             Eigen::Index column = sinks;
             for (const Tier& tier : state.keys.tiers) {
               const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
-              code_scores(codes, table.data(), group, scores + column, ld);
+              if (options_.key_rope)
+                rotated_code_scores(codes, key_dict, *options_.key_rope, column, q, group, scores + column, ld);
+              else
+                code_scores(codes, table.data(), group, scores + column, ld);
               column += static_cast<Eigen::Index>(codes.rows());
             }
           }
@@ -232,8 +252,9 @@ class LexicoCache final : public KVCache {
   // Keys or values of one layer: dictionary, code tiers (oldest first), fp16 buffer and sinks.
   struct Part {
     Part(const CacheShape& shape, std::shared_ptr<const Dictionary> dict, const std::vector<LexicoOptions::Tier>& specs,
-         bool keys, float tolerance, bool pack_indices)
-        : dictionary(std::move(dict)), buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
+         bool keys, float tolerance, bool pack_indices, const Rope* rope)
+        : dictionary(std::move(dict)), rope(rope), buffer(shape.kv_heads, shape.head_dim),
+          sinks(shape.kv_heads, shape.head_dim) {
       require(dictionary->dim() == shape.head_dim, "LexicoCache: dictionary dimension ", dictionary->dim(),
               " differs from head_dim ", shape.head_dim);
       const int index_bits = pack_indices ? CodeStore::bits_for(static_cast<std::size_t>(dictionary->size())) : 16;
@@ -242,8 +263,9 @@ class LexicoCache final : public KVCache {
                            index_bits, spec.tokens);
     }
 
-    // Codes T tokens (rows of kv_heads x head_dim) into the newest tier, head by head.
-    void code(ConstRowsRef rows) {
+    // Codes T tokens (rows of kv_heads x head_dim) at positions first, first + 1, ...
+    // into the newest tier, head by head.
+    void code(ConstRowsRef rows, std::int64_t first) {
       Tier& tier = tiers.back();
       const int heads = static_cast<int>(tier.heads.size());
       const int dim = dictionary->dim();
@@ -254,7 +276,18 @@ class LexicoCache final : public KVCache {
       // Code what an fp16 cache holds, so a token codes the same whether it came
       // straight from a prefill or through the fp16 buffer.
       for (Eigen::Index i = 0; i < scratch.size(); ++i) scratch.data()[i] = static_cast<float>(Eigen::half(scratch.data()[i]));
+      if (rope) unrotate(first, rows.rows(), heads);
       encode_into(tier);
+    }
+
+    // Undoes RoPE on the columns of `scratch`, with the angles scoring will redo it with.
+    void unrotate(std::int64_t first, Eigen::Index tokens, int heads) {
+      const int pairs = rope->pairs();
+      cos.resize(static_cast<std::size_t>(tokens * pairs));
+      sin.resize(cos.size());
+      rope->consecutive_angles(first, tokens, cos.data(), sin.data());
+      for (Eigen::Index v = 0; v < scratch.cols(); ++v)
+        rope->rotate(scratch.col(v).data(), cos.data() + v / heads * pairs, sin.data() + v / heads * pairs, true);
     }
 
     // Moves the oldest `count` tokens of tier i into tier i - 1, re-coding their
@@ -288,17 +321,20 @@ class LexicoCache final : public KVCache {
     }
 
     std::shared_ptr<const Dictionary> dictionary;
+    const Rope* rope;  // keys coded before RoPE: the rotation to undo; else null
     std::vector<Tier> tiers;  // oldest first; tiers[0] is unbounded
     TokenStore<Eigen::half> buffer, sinks;
     Eigen::MatrixXf scratch;
+    std::vector<float> cos, sin;
     SparseCodes result;
   };
 
   struct Layer {
     Layer(const CacheShape& shape, const LayerDictionaries& dicts, const std::vector<LexicoOptions::Tier>& tiers,
           const LexicoOptions& options)
-        : keys(shape, dicts.keys, tiers, true, options.key_tolerance, options.pack_indices),
-          values(shape, dicts.values, tiers, false, options.value_tolerance, options.pack_indices) {}
+        : keys(shape, dicts.keys, tiers, true, options.key_tolerance, options.pack_indices,
+               options.key_rope ? &*options.key_rope : nullptr),
+          values(shape, dicts.values, tiers, false, options.value_tolerance, options.pack_indices, nullptr) {}
 
     // Re-codes, newest tier first, whatever overflows a tier: at least `flush` tokens at
     // once, so a token is re-coded once per tier however it arrived.
@@ -314,8 +350,9 @@ class LexicoCache final : public KVCache {
 
     void code_rows(ConstRowsRef key_rows, ConstRowsRef value_rows) {
       if (key_rows.rows() == 0) return;
-      keys.code(key_rows);
-      values.code(value_rows);
+      const std::int64_t first = keys.sinks.tokens() + coded;  // the position of the first row
+      keys.code(key_rows, first);
+      values.code(value_rows, first);
       coded += key_rows.rows();
     }
 

@@ -25,12 +25,9 @@
 #include "../error.hpp"
 #include "../io/json.hpp"
 #include "../io/safetensors.hpp"
+#include "../rope.hpp"
 
 namespace lexico {
-
-// How RoPE pairs the elements of a head: Hugging Face rotates i with i + head_dim/2,
-// llama2.c (and Meta's original code) rotates the pairs (2j, 2j+1).
-enum class RopeStyle { rotate_half, interleaved };
 
 struct LlamaConfig {
   int dim = 0;         // hidden size
@@ -48,6 +45,7 @@ struct LlamaConfig {
 
   int q_width() const { return heads * head_dim; }
   int kv_width() const { return kv_heads * head_dim; }
+  Rope rotary() const { return Rope(head_dim, rope_theta, rope); }
   int qkv_width() const { return q_width() + 2 * kv_width(); }
   CacheShape cache_shape() const { return {layers, kv_heads, head_dim}; }
 };
@@ -358,13 +356,8 @@ class LlamaRunner {
   // stores (after RoPE) unless `keys_before_rope`.
   using KVObserver = std::function<void(int layer, ConstRowsRef keys, ConstRowsRef values)>;
 
-  explicit LlamaRunner(const LlamaModel& model) : model_(model), decode_ws_(model.config(), 1) {
-    const LlamaConfig& c = model.config();
-    inv_freq_.resize(c.head_dim / 2);
-    // fp32 as in the reference implementations, so long positions round the same way.
-    for (int j = 0; j < c.head_dim / 2; ++j)
-      inv_freq_[j] = 1.0f / std::pow(c.rope_theta, static_cast<float>(2 * j) / static_cast<float>(c.head_dim));
-  }
+  explicit LlamaRunner(const LlamaModel& model)
+      : model_(model), decode_ws_(model.config(), 1), rope_(model.config().rotary()) {}
 
   const LlamaModel& model() const { return model_; }
   void set_kv_observer(KVObserver observer, bool keys_before_rope = false) {
@@ -445,41 +438,20 @@ class LlamaRunner {
     detail::linear(ws.xn, w.output(), ws.logits, false);
   }
 
-  // cos/sin of pos * theta^(-2j/d) for the block's positions, in fp32 like the references.
   void rope_angles(std::int64_t start, Workspace& ws) const {
-    for (Eigen::Index t = 0; t < ws.cos.rows(); ++t) {
-      const float pos = static_cast<float>(start + t);
-      for (Eigen::Index j = 0; j < ws.cos.cols(); ++j) {
-        const double angle = static_cast<double>(pos * inv_freq_[j]);
-        ws.cos(t, j) = static_cast<float>(std::cos(angle));
-        ws.sin(t, j) = static_cast<float>(std::sin(angle));
-      }
-    }
+    for (Eigen::Index t = 0; t < ws.cos.rows(); ++t) rope_.angles(start + t, ws.cos.row(t).data(), ws.sin.row(t).data());
   }
 
   // Rotates `heads` heads stored from column `first` of every qkv row.
   void rotate(Workspace& ws, int first, int heads) const {
-    const int d = model_.config().head_dim, half = d / 2;
-    const bool interleaved = model_.config().rope == RopeStyle::interleaved;
-    for (Eigen::Index t = 0; t < ws.qkv.rows(); ++t) {
-      const float* cos = ws.cos.row(t).data();
-      const float* sin = ws.sin.row(t).data();
-      for (int h = 0; h < heads; ++h) {
-        float* v = ws.qkv.row(t).data() + first + h * d;
-        for (int j = 0; j < half; ++j) {
-          float& a = interleaved ? v[2 * j] : v[j];
-          float& b = interleaved ? v[2 * j + 1] : v[j + half];
-          const float a0 = a, b0 = b;
-          a = a0 * cos[j] - b0 * sin[j];
-          b = b0 * cos[j] + a0 * sin[j];
-        }
-      }
-    }
+    const int d = model_.config().head_dim;
+    for (Eigen::Index t = 0; t < ws.qkv.rows(); ++t)
+      for (int h = 0; h < heads; ++h) rope_.rotate(ws.qkv.row(t).data() + first + h * d, ws.cos.row(t).data(), ws.sin.row(t).data());
   }
 
   const LlamaModel& model_;
   Workspace decode_ws_;
-  std::vector<float> inv_freq_;
+  Rope rope_;
   KVObserver observer_;
   bool observe_before_rope_ = false;
 };

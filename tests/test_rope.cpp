@@ -1,0 +1,72 @@
+// RoPE: the inverse rotation undoes the rotation in both layouts, a rotation keeps the
+// norm of every pair, and the consecutive-position angles agree with angles computed
+// directly in double at every position.
+#include <lexico/rope.hpp>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace {
+
+TEST(Rope, InverseRotationUndoesRotationAndPairsKeepTheirNorms) {
+  for (const auto style : {lexico::RopeStyle::rotate_half, lexico::RopeStyle::interleaved}) {
+    const lexico::Rope rope(8, 10000.0f, style);
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal;
+    std::vector<float> v(8), cos(4), sin(4);
+    for (float& x : v) x = normal(rng);
+    const std::vector<float> original = v;
+    rope.angles(777, cos.data(), sin.data());
+    rope.rotate(v.data(), cos.data(), sin.data());
+    for (int j = 0; j < 4; ++j) {
+      const int a = style == lexico::RopeStyle::interleaved ? 2 * j : j;
+      const int b = style == lexico::RopeStyle::interleaved ? 2 * j + 1 : j + 4;
+      EXPECT_NEAR(std::hypot(v[a], v[b]), std::hypot(original[a], original[b]), 1e-5) << "pair " << j;
+    }
+    EXPECT_GT(std::abs(v[0] - original[0]), 1e-3);
+    rope.rotate(v.data(), cos.data(), sin.data(), true);
+    for (int i = 0; i < 8; ++i) EXPECT_NEAR(v[i], original[i], 1e-5) << "element " << i;
+  }
+}
+
+TEST(Rope, HandComputedRotation) {
+  // d = 4, theta = 100: frequencies 1 and 0.1; at position 2 the angles are 2 and 0.2.
+  const lexico::Rope rope(4, 100.0f, lexico::RopeStyle::rotate_half);
+  std::vector<float> v = {1, 0, 0, 1}, cos(2), sin(2);  // pairs (v0, v2) = (1, 0) and (v1, v3) = (0, 1)
+  rope.angles(2, cos.data(), sin.data());
+  rope.rotate(v.data(), cos.data(), sin.data());
+  EXPECT_NEAR(v[0], std::cos(2.0), 1e-6);
+  EXPECT_NEAR(v[2], std::sin(2.0), 1e-6);
+  EXPECT_NEAR(v[1], -std::sin(0.2), 1e-6);
+  EXPECT_NEAR(v[3], std::cos(0.2), 1e-6);
+}
+
+TEST(Rope, ConsecutiveAnglesMatchDirectAngles) {
+  const int d = 64;
+  const lexico::Rope rope(d, 500000.0f, lexico::RopeStyle::rotate_half);
+  const std::int64_t first = 70000, count = 3000;
+  std::vector<float> cos(static_cast<std::size_t>(count * d / 2)), sin(cos.size());
+  rope.consecutive_angles(first, count, cos.data(), sin.data());
+  double worst = 0;
+  for (std::int64_t t = 0; t < count; ++t)
+    for (int j = 0; j < d / 2; ++j) {
+      const double frequency = 1.0f / std::pow(500000.0f, static_cast<float>(2 * j) / static_cast<float>(d));
+      const double angle = static_cast<double>(first + t) * frequency;
+      worst = std::max({worst, std::abs(cos[static_cast<std::size_t>(t * d / 2 + j)] - std::cos(angle)),
+                        std::abs(sin[static_cast<std::size_t>(t * d / 2 + j)] - std::sin(angle))});
+    }
+  EXPECT_LT(worst, 1e-6);
+}
+
+TEST(Rope, RejectsImpossibleParameters) {
+  EXPECT_THROW(lexico::Rope(7, 10000.0f, lexico::RopeStyle::rotate_half), lexico::error);
+  EXPECT_THROW(lexico::Rope(8, 1.0f, lexico::RopeStyle::rotate_half), lexico::error);
+  EXPECT_THROW(lexico::Rope(8, NAN, lexico::RopeStyle::rotate_half), lexico::error);
+  EXPECT_THROW(lexico::parse_rope_style("sideways"), lexico::error);
+  EXPECT_EQ(lexico::parse_rope_style(lexico::to_string(lexico::RopeStyle::interleaved)), lexico::RopeStyle::interleaved);
+}
+
+}  // namespace
