@@ -1,6 +1,6 @@
 // Decode-step attention of one layer (d = 128, 8 query heads over 2 KV heads) on the
-// Lexico cache (N = 4096, s = 8, codes only: the buffer is empty at measurement) and
-// on dense fp32 / fp16 caches, for contexts of 1k to 64k tokens; and the cost of
+// Lexico cache (N = 4096, s = 8, codes only: the buffer is empty at measurement; keys
+// coded after RoPE with 12- or 16-bit indices, or before RoPE) and on dense fp32 / fp16 caches, for contexts of 1k to 64k tokens; and the cost of
 // appending a token (OMP amortised over flushes of n_a tokens).
 //
 //   ./build/bench/bench_attention --benchmark_min_time=0.2
@@ -41,12 +41,14 @@ std::unique_ptr<lexico::KVCache> make(int kind, int buffer, int flush) {
   const lexico::CacheShape shape{1, kv_heads, head_dim};
   switch (kind) {
     case 0:
-    case 3: {  // 3: indices kept at 16 bits, as in the paper
+    case 3:    // 3: indices kept at 16 bits, as in the paper
+    case 4: {  // 4: keys coded before RoPE
       lexico::LexicoOptions options;
       options.key_sparsity = options.value_sparsity = sparsity;
       options.buffer = buffer;
       options.flush = flush;
-      options.pack_indices = kind == 0;
+      options.pack_indices = kind != 3;
+      if (kind == 4) options.key_rope = lexico::Rope(head_dim, 10000.0f, lexico::RopeStyle::rotate_half);
       return std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options);
     }
     case 1: return std::make_unique<lexico::DenseCache<float>>(shape);
@@ -73,7 +75,7 @@ void BM_DecodeAttention(benchmark::State& state) {
 }
 BENCHMARK(BM_DecodeAttention)
     ->ArgNames({"cache", "T"})
-    ->ArgsProduct({{0, 3, 1, 2}, {1024, 4096, 16384, 65536}})
+    ->ArgsProduct({{0, 3, 4, 1, 2}, {1024, 4096, 16384, 65536}})
     ->Unit(benchmark::kMicrosecond);
 
 // Per-token append of one layer with the buffer full: n_a = 1 codes a token every

@@ -111,6 +111,10 @@ CLAIM_TARGET = 1.7
 # (s, n_b, recent tokens, their sparsity rs), chosen on the tuning windows.
 TIERS = {128: ((4, 32, 128, 32), (6, 32, 96, 32), (6, 32, 128, 24), (8, 32, 96, 32)),
          64: ((3, 32, 128, 16), (4, 32, 96, 16), (4, 32, 96, 24), (6, 32, 96, 16))}
+# Keys coded before RoPE (dictionary sets trained with lexico-train --keys-before-rope):
+# the buffers and tiers of the main grid, chosen on the tuning windows.
+PRE_ROPE_BUFFERS = (32, 128)
+PRE_ROPE_TIERS = TIERS
 
 EVICTION = (  # (method, cache name, needs a prefill)
     ("StreamingLLM", "streaming", False),
@@ -258,9 +262,15 @@ def find_dictionaries(model, explicit, roots):
     return found
 
 
-def pick_dictionary(candidates, atoms, sparsity):
-    """The set with `atoms` atoms trained nearest to `sparsity` (ties: more vectors, then newer)."""
-    pool = [(d, m) for d, m in candidates if int(m["atoms"]) == atoms]
+def manifest_keys(manifest):
+    """Which keys a set's key dictionaries were trained on: "after_rope" or "before_rope"."""
+    return manifest.get("settings", {}).get("keys", "after_rope")
+
+
+def pick_dictionary(candidates, atoms, sparsity, keys="after_rope"):
+    """The set with `atoms` atoms, trained on `keys`, nearest to `sparsity` (ties: more vectors,
+    then newer)."""
+    pool = [(d, m) for d, m in candidates if int(m["atoms"]) == atoms and manifest_keys(m) == keys]
     if not pool:
         return None
 
@@ -284,14 +294,14 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
             def add(*args, **kwargs):
                 points.append(make_setting(model, protocol, windows, *args, **kwargs))
 
-            def dictionary(atoms, s):
-                chosen = pick_dictionary(dicts_for(model), atoms, s)
+            def dictionary(atoms, s, keys="after_rope"):
+                chosen = pick_dictionary(dicts_for(model), atoms, s, keys)
                 if not chosen:
                     return None, None
                 directory, manifest = chosen
                 return directory, {"dict_dir": directory, "dict_atoms": int(manifest["atoms"]),
                                    "dict_sparsity": int(manifest.get("sparsity", 0)),
-                                   "dict_method": manifest.get("method", "")}
+                                   "dict_method": manifest.get("method", ""), "dict_keys": keys}
 
             if protocol == "tuning":
                 if lexico_names is not None:
@@ -327,6 +337,18 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                         add("Lexico", f"Lexico tiers N={spec['atoms'][0]}",
                             f"s={s} N={spec['atoms'][0]} n_b={buffer} tier={recent}@{rs}", "lexico",
                             lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs), extra)
+                atoms = spec["atoms"][0]
+                for s in SPARSITIES if head_dim > 16 else ():
+                    directory, extra = dictionary(atoms, s, "before_rope")
+                    for buffer in PRE_ROPE_BUFFERS if directory else ():
+                        add("Lexico", f"Lexico pre-RoPE N={atoms}", f"s={s} N={atoms} n_b={buffer} pre-RoPE",
+                            "lexico", lexico_options(lexico_names, directory, s, buffer), extra)
+                for s, buffer, recent, rs in PRE_ROPE_TIERS.get(head_dim, ()):
+                    directory, extra = dictionary(atoms, s, "before_rope")
+                    if directory:
+                        add("Lexico", f"Lexico pre-RoPE tiers N={atoms}",
+                            f"s={s} N={atoms} n_b={buffer} tier={recent}@{rs} pre-RoPE", "lexico",
+                            lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs), extra)
             grid.extend(p for p in points if re.search(method_filter, p["method"]) and re.search(label_filter, p["label"]))
     return grid
 
@@ -346,8 +368,8 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
     add_references(add, head_dim)
     atoms = MODELS[model]["atoms"][0]
 
-    def lexico(what, label, s, buffer, atoms=atoms, **more):
-        directory, extra = dictionary(atoms, s)
+    def lexico(what, label, s, buffer, atoms=atoms, keys="after_rope", **more):
+        directory, extra = dictionary(atoms, s, keys)
         if directory:
             add("Lexico", what, f"{label} (s={s} N={atoms} n_b={buffer})", "lexico",
                 lexico_options(lexico_names, directory, s, buffer, **more), extra)
@@ -367,6 +389,11 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
     lexico("dictionary", "N=1024 dictionary", 8, 32, atoms=1024)
     for s, buffer, recent, rs in TIERS.get(head_dim, ()):
         lexico("tiers", f"recent {recent} tokens at {rs} atoms", s, buffer, recent=recent, rs=rs)
+    for s, buffer in ((8, 128), (8, 32), (6, 32), (4, 32)):
+        lexico("keys before RoPE", "keys coded before RoPE", s, buffer, keys="before_rope")
+    for s, buffer, recent, rs in PRE_ROPE_TIERS.get(head_dim, ()):
+        lexico("keys before RoPE", f"keys before RoPE, recent {recent} at {rs} atoms", s, buffer,
+               keys="before_rope", recent=recent, rs=rs)
 
 
 # ----------------------------------------------------------------------------- running
@@ -538,8 +565,10 @@ def best_at(rows, budget, predicate=lambda r: True):
 
 # Which Lexico runs a claim row considers: the published cache (one sparsity, fp16
 # buffer) or every Lexico run, recent tiers included.
-VARIANTS = (("fixed s", lambda r: r["method"] == "Lexico" and "tiers" not in r["family"]),
-            ("fixed s or tiers", lambda r: r["method"] == "Lexico"))
+VARIANTS = (("fixed s", lambda r: r["method"] == "Lexico" and "tiers" not in r["family"]
+             and "pre-RoPE" not in r["family"]),
+            ("fixed s or tiers", lambda r: r["method"] == "Lexico" and "pre-RoPE" not in r["family"]),
+            ("any, keys before RoPE too", lambda r: r["method"] == "Lexico"))
 
 
 def claim(rows, metric="delta", variant=VARIANTS[1][1]):
@@ -885,10 +914,13 @@ def write_report(quiet=False):
            "windows, same scored tokens).", ""]
     proxy_keys = [k for k in keys if k[0].startswith("proxy") and k[1] != "tuning"]
     if proxy_keys:
-        md += ["Two Lexico variants: **fixed s** is the published cache (every coded token at one sparsity, "
+        md += ["Three Lexico variants: **fixed s** is the published cache (every coded token at one sparsity, "
                "fp16 buffer of n_b tokens; indices packed at 12 bits); **fixed s or tiers** also admits the "
                "recent tiers (tokens leaving the buffer are coded at `rs` atoms and re-coded at s once they are "
-               "older than `recent` tokens; chosen on the tuning windows, see *Improvement attempts*).", ""]
+               "older than `recent` tokens; chosen on the tuning windows, see *Improvement attempts*); **any, keys "
+               "before RoPE too** also admits caches that code keys before RoPE (dictionaries trained with "
+               "`lexico-train --keys-before-rope`; the cache undoes each key's rotation before coding and redoes "
+               "it when scoring, which costs decode speed, see BENCHMARKS.md).", ""]
         def claim_table(metric, name, test, variants, verdict):
             return markdown_table(["model", "protocol", "windows (scored tokens)", "Lexico variant", "KIVI-2 KV %",
                                    f"KIVI-2 {name}", f"smallest Lexico with {name.removesuffix(' %')} {test} KIVI-2", "KV %", name,

@@ -91,7 +91,8 @@ def load_runs(build):
             m = json.load(f)
         m["name"] = name
         m["default"] = "-default-" in name
-        # The keys-before/after-RoPE pair is its own experiment, kept out of the method tables.
+        # Sets trained on keys before RoPE, and their 262k-vector twin, are their own
+        # experiment, kept out of the method tables.
         m["rope_pair"] = "-keys-" in name
         wall = os.path.join(base, name, "wall_seconds.txt")
         m["wall"] = float(open(wall).read()) if os.path.exists(wall) else None
@@ -244,28 +245,34 @@ def sparsity_comparison(runs):
 
 
 def rope_comparison(runs):
-    """Key dictionaries trained on keys before RoPE against the same run on keys after it."""
-    pair = {r["settings"].get("keys"): r for r in runs if r["rope_pair"]}
-    if "before_rope" not in pair or "after_rope" not in pair:
+    """Each set trained on keys before RoPE against the set trained like it (model, method, N,
+    s, vectors) on keys after RoPE."""
+    def twin_key(r):
+        return (model_name(r), r["method"], r["atoms"], r["sparsity"], r["settings"].get("vectors"))
+    after = {twin_key(r): r for r in runs if r["settings"].get("keys", "after_rope") == "after_rope"}
+    pairs = [(after[twin_key(r)], r) for r in runs
+             if r["settings"].get("keys") == "before_rope" and twin_key(r) in after]
+    if not pairs:
         return []
-    before, after = pair["before_rope"], pair["after_rope"]
     lines = ["## Keys before RoPE", "",
-             f"{model_name(before)}, K-SVD, N={before['atoms']}, s={before['sparsity']}, "
-             f"{int(before['settings']['vectors']):,} vectors per dictionary, the same windows: key dictionaries "
-             "trained and evaluated on keys before RoPE against keys after RoPE (what the cache stores). Dev "
-             "relative error per layer; values are the same vectors in both runs.", "",
-             "| layer | " + " | ".join(f"K s={s} after RoPE | K s={s} before RoPE" for s in EVAL_S) + " |",
-             "|---|" + "---|---|" * len(EVAL_S)]
-    for layer in range(before["layers"]):
-        cells = []
-        for s in EVAL_S:
-            for r in (after, before):
-                cells += [f"{e['dev']:.4f}" for e in r["errors"]
-                          if e["layer"] == layer and e["kind"] == "K" and e["sparsity"] == s]
-        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
-    lines.append("| mean | " + " | ".join(f"{mean_error(r, 'K', s):.4f}" for s in EVAL_S for r in (after, before))
-                 + " |")
-    return lines + [""]
+             "Key dictionaries trained and evaluated on keys before RoPE against the same training on keys after "
+             "RoPE, same windows. Dev relative error per layer; the values are the same vectors in both runs. The "
+             "Lexico cache codes keys before RoPE when its dictionaries were trained so (RESULTS.md).", ""]
+    for twin, before in sorted(pairs, key=lambda p: (model_name(p[1]), int(p[1]["settings"]["vectors"]))):
+        lines += [f"### {model_name(before)}, {before['method']}, N={before['atoms']}, s={before['sparsity']}, "
+                  f"{int(before['settings']['vectors']):,} vectors ({before['name']} vs {twin['name']})", "",
+                  "| layer | " + " | ".join(f"K s={s} after RoPE | K s={s} before RoPE" for s in EVAL_S) + " |",
+                  "|---|" + "---|---|" * len(EVAL_S)]
+        for layer in range(before["layers"]):
+            cells = []
+            for s in EVAL_S:
+                for r in (twin, before):
+                    cells += [f"{e['dev']:.4f}" for e in r["errors"]
+                              if e["layer"] == layer and e["kind"] == "K" and e["sparsity"] == s]
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        lines += ["| mean | " + " | ".join(f"{mean_error(r, 'K', s):.4f}" for s in EVAL_S for r in (twin, before))
+                  + " |", ""]
+    return lines
 
 
 def report(build):

@@ -58,32 +58,42 @@ class Rope {
   // from one sin/cos per pair and a rotation recurrence in double: the angle is exact
   // (not an fp32 product), so these are for rotations the caller both undoes and redoes.
   void consecutive_angles(std::int64_t first, std::int64_t count, float* cos, float* sin) const {
-    for (int j = 0; j < pairs(); ++j) {
+    const int n = pairs();
+    std::vector<double> c(static_cast<std::size_t>(n)), s(c.size()), step_cos(c.size()), step_sin(c.size());
+    for (int j = 0; j < n; ++j) {
       const double step = static_cast<double>(inv_freq_[static_cast<std::size_t>(j)]);
-      const double step_cos = std::cos(step), step_sin = std::sin(step);
-      double c = std::cos(static_cast<double>(first) * step), s = std::sin(static_cast<double>(first) * step);
-      for (std::int64_t t = 0; t < count; ++t) {
-        cos[t * pairs() + j] = static_cast<float>(c);
-        sin[t * pairs() + j] = static_cast<float>(s);
-        const double next = c * step_cos - s * step_sin;
-        s = s * step_cos + c * step_sin;
-        c = next;
-      }
+      step_cos[j] = std::cos(step);
+      step_sin[j] = std::sin(step);
+      c[j] = std::cos(static_cast<double>(first) * step);
+      s[j] = std::sin(static_cast<double>(first) * step);
     }
+    for (std::int64_t t = 0; t < count; ++t)  // pairs innermost: independent, so they vectorise
+      for (int j = 0; j < n; ++j) {
+        cos[t * n + j] = static_cast<float>(c[j]);
+        sin[t * n + j] = static_cast<float>(s[j]);
+        const double next = c[j] * step_cos[j] - s[j] * step_sin[j];
+        s[j] = s[j] * step_cos[j] + c[j] * step_sin[j];
+        c[j] = next;
+      }
   }
 
   // Rotates one head vector by the angles whose cos and sin are given, or by their
   // negatives (`inverse`), which undoes the rotation.
   void rotate(float* v, const float* cos, const float* sin, bool inverse = false) const {
     const int half = pairs();
-    const bool interleaved = style_ == RopeStyle::interleaved;
-    for (int j = 0; j < half; ++j) {
-      float& a = interleaved ? v[2 * j] : v[j];
-      float& b = interleaved ? v[2 * j + 1] : v[j + half];
-      const float a0 = a, b0 = b, s = inverse ? -sin[j] : sin[j];
-      a = a0 * cos[j] - b0 * s;
-      b = b0 * cos[j] + a0 * s;
-    }
+    const float sign = inverse ? -1.0f : 1.0f;
+    // The pair of element j: j + half (rotate_half) or 2j + 1 (interleaved).
+    const auto turn = [&](float* a, float* b, std::ptrdiff_t stride) {
+      for (int j = 0; j < half; ++j) {
+        const float a0 = a[j * stride], b0 = b[j * stride], s = sign * sin[j];
+        a[j * stride] = a0 * cos[j] - b0 * s;
+        b[j * stride] = b0 * cos[j] + a0 * s;
+      }
+    };
+    if (style_ == RopeStyle::interleaved)
+      turn(v, v + 1, 2);
+    else
+      turn(v, v + half, 1);
   }
 
  private:
