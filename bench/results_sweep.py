@@ -394,6 +394,10 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
     for s, buffer, recent, rs in PRE_ROPE_TIERS.get(head_dim, ()):
         lexico("keys before RoPE", f"keys before RoPE, recent {recent} at {rs} atoms", s, buffer,
                keys="before_rope", recent=recent, rs=rs)
+    # Keys before RoPE are cheaper to code than values: fewer atoms for keys.
+    for s, buffer, recent, rs in PRE_ROPE_TIERS.get(head_dim, ())[1:2]:
+        lexico("keys before RoPE", f"keys before RoPE, keys {s - 2} atoms, recent {recent} at {rs}", s, buffer,
+               keys="before_rope", sk=s - 2, recent=recent, rs=rs)
 
 
 # ----------------------------------------------------------------------------- running
@@ -530,6 +534,7 @@ def load_runs():
             "dict_dir": s.get("dict_dir", ""), "dict_sparsity": s.get("dict_sparsity"),
             "kv": 100.0 * float(r["kv_size_fraction"]), "nll": float(r["mean_nll"]),
             "dense_nll": float(r["dense_mean_nll"]), "delta": float(r["delta_nll"]),
+            "delta_se": float(r["delta_nll_se"]) if "delta_nll_se" in r else None,
             "top1": 100.0 * float(r["top1_agreement"]), "tps": float(r["tokens_per_second"]),
             "kl": float(r["mean_kl"]) if "mean_kl" in r else None,
             "scored": int(r["scored_tokens"]), "run_file": path.name, "finished": record.get("finished", ""),
@@ -594,7 +599,7 @@ def claim(rows, metric="delta", variant=VARIANTS[1][1]):
 def claim_row(key, rows, ids, metric, variant=VARIANTS[1]):
     model, protocol, windows = key
     kivi2, best, ratio = claim(rows, metric, variant[1])
-    value = {"delta": lambda r: fmt(r["delta"]), "kl": kl_text, "top1": lambda r: f"{r['top1']:.1f}"}[metric]
+    value = {"delta": delta_text, "kl": kl_text, "top1": lambda r: f"{r['top1']:.1f}"}[metric]
     where = [model, protocol, f"{windows} × {rows[0]['window']} ({rows[0]['scored']})", variant[0]]
     if kivi2 is None:
         return where + ["—", "—", "—", "—", "—", "—", "KIVI-2 not run"]
@@ -658,6 +663,11 @@ def sweep_commands(groups):
     return [line for *_, line in sorted(lines)]
 
 
+def delta_text(run):
+    """ΔNLL with its per-token standard error where the run recorded it."""
+    return fmt(run["delta"]) + (f" ± {run['delta_se']:.4f}" if run.get("delta_se") is not None else "")
+
+
 def kl_text(run):
     return "—" if run["kl"] is None else f"{run['kl']:.4f}"
 
@@ -689,13 +699,14 @@ def write_csv(groups, ids):
         out = csv.writer(f)
         out.writerow(["model", "protocol", "windows", "window", "prefill", "scored_tokens", "method", "setting",
                       "cache", "options", "dictionary", "kv_size_pct", "mean_nll", "dense_mean_nll", "delta_nll",
-                      "mean_kl", "top1_agreement_pct", "tokens_per_second", "pareto", "run_file"])
+                      "delta_nll_se", "mean_kl", "top1_agreement_pct", "tokens_per_second", "pareto", "run_file"])
         for key in sorted(groups, key=lambda k: (model_order(k[0]), PROTOCOLS.index(k[1]), -k[2])):
             for r in groups[key]:
                 out.writerow([r["model"], r["protocol"], r["windows"], r["window"], r["prefill"], r["scored"],
                               r["method"], display_label(r, ids), r["cache"],
                               ",".join(f"{k}={v}" for k, v in r["options"].items()), r["dict_dir"],
                               f"{r['kv']:.3f}", f"{r['nll']:.6f}", f"{r['dense_nll']:.6f}", f"{r['delta']:.6f}",
+                              "" if r["delta_se"] is None else f"{r['delta_se']:.6f}",
                               "" if r["kl"] is None else f"{r['kl']:.7f}",
                               f"{r['top1']:.3f}", f"{r['tps']:.1f}", int(r["pareto"]), r["run_file"]])
 
@@ -928,6 +939,9 @@ def write_report(quiet=False):
                                   [claim_row(k, groups[k], ids, metric, v) for k in proxy_keys for v in variants])
 
         md.append(claim_table("delta", "ΔNLL", "≤", VARIANTS, "target "))
+        md += ["", "± is the standard error of ΔNLL from the per-token differences, the tokens taken as independent "
+               "(they are not, so the true noise is larger); runs made before lexico-eval reported it show none. A "
+               "difference between two ΔNLLs smaller than about twice these errors is not a measured difference."]
         md += ["", "Secondary views, **not** the target criterion: the same search with mean KL(dense ‖ cache) "
                "over the scored predictions (Lexico's KL ≤ KIVI-2's) and with top-1 agreement (Lexico's top-1 ≥ "
                "KIVI-2's). ΔNLL is a signed mean over the observed tokens, so errors in both directions partly "

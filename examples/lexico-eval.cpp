@@ -8,6 +8,7 @@
 // prediction of the next token is scored. --prefill 0 streams every token through
 // the cache. The dense reference runs the same window in one exact prefill.
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -113,12 +114,18 @@ int argmax(const float* logits, int vocab) { return static_cast<int>(std::max_el
 // One cache's running sums over every window.
 struct Result {
   std::unique_ptr<lexico::KVCache> cache;
-  double nll = 0, dense_nll = 0, kl = 0, kv_fraction = 0, decode_seconds = 0, prefill_seconds = 0;
+  double nll = 0, dense_nll = 0, delta_squares = 0, kl = 0, kv_fraction = 0, decode_seconds = 0, prefill_seconds = 0;
   long scored = 0, agree = 0, decoded = 0, prefilled = 0;
 
   double mean_nll() const { return nll / static_cast<double>(scored); }
   double dense_mean_nll() const { return dense_nll / static_cast<double>(scored); }
   double mean_kl() const { return kl / static_cast<double>(scored); }
+  // Standard error of ΔNLL from the per-token differences, the tokens taken as
+  // independent (they are not quite, so it is a lower bound on the noise).
+  double delta_nll_se() const {
+    const double n = static_cast<double>(scored), mean = mean_nll() - dense_mean_nll();
+    return scored > 1 ? std::sqrt(std::max(0.0, delta_squares / n - mean * mean) / (n - 1)) : 0.0;
+  }
   double top1() const { return static_cast<double>(agree) / static_cast<double>(scored); }
   double decode_rate() const { return static_cast<double>(decoded) / decode_seconds; }
   double prefill_rate() const { return prefilled > 0 ? static_cast<double>(prefilled) / prefill_seconds : 0.0; }
@@ -163,11 +170,12 @@ void print_json(const Args& args, const Result& r, int window, std::size_t windo
   std::printf(
       "{\"model\": \"%s\", \"cache\": \"%s\", \"parameters\": \"%s\", \"window\": %d, \"windows\": %zu, "
       "\"prefill\": %d, \"scored_tokens\": %ld, \"mean_nll\": %.6f, \"perplexity\": %.4f, "
-      "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"mean_kl\": %.7f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
+      "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"delta_nll_se\": %.6f, \"mean_kl\": %.7f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
       "\"bytes_payload\": %zu, \"bytes_metadata\": %zu, \"bytes_buffer\": %zu, \"tokens_per_second\": %.2f, "
       "\"prefill_tokens_per_second\": %.2f}\n",
       args.model.c_str(), r.cache->name().c_str(), r.cache->parameters().c_str(), window, windows, prefill, r.scored,
-      r.mean_nll(), std::exp(r.mean_nll()), r.dense_mean_nll(), r.mean_nll() - r.dense_mean_nll(), r.mean_kl(),
+      r.mean_nll(), std::exp(r.mean_nll()), r.dense_mean_nll(), r.mean_nll() - r.dense_mean_nll(), r.delta_nll_se(),
+      r.mean_kl(),
       r.top1(), r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.decode_rate(), r.prefill_rate());
 }
 
@@ -225,6 +233,7 @@ int run(const Args& args) {
           const auto target = static_cast<std::size_t>(tokens[static_cast<std::size_t>(p + 1)]);
           r.nll -= log_p[target];
           r.dense_nll -= dense_log_p[target];
+          r.delta_squares += (dense_log_p[target] - log_p[target]) * (dense_log_p[target] - log_p[target]);
           r.kl += kl_divergence(dense_log_p, log_p);
           r.agree += argmax(logits.data(), config.vocab) == reference.argmax[static_cast<std::size_t>(p)];
           ++r.scored;
