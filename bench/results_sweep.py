@@ -112,9 +112,10 @@ CLAIM_TARGET = 1.7
 TIERS = {128: ((4, 32, 128, 32), (6, 32, 96, 32), (6, 32, 128, 24), (8, 32, 96, 32)),
          64: ((3, 32, 128, 16), (4, 32, 96, 16), (4, 32, 96, 24), (6, 32, 96, 16))}
 # Keys coded before RoPE (dictionary sets trained with lexico-train --keys-before-rope):
-# the buffers and tiers of the main grid, chosen on the tuning windows.
+# the buffers and tiers of the main grid, chosen on the tuning windows; a fifth entry
+# gives keys fewer atoms (sk) than values (s).
 PRE_ROPE_BUFFERS = (32, 128)
-PRE_ROPE_TIERS = TIERS
+PRE_ROPE_TIERS = {128: TIERS[128] + ((6, 32, 96, 32, 4),), 64: TIERS[64] + ((4, 32, 96, 16, 2),)}
 
 EVICTION = (  # (method, cache name, needs a prefill)
     ("StreamingLLM", "streaming", False),
@@ -343,12 +344,14 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                     for buffer in PRE_ROPE_BUFFERS if directory else ():
                         add("Lexico", f"Lexico pre-RoPE N={atoms}", f"s={s} N={atoms} n_b={buffer} pre-RoPE",
                             "lexico", lexico_options(lexico_names, directory, s, buffer), extra)
-                for s, buffer, recent, rs in PRE_ROPE_TIERS.get(head_dim, ()):
+                for s, buffer, recent, rs, *sk in PRE_ROPE_TIERS.get(head_dim, ()):
                     directory, extra = dictionary(atoms, s, "before_rope")
+                    keys = {"sk": sk[0]} if sk else {}
                     if directory:
                         add("Lexico", f"Lexico pre-RoPE tiers N={atoms}",
-                            f"s={s} N={atoms} n_b={buffer} tier={recent}@{rs} pre-RoPE", "lexico",
-                            lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs), extra)
+                            f"s={s}{''.join(f' sk={k}' for k in sk)} N={atoms} n_b={buffer} tier={recent}@{rs} "
+                            "pre-RoPE", "lexico",
+                            lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs, **keys), extra)
             grid.extend(p for p in points if re.search(method_filter, p["method"]) and re.search(label_filter, p["label"]))
     return grid
 
@@ -391,11 +394,11 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
         lexico("tiers", f"recent {recent} tokens at {rs} atoms", s, buffer, recent=recent, rs=rs)
     for s, buffer in ((8, 128), (8, 32), (6, 32), (4, 32)):
         lexico("keys before RoPE", "keys coded before RoPE", s, buffer, keys="before_rope")
-    for s, buffer, recent, rs in PRE_ROPE_TIERS.get(head_dim, ()):
+    for s, buffer, recent, rs in TIERS.get(head_dim, ()):
         lexico("keys before RoPE", f"keys before RoPE, recent {recent} at {rs} atoms", s, buffer,
                keys="before_rope", recent=recent, rs=rs)
     # Keys before RoPE are cheaper to code than values: fewer atoms for keys.
-    for s, buffer, recent, rs in PRE_ROPE_TIERS.get(head_dim, ())[1:2]:
+    for s, buffer, recent, rs in TIERS.get(head_dim, ())[1:2]:
         lexico("keys before RoPE", f"keys before RoPE, keys {s - 2} atoms, recent {recent} at {rs}", s, buffer,
                keys="before_rope", sk=s - 2, recent=recent, rs=rs)
 
