@@ -115,7 +115,8 @@ TIERS = {128: ((4, 32, 128, 32), (6, 32, 96, 32), (6, 32, 128, 24), (8, 32, 96, 
 # the buffers and tiers of the main grid, chosen on the tuning windows; a fifth entry
 # gives keys fewer atoms (sk) than values (s).
 PRE_ROPE_BUFFERS = (32, 128)
-PRE_ROPE_TIERS = {128: TIERS[128] + ((6, 32, 96, 32, 4),), 64: TIERS[64] + ((4, 32, 96, 16, 2),)}
+PRE_ROPE_TIERS = {128: TIERS[128] + ((6, 32, 96, 32, 4),),
+                  64: TIERS[64] + ((4, 32, 96, 16, 2), (3, 32, 160, 12), (3, 32, 192, 12), (3, 16, 192, 16))}
 
 EVICTION = (  # (method, cache name, needs a prefill)
     ("StreamingLLM", "streaming", False),
@@ -394,13 +395,11 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
         lexico("tiers", f"recent {recent} tokens at {rs} atoms", s, buffer, recent=recent, rs=rs)
     for s, buffer in ((8, 128), (8, 32), (6, 32), (4, 32)):
         lexico("keys before RoPE", "keys coded before RoPE", s, buffer, keys="before_rope")
-    for s, buffer, recent, rs in TIERS.get(head_dim, ()):
-        lexico("keys before RoPE", f"keys before RoPE, recent {recent} at {rs} atoms", s, buffer,
-               keys="before_rope", recent=recent, rs=rs)
-    # Keys before RoPE are cheaper to code than values: fewer atoms for keys.
-    for s, buffer, recent, rs in TIERS.get(head_dim, ())[1:2]:
-        lexico("keys before RoPE", f"keys before RoPE, keys {s - 2} atoms, recent {recent} at {rs}", s, buffer,
-               keys="before_rope", sk=s - 2, recent=recent, rs=rs)
+    for s, buffer, recent, rs, *sk in PRE_ROPE_TIERS.get(head_dim, ()):
+        # sk: keys before RoPE are cheaper to code than values, so fewer atoms for keys.
+        lexico("keys before RoPE", f"keys before RoPE, {f'keys {sk[0]} atoms, ' if sk else ''}recent {recent} at "
+               f"{rs}{'' if sk else ' atoms'}", s, buffer, keys="before_rope", recent=recent, rs=rs,
+               **({"sk": sk[0]} if sk else {}))
 
 
 # ----------------------------------------------------------------------------- running
