@@ -160,7 +160,7 @@ inline std::vector<CacheType> builtin_cache_types() {
          return std::make_unique<TovaCache>(shape, TovaOptions{budget_option(o), layerwise_option(o)});
        }},
       {"lexico", "Lexico: sparse codes over per-layer dictionaries (lexico-train), fp16 recent buffer",
-       {{"dict", "", "directory written by lexico-train; required"},
+       {{"dict", "", "directory written by lexico-train; required (from --keys-before-rope: keys coded before RoPE)"},
         {"s", "8", "atoms per key and per value vector"},
         {"sk", "", "atoms per key vector (default: s)"},
         {"sv", "", "atoms per value vector (default: s)"},
