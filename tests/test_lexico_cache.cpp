@@ -4,7 +4,9 @@
 #include <lexico/cache/dense.hpp>
 #include <lexico/cache/lexico_cache.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -294,6 +296,53 @@ TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken) { check_prefill_then_deco
 TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_SinksAndTiers) { check_prefill_then_decode(with_sinks_and_tiers()); }
 TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_KeysBeforeRope) {
   check_prefill_then_decode(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half));
+}
+
+lexico::LexicoOptions pooled(lexico::LexicoOptions options) {
+  options.atom_pool = 2.0f;
+  return options;
+}
+
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_PooledAtoms) {
+  check_against_reconstruction(2, 8, 2, pooled({}));
+  check_against_reconstruction(1, 5, 1, pooled(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half)));
+}
+
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_PooledAtoms) {
+  check_prefill_then_decode(pooled(with_sinks_and_tiers()));
+}
+
+// Every flush's vectors hold s atoms each on average, some more, some fewer.
+TEST(LexicoCache, PooledAtomsKeepTheAverageSparsityPerFlush) {
+  const int d = 16, kv = 2, flushes = 4, flush = 10, tokens = 12 + flushes * flush;
+  lexico::LexicoOptions options = pooled({});
+  options.key_sparsity = 4;
+  options.value_sparsity = 3;
+  options.buffer = 12;
+  options.flush = flush;
+  lexico::LexicoCache cache({1, kv, d}, random_dictionaries(1, d, 64, 2), options);
+  std::mt19937 rng(4);
+  const RowMatrix keys = random_rows(tokens, kv * d, rng), values = random_rows(tokens, kv * d, rng);
+  for (Eigen::Index t = 0; t < tokens; ++t) cache.append(0, keys.row(t).data(), values.row(t).data());
+  ASSERT_EQ(cache.coded_tokens(0), flushes * flush);
+  for (const bool keys_part : {true, false}) {
+    const int s = keys_part ? options.key_sparsity : options.value_sparsity;
+    std::vector<int> entries(static_cast<std::size_t>(flushes * flush * kv));  // token-major, heads within
+    for (int h = 0; h < kv; ++h) {
+      const lexico::CodeStore& codes = keys_part ? cache.key_codes(0, h) : cache.value_codes(0, h);
+      ASSERT_TRUE(codes.variable_rows());
+      ASSERT_EQ(codes.rows(), static_cast<std::size_t>(flushes * flush));
+      codes.for_each_row([&](std::size_t r, lexico::CodeStore::Indices, const std::uint8_t*, int count, float) {
+        entries[r * kv + static_cast<std::size_t>(h)] = count;
+      });
+    }
+    for (int f = 0; f < flushes; ++f) {
+      const auto begin = entries.begin() + f * flush * kv, end = begin + flush * kv;
+      EXPECT_EQ(std::accumulate(begin, end, 0), s * flush * kv) << (keys_part ? "keys" : "values") << ", flush " << f;
+      EXPECT_LE(*std::max_element(begin, end), 2 * s);
+    }
+    EXPECT_GT(*std::max_element(entries.begin(), entries.end()), s) << "random vectors differ: some take more";
+  }
 }
 
 TEST(LexicoCache, PrefillAttentionIsExact) {

@@ -8,6 +8,7 @@
 #include "kernels.hpp"
 #include "dictionary.hpp"
 #include "omp.hpp"
+#include "atom_budget.hpp"
 #include "codes.hpp"
 #include "attention.hpp"
 #include "cache/cache.hpp"

@@ -94,6 +94,10 @@ struct SparseCodes {
   Eigen::Matrix<std::uint16_t, Eigen::Dynamic, Eigen::Dynamic> indices;  // sparsity x B
   Eigen::MatrixXf coefficients;                                          // sparsity x B
   Eigen::Matrix<std::uint8_t, Eigen::Dynamic, 1> counts;                 // B
+  // Residual energy (‖r‖²) that each chosen atom removed, y_k² for the coordinates y of x
+  // in the orthonormalised span of the atoms; 0 in unused slots. The first k atoms are
+  // also the k-atom code's, so ‖x‖² − Σ_{i<k} gains(i, b) is its squared error.
+  Eigen::MatrixXf gains;                                                 // sparsity x B
 
   Eigen::Index vectors() const { return counts.size(); }
 };
@@ -461,6 +465,7 @@ class OmpEncoder {
     codes.sparsity = s;
     codes.indices.resize(s, count);
     codes.coefficients.resize(s, count);
+    codes.gains.resize(s, count);
     codes.counts.resize(count);
     if (count == 0) return;
 
@@ -767,6 +772,7 @@ class OmpEncoder {
       const bool used = i < state.count;
       codes.indices(i, b) = static_cast<std::uint16_t>(used ? state.atoms[i] : 0);
       codes.coefficients(i, b) = used ? state.coefs[i] : 0.0f;
+      codes.gains(i, b) = used ? state.y[i] * state.y[i] : 0.0f;
     }
     codes.counts(b) = static_cast<std::uint8_t>(state.count);
   }

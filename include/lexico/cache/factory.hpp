@@ -170,7 +170,8 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"pack", "1", "1: atom indices packed at ceil(log2 N) bits; 0: 16 bits as in the paper"},
         {"recent", "0", "tokens kept at sparsity rs after leaving the buffer, then re-coded at s (0: no tier)"},
         {"rs", "", "atoms per key and value vector of recent tokens (default: 2s)"},
-        {"tol", "0", "relative residual at which OMP may stop early (0: always s atoms)"}},
+        {"tol", "0", "relative residual at which OMP may stop early (0: always s atoms)"},
+        {"pool", "0", "> 1: the vectors of a flush share s atoms each on average, one taking up to pool*s (0: s each)"}},
        [](CacheShape shape, const CacheOptions& o) -> Made {
          require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
          const DictionarySet set = load_dictionaries(o.get("dict"));
@@ -189,6 +190,9 @@ inline std::vector<CacheType> builtin_cache_types() {
          }
          options.key_tolerance = options.value_tolerance = static_cast<float>(o.get_number("tol"));
          require(options.key_tolerance >= 0 && options.key_tolerance < 1, "make_cache: lexico tol must be in [0, 1)");
+         options.atom_pool = static_cast<float>(o.get_number("pool"));
+         require(options.atom_pool == 0 || (options.atom_pool >= 1 && options.atom_pool <= 255),
+                 "make_cache: lexico pool must be 0 (off) or in [1, 255], got ", options.atom_pool);
          return std::make_unique<LexicoCache>(shape, set.layers, options);
        }},
   };

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "../atom_budget.hpp"
 #include "../codes.hpp"
 #include "../dictionary.hpp"
 #include "../omp.hpp"
@@ -38,6 +39,10 @@ struct LexicoOptions {
   // Relative residual ||x - x̂|| / ||x|| at which OMP may stop before s atoms (0: never).
   float key_tolerance = 0.0f;
   float value_tolerance = 0.0f;
+  // > 1: the vectors coded in one flush (flush tokens x KV heads) share s atoms per vector
+  // on average, one vector taking up to atom_pool·s where that removes the most residual
+  // energy (atom_budget.hpp); rows then carry their length. 0: exactly s atoms each.
+  float atom_pool = 0.0f;
   int buffer = 128;  // n_b: most recent tokens kept uncompressed (fp16)
   int flush = 32;    // n_a: tokens coded at once when the buffer overflows
   // The first tokens of a sequence, kept in fp16 for good: attention sinks draw a large
@@ -79,6 +84,8 @@ class LexicoCache final : public KVCache {
             " above ", TokenStore<Eigen::half>::max_head_dim);
     require(!options_.key_rope || options_.key_rope->head_dim() == shape.head_dim, "LexicoCache: RoPE head_dim ",
             options_.key_rope ? options_.key_rope->head_dim() : 0, " differs from head_dim ", shape.head_dim);
+    require(options_.atom_pool == 0.0f || (options_.atom_pool >= 1.0f && options_.atom_pool <= 255.0f),
+            "LexicoCache: atom_pool = ", options_.atom_pool, " must be 0 (off) or in [1, 255]");
     for (const LexicoOptions::Tier& tier : options_.tiers)
       require(tier.tokens >= 1, "LexicoCache: a recent tier must hold at least one token (got ", tier.tokens, ")");
     for (const auto& [layer, sparsity] : options_.layer_sparsity)
@@ -108,6 +115,7 @@ class LexicoCache final : public KVCache {
       out << " tier=" << tier.tokens << ":" << tier.key_sparsity << ":" << tier.value_sparsity;
     if (options_.key_tolerance > 0 || options_.value_tolerance > 0)
       out << " tol_k=" << options_.key_tolerance << " tol_v=" << options_.value_tolerance;
+    if (options_.atom_pool > 0) out << " atom_pool=" << options_.atom_pool;
     return out.str();
   }
 
@@ -237,13 +245,23 @@ class LexicoCache final : public KVCache {
  private:
   // Codes at one sparsity, one store per KV head, and the encoder that makes them.
   struct Tier {
-    Tier(const Dictionary& dictionary, int kv_heads, int sparsity, float tolerance, int index_bits,
+    Tier(const Dictionary& dictionary, int kv_heads, int sparsity, float tolerance, float pool, int index_bits,
          Eigen::Index capacity)
-        : encoder(dictionary, OmpOptions{sparsity, tolerance}),
-          heads(static_cast<std::size_t>(kv_heads), CodeStore(sparsity, tolerance > 0, index_bits)),
+        : sparsity(sparsity),
+          longest(pool > 0 ? longest_code(dictionary, sparsity, pool) : sparsity),
+          encoder(dictionary, OmpOptions{longest, tolerance}),
+          heads(static_cast<std::size_t>(kv_heads), CodeStore(longest, tolerance > 0 || pool > 0, index_bits)),
           capacity(capacity) {}
     Eigen::Index tokens() const { return static_cast<Eigen::Index>(heads.front().rows()); }
+    bool pooled() const { return longest > sparsity; }
 
+    static int longest_code(const Dictionary& dictionary, int sparsity, float pool) {
+      const int cap = std::min({dictionary.dim(), dictionary.size(), 255});
+      return std::clamp(static_cast<int>(pool * static_cast<float>(sparsity)), std::min(sparsity, cap), cap);
+    }
+
+    int sparsity;  // atoms per vector, on average when pooled
+    int longest;   // atoms one vector may take
     OmpEncoder encoder;
     std::vector<CodeStore> heads;
     Eigen::Index capacity;  // 0: unbounded
@@ -252,15 +270,16 @@ class LexicoCache final : public KVCache {
   // Keys or values of one layer: dictionary, code tiers (oldest first), fp16 buffer and sinks.
   struct Part {
     Part(const CacheShape& shape, std::shared_ptr<const Dictionary> dict, const std::vector<LexicoOptions::Tier>& specs,
-         bool keys, float tolerance, bool pack_indices, const Rope* rope)
-        : dictionary(std::move(dict)), rope(rope), buffer(shape.kv_heads, shape.head_dim),
-          sinks(shape.kv_heads, shape.head_dim) {
+         bool keys, float tolerance, const LexicoOptions& options, const Rope* rope)
+        : dictionary(std::move(dict)), rope(rope), pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
+          buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
       require(dictionary->dim() == shape.head_dim, "LexicoCache: dictionary dimension ", dictionary->dim(),
               " differs from head_dim ", shape.head_dim);
-      const int index_bits = pack_indices ? CodeStore::bits_for(static_cast<std::size_t>(dictionary->size())) : 16;
+      const int index_bits =
+          options.pack_indices ? CodeStore::bits_for(static_cast<std::size_t>(dictionary->size())) : 16;
       for (const LexicoOptions::Tier& spec : specs)
         tiers.emplace_back(*dictionary, shape.kv_heads, keys ? spec.key_sparsity : spec.value_sparsity, tolerance,
-                           index_bits, spec.tokens);
+                           options.atom_pool, index_bits, spec.tokens);
     }
 
     // Codes T tokens (rows of kv_heads x head_dim) at positions first, first + 1, ...
@@ -311,10 +330,18 @@ class LexicoCache final : public KVCache {
       encode_into(to);
     }
 
-    // Encodes the columns of `scratch` (token-major, heads within a token) into a tier.
+    // Encodes the columns of `scratch` (token-major, heads within a token) into a tier;
+    // a pooled tier shares its atoms within each flush's worth of columns, from the
+    // first, so a token codes the same whether it came from a prefill or one by one.
     void encode_into(Tier& tier) {
       const int heads = static_cast<int>(tier.heads.size());
       tier.encoder.encode(scratch, result);
+      if (tier.pooled())
+        for (Eigen::Index first = 0; first < scratch.cols(); first += pool_columns) {
+          const Eigen::Index count = std::min(pool_columns, scratch.cols() - first);
+          share_atoms(result, first, count, count * tier.sparsity, keep);
+          shorten_codes(*dictionary, scratch, first, keep, result);
+        }
       for (Eigen::Index v = 0; v < scratch.cols(); ++v)
         tier.heads[static_cast<std::size_t>(v % heads)].append(result.indices.col(v).data(),
                                                                result.coefficients.col(v).data(), result.counts(v));
@@ -322,19 +349,20 @@ class LexicoCache final : public KVCache {
 
     std::shared_ptr<const Dictionary> dictionary;
     const Rope* rope;  // keys coded before RoPE: the rotation to undo; else null
+    Eigen::Index pool_columns;  // columns that share an atom budget: one flush
     std::vector<Tier> tiers;  // oldest first; tiers[0] is unbounded
     TokenStore<Eigen::half> buffer, sinks;
     Eigen::MatrixXf scratch;
     std::vector<float> cos, sin;
     SparseCodes result;
+    std::vector<int> keep;
   };
 
   struct Layer {
     Layer(const CacheShape& shape, const LayerDictionaries& dicts, const std::vector<LexicoOptions::Tier>& tiers,
           const LexicoOptions& options)
-        : keys(shape, dicts.keys, tiers, true, options.key_tolerance, options.pack_indices,
-               options.key_rope ? &*options.key_rope : nullptr),
-          values(shape, dicts.values, tiers, false, options.value_tolerance, options.pack_indices, nullptr) {}
+        : keys(shape, dicts.keys, tiers, true, options.key_tolerance, options, options.key_rope ? &*options.key_rope : nullptr),
+          values(shape, dicts.values, tiers, false, options.value_tolerance, options, nullptr) {}
 
     // Re-codes, newest tier first, whatever overflows a tier: at least `flush` tokens at
     // once, so a token is re-coded once per tier however it arrived.
