@@ -37,7 +37,7 @@ lexico::RowMatrix random_rows(Eigen::Index rows, Eigen::Index cols, unsigned see
   return m;
 }
 
-std::unique_ptr<lexico::KVCache> make(int kind, int buffer, int flush) {
+std::unique_ptr<lexico::KVCache> make(int kind, int buffer, int flush, float atom_pool = 0) {
   const lexico::CacheShape shape{1, kv_heads, head_dim};
   switch (kind) {
     case 0:
@@ -48,6 +48,7 @@ std::unique_ptr<lexico::KVCache> make(int kind, int buffer, int flush) {
       options.buffer = buffer;
       options.flush = flush;
       options.pack_indices = kind != 3;
+      options.atom_pool = atom_pool;
       if (kind == 4) options.key_rope = lexico::Rope(head_dim, 10000.0f, lexico::RopeStyle::rotate_half);
       return std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options);
     }
@@ -79,10 +80,11 @@ BENCHMARK(BM_DecodeAttention)
     ->Unit(benchmark::kMicrosecond);
 
 // Per-token append of one layer with the buffer full: n_a = 1 codes a token every
-// step, n_a = 32 codes 32 tokens every 32 steps.
+// step, n_a = 32 codes 32 tokens every 32 steps; pool = 2 codes at 2s and shares s
+// atoms per vector within each flush (LexicoOptions::atom_pool).
 void BM_LexicoAppend(benchmark::State& state) {
   const int flush = static_cast<int>(state.range(0));
-  auto cache = make(0, 128, flush);
+  auto cache = make(0, 128, flush, static_cast<float>(state.range(1)));
   const Eigen::Index pool = 4096;
   const lexico::RowMatrix keys = random_rows(pool, kv_heads * head_dim, 6);
   const lexico::RowMatrix values = random_rows(pool, kv_heads * head_dim, 7);
@@ -94,7 +96,7 @@ void BM_LexicoAppend(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations());
 }
-BENCHMARK(BM_LexicoAppend)->ArgName("flush")->Arg(1)->Arg(32)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_LexicoAppend)->ArgNames({"flush", "pool"})->ArgsProduct({{1, 32}, {0, 2}})->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 

@@ -130,6 +130,8 @@ PRE_ROPE_TIERS = {128: TIERS[128] + ((6, 32, 96, 32, 4),),
 POOL = 2
 POOLED_ATTEMPTS = {128: ((8, 32, 0, 0), (4, 32, 0, 0), (6, 32, 128, 24), (4, 32, 128, 32), (4, 32, 128, 24)),
                    64: ((8, 32, 0, 0), (4, 32, 0, 0), (3, 16, 192, 16), (3, 32, 128, 16), (2, 16, 192, 16))}
+# Pooled atoms in the main grid (keys before RoPE), chosen on the tuning windows.
+POOLED_TIERS = {64: ((3, 16, 192, 16), (2, 16, 192, 16))}
 
 EVICTION = (  # (method, cache name, needs a prefill)
     ("StreamingLLM", "streaming", False),
@@ -368,6 +370,12 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                             f"s={s}{''.join(f' sk={k}' for k in sk)} N={atoms} n_b={buffer} tier={recent}@{rs} "
                             "pre-RoPE", "lexico",
                             lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs, **keys), extra)
+                for s, buffer, recent, rs in POOLED_TIERS.get(head_dim, ()):
+                    directory, extra = dictionary(atoms, s, "before_rope")
+                    if directory:
+                        add("Lexico", f"Lexico pre-RoPE pooled N={atoms}",
+                            f"s={s} N={atoms} n_b={buffer} tier={recent}@{rs} pool={POOL} pre-RoPE", "lexico",
+                            lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs, pool=POOL), extra)
             grid.extend(p for p in points if re.search(method_filter, p["method"]) and re.search(label_filter, p["label"]))
     return grid
 
@@ -693,6 +701,8 @@ def train_command(manifest, directory):
     for key in ("vectors", "dev_vectors", "window", "init", "seed", "threads"):
         if key in st:
             parts.append(f"--{key.replace('_', '-')} {st[key]}")
+    if st.get("dev") and not str(st["dev"]).startswith("held-out windows"):
+        parts.append(f"--dev {st['dev']}")
     if manifest_keys(manifest) == "before_rope":
         parts.append("--keys-before-rope")
     return " ".join(parts) + f" --out {relative(directory)}"
