@@ -127,11 +127,13 @@ PRE_ROPE_TIERS = {128: TIERS[128] + ((6, 32, 96, 32, 4),),
 # Atoms pooled within each flush (lexico's `pool` option: s atoms per vector on average, up to
 # POOL·s for one vector), tried on the tuning windows with keys before RoPE, alone and on
 # the tiers chosen there: (s, n_b, recent tokens, their sparsity rs; 0 0 for no tier).
+# A tier is pooled too, up to POOL·rs atoms: at rs = 32 that is 64 atoms per vector,
+# which makes coding ~20x slower than fixed s (a 3-window run took 19 min under load).
 POOL = 2
-POOLED_ATTEMPTS = {128: ((8, 32, 0, 0), (4, 32, 0, 0), (6, 32, 128, 24), (4, 32, 128, 32), (4, 32, 128, 24)),
+POOLED_ATTEMPTS = {128: ((8, 32, 0, 0), (4, 32, 0, 0), (6, 32, 128, 24), (4, 32, 128, 32)),
                    64: ((8, 32, 0, 0), (4, 32, 0, 0), (3, 16, 192, 16), (3, 32, 128, 16), (2, 16, 192, 16))}
 # Pooled atoms in the main grid (keys before RoPE), chosen on the tuning windows.
-POOLED_TIERS = {64: ((3, 16, 192, 16), (2, 16, 192, 16))}
+POOLED_TIERS = {64: ((3, 16, 192, 16), (2, 16, 192, 16)), 128: ((4, 32, 128, 32),)}
 
 EVICTION = (  # (method, cache name, needs a prefill)
     ("StreamingLLM", "streaming", False),
@@ -1001,7 +1003,10 @@ def write_report(quiet=False):
           "distribution, so it is much less noisy than ΔNLL at a few thousand tokens.",
           "- **Lexico rows** store atom indices at ceil(log2 N) bits (12 for N = 4096; option `pack`), FP8 "
           "coefficients and one scale byte per vector. `tier=R@S` rows code tokens leaving the n_b buffer "
-          "at S atoms and re-code them at s once they are R tokens older (options `recent`, `rs`).",
+          "at S atoms and re-code them at s once they are R tokens older (options `recent`, `rs`). "
+          "`pool=2` rows let the vectors coded in one flush share s atoms each on average, one vector "
+          "taking up to 2s where that removes the most residual energy (option `pool`); their rows carry "
+          "a count byte.",
           "- **tuning** tables run on other dev windows (`--skip 64`) than every other table: the "
           "improvement attempts were compared and chosen there.",
           "- **unseen** tables use the prefill protocol on text that nothing here was trained or tuned on: "
@@ -1041,7 +1046,7 @@ def write_report(quiet=False):
                "older than `recent` tokens; chosen on the tuning windows, see *Improvement attempts*); **any, keys "
                "before RoPE too** also admits caches that code keys before RoPE (dictionaries trained with "
                "`lexico-train --keys-before-rope`; the cache undoes each key's rotation before coding and redoes "
-               "it when scoring, which costs decode speed, see BENCHMARKS.md).", ""]
+               "it when scoring, which costs decode speed, see BENCHMARKS.md), with or without pooled atoms (`pool=2`).", ""]
         def claim_table(metric, name, test, variants, verdict):
             return markdown_table(["model", "protocol", "windows (scored tokens)", "Lexico variant", "KIVI-2 KV %",
                                    f"KIVI-2 {name}", f"smallest Lexico with {name.removesuffix(' %')} {test} KIVI-2", "KV %", name,
