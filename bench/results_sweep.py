@@ -17,7 +17,8 @@ old ones.  From the cached runs alone, `report` writes
 Protocols (lexico-eval's): "prefill" prefills half of each window exactly, the cache
 compresses it, and the second half is decoded through the cache and scored;
 "streaming" (--prefill 0) appends every token through the cache; "tuning" is the prefill
-protocol on other dev windows (the first 64 skipped), where improvements are chosen.
+protocol on other dev windows (the first 64 skipped), where improvements are chosen;
+"unseen" is the prefill protocol on new text (State of the Union 1990-1999).
 
 Usage (Debian's /usr/bin/python3, standard library only):
 
@@ -31,6 +32,10 @@ Usage (Debian's /usr/bin/python3, standard library only):
 
   # the improvement attempts on the tuning windows (dev windows 65-67), one table per proxy
   python3 bench/results_sweep.py run --models proxy-lm-hd128,proxy-lm-hd64 --protocols tuning \
+      --dict-root build-train
+
+  # the claim on text nothing here was trained or tuned on (SOTU 1990-1999)
+  python3 bench/results_sweep.py run --models proxy-lm-hd128,proxy-lm-hd64 --protocols unseen \
       --dict-root build-train
 
   # what the grid is and which runs are done, without running anything
@@ -332,11 +337,13 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                 continue
 
             add_references(add, head_dim)
-            if head_dim % 32 == 0:  # llama.cpp blocks are 32 channels of one head
+            others = [] if protocol == "unseen" else EVICTION  # unseen: the claim's methods only
+            if head_dim % 32 == 0 and others:  # llama.cpp blocks are 32 channels of one head
                 add("q4_0", "token quant", "4.5 bits", "q4_0", {})
                 add("q8_0", "token quant", "8.5 bits", "q8_0", {})
-            add("FP8", "token quant", "E4M3 per-tensor", "fp8", {})
-            for method, cache, needs_prefill in EVICTION:
+            if others:
+                add("FP8", "token quant", "E4M3 per-tensor", "fp8", {})
+            for method, cache, needs_prefill in others:
                 if needs_prefill and protocol == "streaming":
                     continue  # they only compress a prefill: under --prefill 0 they keep everything
                 for budget in BUDGETS:
@@ -688,6 +695,8 @@ def held_out_row(key, rows, chosen, ids):
 def expected_methods(model, protocol):
     """The methods the full grid runs for a model and protocol (Lexico only with dictionaries)."""
     head_dim = MODELS[model]["head_dim"] if model in MODELS else 128
+    if protocol == "unseen":  # a check of the claim on new text: its references and Lexico only
+        return ["dense", "Lexico", "KIVI-2", "KIVI-4"]
     methods = ["dense", "Lexico", "KIVI-2", "KIVI-4"] + (["q4_0", "q8_0"] if head_dim % 32 == 0 else []) + ["FP8"]
     methods += [m for m, _, needs_prefill in EVICTION if not (needs_prefill and protocol == "streaming")]
     return methods
