@@ -337,17 +337,8 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                 continue
 
             add_references(add, head_dim)
-            others = [] if protocol == "unseen" else EVICTION  # unseen: the claim's methods only
-            if head_dim % 32 == 0 and others:  # llama.cpp blocks are 32 channels of one head
-                add("q4_0", "token quant", "4.5 bits", "q4_0", {})
-                add("q8_0", "token quant", "8.5 bits", "q8_0", {})
-            if others:
-                add("FP8", "token quant", "E4M3 per-tensor", "fp8", {})
-            for method, cache, needs_prefill in others:
-                if needs_prefill and protocol == "streaming":
-                    continue  # they only compress a prefill: under --prefill 0 they keep everything
-                for budget in BUDGETS:
-                    add(method, method, f"budget={round(budget * 100)}%", cache, {"budget": budget})
+            if protocol != "unseen":  # unseen text checks the claim: its references and Lexico only
+                add_baselines(add, head_dim, protocol)
             if lexico_names is not None:
                 for atoms in spec["atoms"]:
                     for s in SPARSITIES:
@@ -396,6 +387,19 @@ def add_references(add, head_dim):
     for bits in (2, 4):
         add(f"KIVI-{bits}", "KIVI", f"bits={bits} group={group} R=128", "kivi",
             {"bits": bits, "group": group} if group != 32 else {"bits": bits})
+
+
+def add_baselines(add, head_dim, protocol):
+    """Token quantization and eviction, the other methods of the main grid."""
+    if head_dim % 32 == 0:  # llama.cpp blocks are 32 channels of one head
+        add("q4_0", "token quant", "4.5 bits", "q4_0", {})
+        add("q8_0", "token quant", "8.5 bits", "q8_0", {})
+    add("FP8", "token quant", "E4M3 per-tensor", "fp8", {})
+    for method, cache, needs_prefill in EVICTION:
+        if needs_prefill and protocol == "streaming":
+            continue  # they only compress a prefill: under --prefill 0 they keep everything
+        for budget in BUDGETS:
+            add(method, method, f"budget={round(budget * 100)}%", cache, {"budget": budget})
 
 
 def add_attempts(model, head_dim, add, dictionary, lexico_names):
@@ -619,12 +623,16 @@ VARIANTS = (("fixed s", lambda r: r["method"] == "Lexico" and "tiers" not in r["
             ("any, keys before RoPE too", lambda r: r["method"] == "Lexico"))
 
 
+def kivi2_row(rows):
+    return next((r for r in rows if r["method"] == "KIVI-2"), None)
+
+
 def claim(rows, metric="delta", variant=VARIANTS[1][1]):
     """(KIVI-2 row, smallest Lexico row at least as good as KIVI-2 on `metric`, ratio of KV sizes).
 
     metric "delta": ΔNLL ≤ KIVI-2's (the target criterion); "top1": top-1 agreement ≥ KIVI-2's;
     "kl": mean KL to the dense model ≤ KIVI-2's."""
-    kivi2 = next((r for r in rows if r["method"] == "KIVI-2"), None)
+    kivi2 = kivi2_row(rows)
     if kivi2 is None:
         return None, None, None
     if metric == "delta":
@@ -667,7 +675,7 @@ def chosen_on_tuning(groups, model):
     if not tuning:
         return None
     rows = groups[max(tuning, key=lambda k: k[2])]
-    kivi2 = next((r for r in rows if r["method"] == "KIVI-2"), None)
+    kivi2 = kivi2_row(rows)
     if kivi2 is None or kivi2["kl"] is None:
         return None
     pool = [r for r in rows if r["method"] == "Lexico" and r["kl"] is not None
@@ -679,7 +687,7 @@ def held_out_row(key, rows, chosen, ids):
     """The tuning-chosen setting evaluated on one claim table's windows."""
     model, protocol, windows = key
     where = [model, protocol, f"{windows} × {rows[0]['window']} ({rows[0]['scored']})"]
-    kivi2 = next((r for r in rows if r["method"] == "KIVI-2"), None)
+    kivi2 = kivi2_row(rows)
     same = next((r for r in rows if r["cache"] == chosen["cache"] and r["options"] == chosen["options"]), None)
     if kivi2 is None or same is None:
         return where + [display_label(chosen, ids), "—", "—", "—", "—", "—",
@@ -695,9 +703,10 @@ def held_out_row(key, rows, chosen, ids):
 def expected_methods(model, protocol):
     """The methods the full grid runs for a model and protocol (Lexico only with dictionaries)."""
     head_dim = MODELS[model]["head_dim"] if model in MODELS else 128
+    methods = ["dense", "Lexico", "KIVI-2", "KIVI-4"]
     if protocol == "unseen":  # a check of the claim on new text: its references and Lexico only
-        return ["dense", "Lexico", "KIVI-2", "KIVI-4"]
-    methods = ["dense", "Lexico", "KIVI-2", "KIVI-4"] + (["q4_0", "q8_0"] if head_dim % 32 == 0 else []) + ["FP8"]
+        return methods
+    methods += (["q4_0", "q8_0"] if head_dim % 32 == 0 else []) + ["FP8"]
     methods += [m for m, _, needs_prefill in EVICTION if not (needs_prefill and protocol == "streaming")]
     return methods
 
@@ -961,7 +970,7 @@ def attempts_section(groups, ids):
           "the attempt's, where the attempt's KL to the dense model is at most KIVI-2's.", ""]
     for key in keys:
         rows = groups[key]
-        kivi2 = next((r for r in rows if r["method"] == "KIVI-2"), None)
+        kivi2 = kivi2_row(rows)
         md += [f"### {key[0]} — {key[2]} tuning windows ({rows[0]['scored']} scored tokens)", ""]
         table = []
         for r in sorted(rows, key=lambda r: (r["method"] != "Lexico", r["family"], r["kv"])):

@@ -190,9 +190,7 @@ inline std::vector<CacheType> builtin_cache_types() {
          }
          options.key_tolerance = options.value_tolerance = static_cast<float>(o.get_number("tol"));
          require(options.key_tolerance >= 0 && options.key_tolerance < 1, "make_cache: lexico tol must be in [0, 1)");
-         options.atom_pool = static_cast<float>(o.get_number("pool"));
-         require(options.atom_pool == 0 || (options.atom_pool >= 1 && options.atom_pool <= 255),
-                 "make_cache: lexico pool must be 0 (off) or in [1, 255], got ", options.atom_pool);
+         options.atom_pool = static_cast<float>(o.get_number("pool"));  // LexicoCache checks its range
          return std::make_unique<LexicoCache>(shape, set.layers, options);
        }},
   };

@@ -270,13 +270,14 @@ class LexicoCache final : public KVCache {
   // Keys or values of one layer: dictionary, code tiers (oldest first), fp16 buffer and sinks.
   struct Part {
     Part(const CacheShape& shape, std::shared_ptr<const Dictionary> dict, const std::vector<LexicoOptions::Tier>& specs,
-         bool keys, float tolerance, const LexicoOptions& options, const Rope* rope)
+         bool keys, const LexicoOptions& options, const Rope* rope)
         : dictionary(std::move(dict)), rope(rope), pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
           buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
       require(dictionary->dim() == shape.head_dim, "LexicoCache: dictionary dimension ", dictionary->dim(),
               " differs from head_dim ", shape.head_dim);
       const int index_bits =
           options.pack_indices ? CodeStore::bits_for(static_cast<std::size_t>(dictionary->size())) : 16;
+      const float tolerance = keys ? options.key_tolerance : options.value_tolerance;
       for (const LexicoOptions::Tier& spec : specs)
         tiers.emplace_back(*dictionary, shape.kv_heads, keys ? spec.key_sparsity : spec.value_sparsity, tolerance,
                            options.atom_pool, index_bits, spec.tokens);
@@ -361,8 +362,8 @@ class LexicoCache final : public KVCache {
   struct Layer {
     Layer(const CacheShape& shape, const LayerDictionaries& dicts, const std::vector<LexicoOptions::Tier>& tiers,
           const LexicoOptions& options)
-        : keys(shape, dicts.keys, tiers, true, options.key_tolerance, options, options.key_rope ? &*options.key_rope : nullptr),
-          values(shape, dicts.values, tiers, false, options.value_tolerance, options, nullptr) {}
+        : keys(shape, dicts.keys, tiers, true, options, options.key_rope ? &*options.key_rope : nullptr),
+          values(shape, dicts.values, tiers, false, options, nullptr) {}
 
     // Re-codes, newest tier first, whatever overflows a tier: at least `flush` tokens at
     // once, so a token is re-coded once per tier however it arrived.
