@@ -34,7 +34,9 @@ const char* const usage =
     "  --skip K              skip the first K windows (tune on windows that are not evaluated)\n"
     "  --prefill P           tokens prefilled exactly before decoding (default W/2; 0 streams all)\n"
     "  --tokenizer PATH      tokenizer for --text (default: the model's own)\n"
-    "  --json                print one JSON object instead of the text report\n";
+    "  --json                print one JSON object instead of the text report\n"
+    "  --per-token           with --json: add token_delta_nll, each scored token's NLL minus the dense\n"
+    "                        cache's, in scoring order (for paired comparisons between runs)\n";
 
 struct CacheSpec {
   std::string name;
@@ -45,7 +47,7 @@ struct Args {
   std::string model, tokens, text, tokenizer;
   std::vector<CacheSpec> caches;
   int window = 0, windows = 1, skip = 0, prefill = -1;
-  bool json = false;
+  bool json = false, per_token = false;
 };
 
 Args parse_args(int argc, char** argv) {
@@ -77,14 +79,16 @@ Args parse_args(int argc, char** argv) {
        {"--windows", [&](const std::string& v) { a.windows = cli::parse_number<int>("--windows", v, 1, 1 << 20); }},
        {"--skip", [&](const std::string& v) { a.skip = cli::parse_number<int>("--skip", v, 0, 1 << 20); }},
        {"--prefill", [&](const std::string& v) { a.prefill = cli::parse_number<int>("--prefill", v, 0, 1 << 20); }},
-       {"--json", [&](const std::string&) { a.json = true; }}},
-      usage, {"--json"});
+       {"--json", [&](const std::string&) { a.json = true; }},
+       {"--per-token", [&](const std::string&) { a.per_token = true; }}},
+      usage, {"--json", "--per-token"});
   if (a.caches.empty()) a.caches.push_back({"dense", {}});
   if (a.caches.front().name == "help") {
     std::fputs(lexico::cache_help().c_str(), stdout);
     std::exit(0);
   }
   if (a.model.empty()) throw cli::usage_error("--model is required");
+  if (a.per_token && !a.json) throw cli::usage_error("--per-token needs --json");
   if (a.tokens.empty() == a.text.empty()) throw cli::usage_error("give exactly one of --tokens FILE.u16 and --text FILE");
   for (const std::string* path : {&a.model, &a.tokens, &a.text, &a.tokenizer}) cli::require_file(*path);
   return a;
@@ -116,6 +120,7 @@ struct Result {
   std::unique_ptr<lexico::KVCache> cache;
   double nll = 0, dense_nll = 0, delta_squares = 0, kl = 0, kv_fraction = 0, decode_seconds = 0, prefill_seconds = 0;
   long scored = 0, agree = 0, decoded = 0, prefilled = 0;
+  std::vector<double> token_delta;  // NLL minus the dense NLL of each scored token (--per-token)
 
   double mean_nll() const { return nll / static_cast<double>(scored); }
   double dense_mean_nll() const { return dense_nll / static_cast<double>(scored); }
@@ -172,11 +177,17 @@ void print_json(const Args& args, const Result& r, int window, std::size_t windo
       "\"prefill\": %d, \"scored_tokens\": %ld, \"mean_nll\": %.6f, \"perplexity\": %.4f, "
       "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"delta_nll_se\": %.6f, \"mean_kl\": %.7f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
       "\"bytes_payload\": %zu, \"bytes_metadata\": %zu, \"bytes_buffer\": %zu, \"tokens_per_second\": %.2f, "
-      "\"prefill_tokens_per_second\": %.2f}\n",
+      "\"prefill_tokens_per_second\": %.2f",
       args.model.c_str(), r.cache->name().c_str(), r.cache->parameters().c_str(), window, windows, prefill, r.scored,
       r.mean_nll(), std::exp(r.mean_nll()), r.dense_mean_nll(), r.mean_nll() - r.dense_mean_nll(), r.delta_nll_se(),
       r.mean_kl(),
       r.top1(), r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.decode_rate(), r.prefill_rate());
+  if (args.per_token) {
+    std::printf(", \"token_delta_nll\": [");
+    for (std::size_t i = 0; i < r.token_delta.size(); ++i) std::printf(i ? ",%.6g" : "%.6g", r.token_delta[i]);
+    std::printf("]");
+  }
+  std::printf("}\n");
 }
 
 void print_table(const std::vector<Result>& results) {
@@ -233,7 +244,9 @@ int run(const Args& args) {
           const auto target = static_cast<std::size_t>(tokens[static_cast<std::size_t>(p + 1)]);
           r.nll -= log_p[target];
           r.dense_nll -= dense_log_p[target];
-          r.delta_squares += (dense_log_p[target] - log_p[target]) * (dense_log_p[target] - log_p[target]);
+          const double delta = dense_log_p[target] - log_p[target];
+          r.delta_squares += delta * delta;
+          if (args.per_token) r.token_delta.push_back(delta);
           r.kl += kl_divergence(dense_log_p, log_p);
           r.agree += argmax(logits.data(), config.vocab) == reference.argmax[static_cast<std::size_t>(p)];
           ++r.scored;

@@ -1,0 +1,99 @@
+// lexico-eval's per-token output, checked against the same run's own aggregates: the
+// sweep pairs runs token by token, so the array must hold exactly the scored tokens, in
+// order, and agree with the reported ΔNLL and its standard error.
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <lexico/io/json.hpp>
+
+namespace {
+
+struct Output {
+  int status = -1;
+  std::string text;
+};
+
+// Runs a command through the shell and collects its stdout and exit status.
+Output run(const std::string& command) {
+  Output out;
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (!pipe) return out;
+  char buffer[4096];
+  std::size_t got;
+  while ((got = std::fread(buffer, 1, sizeof buffer, pipe)) > 0) out.text.append(buffer, got);
+  const int status = pclose(pipe);
+  out.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return out;
+}
+
+std::string eval_command(const std::string& flags) {
+  const std::string data = LEXICO_REPO_DATA;
+  return std::string(LEXICO_BINARY_DIR) + "/examples/lexico-eval --model " + data +
+         "/stories260k/stories260K.bin --text " + data + "/text/tinystories_valid_head.txt --window 64 --windows 3 " +
+         flags;
+}
+
+std::vector<lexico::json::Value> json_lines(const std::string& text) {
+  std::vector<lexico::json::Value> lines;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    const std::size_t end = text.find('\n', start);
+    const std::string line = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    if (!line.empty() && line.front() == '{') lines.push_back(lexico::json::parse(line, "lexico-eval output"));
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  return lines;
+}
+
+std::vector<double> token_deltas(const lexico::json::Value& result) {
+  std::vector<double> deltas;
+  for (const auto& v : result.at("token_delta_nll").as_array()) deltas.push_back(v.as_double());
+  return deltas;
+}
+
+TEST(EvalTool, PerTokenDeltasMatchTheAggregates) {
+  const Output out = run(eval_command("--cache dense --cache kivi:bits=2,group=8 --per-token --json"));
+  ASSERT_EQ(out.status, 0) << out.text;
+  const auto results = json_lines(out.text);
+  ASSERT_EQ(results.size(), 2u) << out.text;
+  for (const auto& result : results) {
+    const std::vector<double> deltas = token_deltas(result);
+    const long scored = result.at("scored_tokens").as_int();
+    ASSERT_EQ(static_cast<long>(deltas.size()), scored);
+    EXPECT_EQ(scored, 3 * (64 - 32 - 1));  // per window: the decoded half, less the last token
+    double sum = 0, squares = 0;
+    for (double d : deltas) {
+      sum += d;
+      squares += d * d;
+    }
+    const double n = static_cast<double>(scored), mean = sum / n;
+    EXPECT_NEAR(mean, result.at("delta_nll").as_double(), 2e-6);
+    const double se = std::sqrt((squares / n - mean * mean) / (n - 1));
+    EXPECT_NEAR(se, result.at("delta_nll_se").as_double(), 2e-6);
+  }
+  // The dense cache decodes what the reference prefilled: equal up to rounding. 2-bit
+  // KIVI moves every prediction.
+  for (double d : token_deltas(results[0])) EXPECT_LT(std::abs(d), 1e-4);
+  int moved = 0;
+  for (double d : token_deltas(results[1])) moved += std::abs(d) > 1e-4;
+  EXPECT_GT(moved, 3 * 31 / 2);
+}
+
+TEST(EvalTool, PerTokenOnlyWithJson) {
+  const Output out = run(eval_command("--cache dense --per-token"));
+  EXPECT_EQ(out.status, 2);
+  EXPECT_NE(out.text.find("--per-token needs --json"), std::string::npos) << out.text;
+  const Output plain = run(eval_command("--cache dense --json"));
+  ASSERT_EQ(plain.status, 0) << plain.text;
+  const auto results = json_lines(plain.text);
+  ASSERT_EQ(results.size(), 1u);
+  EXPECT_EQ(results[0].find("token_delta_nll"), nullptr);  // off unless asked for
+}
+
+}  // namespace
