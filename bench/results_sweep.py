@@ -133,12 +133,17 @@ PRE_ROPE_TIERS = {128: TIERS[128] + ((6, 32, 96, 32, 4),),
 # POOL·s for one vector), tried on the tuning windows with keys before RoPE, alone and on
 # the tiers chosen there: (s, n_b, recent tokens, their sparsity rs; 0 0 for no tier).
 # A tier is pooled too, up to POOL·rs atoms: at rs = 32 that is 64 atoms per vector,
-# which makes coding ~20x slower than fixed s (a 3-window run took 19 min under load).
+# which makes coding ~20x slower than fixed s (a 3-window run took 19 min under load);
+# a fifth entry 0 pools the long-term codes only (lexico's pool_recent=0), which keeps
+# the tier's coding as fast as unpooled.
 POOL = 2
-POOLED_ATTEMPTS = {128: ((8, 32, 0, 0), (4, 32, 0, 0), (6, 32, 128, 24), (4, 32, 128, 32)),
-                   64: ((8, 32, 0, 0), (4, 32, 0, 0), (3, 16, 192, 16), (3, 32, 128, 16), (2, 16, 192, 16))}
+POOLED_ATTEMPTS = {128: ((8, 32, 0, 0), (4, 32, 0, 0), (6, 32, 128, 24), (4, 32, 128, 32), (8, 32, 96, 32, 0),
+                         (6, 32, 128, 24, 0)),
+                   64: ((8, 32, 0, 0), (4, 32, 0, 0), (3, 16, 192, 16), (3, 32, 128, 16), (2, 16, 192, 16),
+                        (3, 16, 192, 16, 0))}
 # Pooled atoms in the main grid (keys before RoPE), chosen on the tuning windows.
-POOLED_TIERS = {64: ((3, 16, 192, 16), (2, 16, 192, 16)), 128: ((4, 32, 128, 32),)}
+POOLED_TIERS = {64: ((3, 16, 192, 16), (2, 16, 192, 16), (3, 16, 192, 16, 0)),
+                128: ((4, 32, 128, 32), (8, 32, 96, 32, 0), (6, 32, 128, 24, 0))}
 
 EVICTION = (  # (method, cache name, needs a prefill)
     ("StreamingLLM", "streaming", False),
@@ -370,12 +375,15 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                             f"s={s}{''.join(f' sk={k}' for k in sk)} N={atoms} n_b={buffer} tier={recent}@{rs} "
                             "pre-RoPE", "lexico",
                             lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs, **keys), extra)
-                for s, buffer, recent, rs in POOLED_TIERS.get(head_dim, ()):
+                for s, buffer, recent, rs, *tier_pooled in POOLED_TIERS.get(head_dim, ()):
                     directory, extra = dictionary(atoms, s, "before_rope")
+                    long_term = tier_pooled == [0]
                     if directory:
                         add("Lexico", f"Lexico pre-RoPE pooled N={atoms}",
-                            f"s={s} N={atoms} n_b={buffer} tier={recent}@{rs} pool={POOL} pre-RoPE", "lexico",
-                            lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs, pool=POOL), extra)
+                            f"s={s} N={atoms} n_b={buffer} tier={recent}@{rs} pool={POOL}"
+                            f"{' long-term' if long_term else ''} pre-RoPE", "lexico",
+                            lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs, pool=POOL,
+                                           **({"pool_recent": 0} if long_term else {})), extra)
             grid.extend(p for p in points if re.search(method_filter, p["method"]) and re.search(label_filter, p["label"]))
     return grid
 
@@ -436,10 +444,13 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
         lexico("keys before RoPE", f"keys before RoPE, {f'keys {sk[0]} atoms, ' if sk else ''}recent {recent} at "
                f"{rs}{'' if sk else ' atoms'}", s, buffer, keys="before_rope", recent=recent, rs=rs,
                **({"sk": sk[0]} if sk else {}))
-    for s, buffer, recent, rs in POOLED_ATTEMPTS.get(head_dim, ()):
+    for s, buffer, recent, rs, *tier_pooled in POOLED_ATTEMPTS.get(head_dim, ()):
         tier = {"recent": recent, "rs": rs} if recent else {}
-        lexico("pooled atoms", f"keys before RoPE, atoms pooled per flush (up to {POOL}s)"
-               + (f", recent {recent} at {rs}" if recent else ""), s, buffer, keys="before_rope", pool=POOL, **tier)
+        if tier_pooled == [0]:
+            tier["pool_recent"] = 0
+        lexico("pooled atoms", f"keys before RoPE, {'long-term ' if tier_pooled == [0] else ''}atoms pooled per "
+               f"flush (up to {POOL}s)" + (f", recent {recent} at {rs}" if recent else ""), s, buffer,
+               keys="before_rope", pool=POOL, **tier)
 
 
 # ----------------------------------------------------------------------------- running

@@ -197,6 +197,17 @@ TEST(Factory, KeysBeforeRopeFollowTheManifest) {
   }
 }
 
+TEST(Factory, LexicoPoolReachesTheLongTermCodesOnlyWhenAsked) {
+  const lexico::CacheShape shape{1, 2, 32};
+  const std::string dir = random_dictionary_dir(shape, {}, "_pool");
+  auto make = [&](const std::string& options) {
+    return lexico::make_cache("lexico", shape, CacheOptions::parse("dict=" + dir + "," + options))->parameters();
+  };
+  EXPECT_NE(make("pool=2,recent=8,rs=6,pool_recent=0").find("atom_pool=2 pool_recent=0"), std::string::npos);
+  EXPECT_EQ(make("pool=2,recent=8,rs=6").find("pool_recent"), std::string::npos);  // default: every tier pools
+  expect_error_mentioning([&] { make("pool=2,pool_recent=2"); }, {"pool_recent"});
+}
+
 TEST(Factory, HelpListsEveryCacheAndOption) {
   const std::string help = lexico::cache_help();
   for (const auto& name : lexico::cache_names()) {

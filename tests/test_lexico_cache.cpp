@@ -345,6 +345,56 @@ TEST(LexicoCache, PooledAtomsKeepTheAverageSparsityPerFlush) {
   }
 }
 
+lexico::LexicoOptions pooled_long_term_only(lexico::LexicoOptions options) {
+  options = pooled(options);
+  options.pool_recent_tiers = false;
+  return options;
+}
+
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_PooledLongTermOnly) {
+  check_against_reconstruction(1, 5, 1,
+                               pooled_long_term_only(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half)));
+}
+
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_PooledLongTermOnly) {
+  check_prefill_then_decode(pooled_long_term_only(with_sinks_and_tiers()));
+}
+
+// With pool_recent_tiers off, the recent tiers hold exactly their sparsity (fixed rows)
+// and only the long-term codes share atoms: s per vector on average, up to 2s.
+TEST(LexicoCache, PooledLongTermOnlyLeavesRecentTiersFixed) {
+  const int d = 16, kv = 2, tokens = 90;
+  lexico::LexicoOptions options = pooled_long_term_only(with_sinks_and_tiers());
+  options.buffer = 8;
+  options.flush = 4;
+  lexico::LexicoCache cache({1, kv, d}, random_dictionaries(1, d, 64, 9), options);
+  std::mt19937 rng(10);
+  const RowMatrix keys = random_rows(tokens, kv * d, rng), values = random_rows(tokens, kv * d, rng);
+  for (Eigen::Index t = 0; t < tokens; ++t) cache.append(0, keys.row(t).data(), values.row(t).data());
+  EXPECT_NE(cache.parameters().find("pool_recent=0"), std::string::npos) << cache.parameters();
+  std::size_t vectors = 0;
+  int total = 0, longest = 0;
+  for (int h = 0; h < kv; ++h) {
+    for (int tier : {1, 2}) {
+      const lexico::CodeStore& recent = cache.key_codes(0, h, tier);
+      ASSERT_GT(recent.rows(), 0u);
+      EXPECT_FALSE(recent.variable_rows()) << "tier " << tier;
+      EXPECT_EQ(recent.sparsity(), tier == 2 ? 12 : 8);
+    }
+    const lexico::CodeStore& long_term = cache.value_codes(0, h, 0);
+    ASSERT_TRUE(long_term.variable_rows());
+    ASSERT_GT(long_term.rows(), 0u);
+    vectors += long_term.rows();
+    long_term.for_each_row([&](std::size_t, lexico::CodeStore::Indices, const std::uint8_t*, int count, float) {
+      total += count;
+      longest = std::max(longest, count);
+    });
+  }
+  EXPECT_EQ(total, options.value_sparsity * static_cast<int>(vectors));  // pools span the heads of a flush
+  EXPECT_LE(longest, 2 * options.value_sparsity);
+  EXPECT_GT(longest, options.value_sparsity) << "random vectors differ: some take more";
+}
+
 TEST(LexicoCache, PrefillAttentionIsExact) {
   const int d = 16, kv = 2, q = 4, prompt = 30;
   lexico::LexicoOptions options;

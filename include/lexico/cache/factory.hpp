@@ -171,7 +171,8 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"recent", "0", "tokens kept at sparsity rs after leaving the buffer, then re-coded at s (0: no tier)"},
         {"rs", "", "atoms per key and value vector of recent tokens (default: 2s)"},
         {"tol", "0", "relative residual at which OMP may stop early (0: always s atoms)"},
-        {"pool", "0", "> 1: the vectors of a flush share s atoms each on average, one taking up to pool*s (0: s each)"}},
+        {"pool", "0", "> 1: the vectors of a flush share s atoms each on average, one taking up to pool*s (0: s each)"},
+        {"pool_recent", "1", "1: the recent tier pools its atoms too; 0: only the codes at s do"}},
        [](CacheShape shape, const CacheOptions& o) -> Made {
          require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
          const DictionarySet set = load_dictionaries(o.get("dict"));
@@ -191,6 +192,7 @@ inline std::vector<CacheType> builtin_cache_types() {
          options.key_tolerance = options.value_tolerance = static_cast<float>(o.get_number("tol"));
          require(options.key_tolerance >= 0 && options.key_tolerance < 1, "make_cache: lexico tol must be in [0, 1)");
          options.atom_pool = static_cast<float>(o.get_number("pool"));  // LexicoCache checks its range
+         options.pool_recent_tiers = o.get_int("pool_recent", 0, 1) == 1;
          return std::make_unique<LexicoCache>(shape, set.layers, options);
        }},
   };

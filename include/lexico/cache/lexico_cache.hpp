@@ -43,6 +43,9 @@ struct LexicoOptions {
   // on average, one vector taking up to atom_pool·s where that removes the most residual
   // energy (atom_budget.hpp); rows then carry their length. 0: exactly s atoms each.
   float atom_pool = 0.0f;
+  // false: only the long-term codes pool their atoms, the recent tiers keep exactly their
+  // sparsity (a pooled tier of many atoms runs OMP to pool·rs atoms per vector: slow).
+  bool pool_recent_tiers = true;
   int buffer = 128;  // n_b: most recent tokens kept uncompressed (fp16)
   int flush = 32;    // n_a: tokens coded at once when the buffer overflows
   // The first tokens of a sequence, kept in fp16 for good: attention sinks draw a large
@@ -116,6 +119,7 @@ class LexicoCache final : public KVCache {
     if (options_.key_tolerance > 0 || options_.value_tolerance > 0)
       out << " tol_k=" << options_.key_tolerance << " tol_v=" << options_.value_tolerance;
     if (options_.atom_pool > 0) out << " atom_pool=" << options_.atom_pool;
+    if (options_.atom_pool > 0 && !options_.pool_recent_tiers && !options_.tiers.empty()) out << " pool_recent=0";
     return out.str();
   }
 
@@ -280,7 +284,8 @@ class LexicoCache final : public KVCache {
       const float tolerance = keys ? options.key_tolerance : options.value_tolerance;
       for (const LexicoOptions::Tier& spec : specs)
         tiers.emplace_back(*dictionary, shape.kv_heads, keys ? spec.key_sparsity : spec.value_sparsity, tolerance,
-                           options.atom_pool, index_bits, spec.tokens);
+                           (tiers.empty() || options.pool_recent_tiers) ? options.atom_pool : 0.0f, index_bits,
+                           spec.tokens);
     }
 
     // Codes T tokens (rows of kv_heads x head_dim) at positions first, first + 1, ...
