@@ -37,18 +37,24 @@ lexico::RowMatrix random_rows(Eigen::Index rows, Eigen::Index cols, unsigned see
   return m;
 }
 
+constexpr lexico::CacheShape shape{1, kv_heads, head_dim};
+
+lexico::LexicoOptions lexico_options(int buffer, int flush, float atom_pool) {
+  lexico::LexicoOptions options;
+  options.key_sparsity = options.value_sparsity = sparsity;
+  options.buffer = buffer;
+  options.flush = flush;
+  options.atom_pool = atom_pool;
+  return options;
+}
+
 std::unique_ptr<lexico::KVCache> make(int kind, int buffer, int flush, float atom_pool = 0) {
-  const lexico::CacheShape shape{1, kv_heads, head_dim};
   switch (kind) {
     case 0:
     case 3:    // 3: indices kept at 16 bits, as in the paper
     case 4: {  // 4: keys coded before RoPE
-      lexico::LexicoOptions options;
-      options.key_sparsity = options.value_sparsity = sparsity;
-      options.buffer = buffer;
-      options.flush = flush;
+      lexico::LexicoOptions options = lexico_options(buffer, flush, atom_pool);
       options.pack_indices = kind != 3;
-      options.atom_pool = atom_pool;
       if (kind == 4) options.key_rope = lexico::Rope(head_dim, 10000.0f, lexico::RopeStyle::rotate_half);
       return std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options);
     }
@@ -82,9 +88,7 @@ BENCHMARK(BM_DecodeAttention)
 // Per-token append of one layer with the buffer full: n_a = 1 codes a token every
 // step, n_a = 32 codes 32 tokens every 32 steps; pool = 2 codes at 2s and shares s
 // atoms per vector within each flush (LexicoOptions::atom_pool).
-void BM_LexicoAppend(benchmark::State& state) {
-  const int flush = static_cast<int>(state.range(0));
-  auto cache = make(0, 128, flush, static_cast<float>(state.range(1)));
+void time_appends(benchmark::State& state, const std::unique_ptr<lexico::KVCache>& cache) {
   const Eigen::Index pool = 4096;
   const lexico::RowMatrix keys = random_rows(pool, kv_heads * head_dim, 6);
   const lexico::RowMatrix values = random_rows(pool, kv_heads * head_dim, 7);
@@ -96,7 +100,23 @@ void BM_LexicoAppend(benchmark::State& state) {
   }
   state.SetItemsProcessed(state.iterations());
 }
+
+void BM_LexicoAppend(benchmark::State& state) {
+  time_appends(state, make(0, 128, static_cast<int>(state.range(0)), static_cast<float>(state.range(1))));
+}
 BENCHMARK(BM_LexicoAppend)->ArgNames({"flush", "pool"})->ArgsProduct({{1, 32}, {0, 2}})->Unit(benchmark::kMicrosecond);
+
+// The same with a recent tier (96 tokens at 32 atoms, then re-coded at s = 8, n_b = 32,
+// n_a = 32): pooled = 0 off, 1 every tier pools (the tier up to 64 atoms), 2 only the
+// long-term codes pool (LexicoOptions::pool_recent_tiers = false).
+void BM_LexicoAppendTier(benchmark::State& state) {
+  const int pooled = static_cast<int>(state.range(0));
+  lexico::LexicoOptions options = lexico_options(32, 32, pooled > 0 ? 2.0f : 0.0f);
+  options.tiers = {{96, 32, 32}};
+  options.pool_recent_tiers = pooled != 2;
+  time_appends(state, std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options));
+}
+BENCHMARK(BM_LexicoAppendTier)->ArgName("pooled")->DenseRange(0, 2)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 
