@@ -725,6 +725,31 @@ def paired_text(a, b):
     return f"{p[0]:+.4f} ± {p[1]:.4f} (token) ± {p[2]:.4f} (window)" if p[2] is not None else f"{p[0]:+.4f} ± {p[1]:.4f}"
 
 
+def claim_summary(groups, proxy_keys, ids):
+    """One paragraph that counts what the claim tables below say, per proxy."""
+    parts = []
+    for model in sorted({k[0] for k in proxy_keys}, key=model_order):
+        keys = [k for k in proxy_keys if k[0] == model and k[2] >= MODELS[model]["windows"]]
+        searched = [claim(groups[k], "delta", VARIANTS[-1][1]) for k in keys]
+        reached = sum(1 for _, best, ratio in searched if best is not None and ratio >= CLAIM_TARGET)
+        by_kl = [claim(groups[k], "kl", VARIANTS[-1][1]) for k in keys]
+        kl_ratios = sorted(ratio for _, best, ratio in by_kl if best is not None)
+        chosen = chosen_on_tuning(groups, model)
+        if chosen is None:
+            held = "no setting met the held-out rule on the tuning windows"
+        else:
+            verdicts = [held_out_row(k, groups[k], chosen, ids)[-1] for k in keys]
+            held = (f"the setting fixed on the tuning windows holds on {verdicts.count('holds')} of "
+                    f"{sum(1 for v in verdicts if v != 'not run on these windows')} tables")
+        span = (f"{kl_ratios[0]:.2f}" if kl_ratios[0] == kl_ratios[-1] else f"{kl_ratios[0]:.2f}–{kl_ratios[-1]:.2f}"
+                ) if kl_ratios else ""
+        kl_text_ = (f"by KL (Lexico's ≤ KIVI-2's) ratio ≥ {CLAIM_TARGET} on "
+                    f"{sum(1 for r in kl_ratios if r >= CLAIM_TARGET)} of {len(keys)}" + (f" (ratios {span})" if span else ""))
+        parts.append(f"**{model}**: searched within each table, ratio ≥ {CLAIM_TARGET} on {reached} of {len(keys)} "
+                     f"tables of ≥ {MODELS[model]['windows']} windows; {held}; {kl_text_}")
+    return ["In short (counted from the tables below): " + "; ".join(parts) + ".", ""] if parts else []
+
+
 def noise_floor(groups):
     """How many scored tokens it takes to tell Lexico's ΔNLL from KIVI-2's: from the spread of
     the per-token paired differences on each tuning table that recorded them."""
@@ -1161,6 +1186,7 @@ def write_report(quiet=False):
                                    "ratio", f"{verdict}≥ {CLAIM_TARGET}"],
                                   [claim_row(k, groups[k], ids, metric, v) for k in proxy_keys for v in variants])
 
+        md += claim_summary(groups, proxy_keys, ids)
         md.append(claim_table("delta", "ΔNLL", "≤", VARIANTS, "target "))
         md += ["", "± is the standard error of ΔNLL from the per-token differences, the tokens taken as independent "
                "(they are not, so the true noise is larger); runs made before lexico-eval reported it show none. A "
