@@ -739,7 +739,7 @@ def claim_summary(groups, proxy_keys, ids):
             held = "no setting met the held-out rule on the tuning windows"
         else:
             verdicts = [held_out_row(k, groups[k], chosen, ids)[-1] for k in keys]
-            held = (f"the setting fixed on the tuning windows holds on {verdicts.count('holds')} of "
+            held = (f"the setting fixed on the tuning windows holds on {sum(1 for v in verdicts if v.startswith('holds'))} of "
                     f"{sum(1 for v in verdicts if v != 'not run on these windows')} tables")
         span = (f"{kl_ratios[0]:.2f}" if kl_ratios[0] == kl_ratios[-1] else f"{kl_ratios[0]:.2f}–{kl_ratios[-1]:.2f}"
                 ) if kl_ratios else ""
@@ -805,8 +805,15 @@ def held_out_row(key, rows, chosen, ids):
     holds = same["delta"] <= kivi2["delta"] and ratio >= CLAIM_TARGET
     return where + [display_label(same, ids), f"{same['kv']:.2f}", delta_text(same), delta_text(kivi2),
                     paired_text(same, kivi2), f"{kl_text(same)} vs {kl_text(kivi2)}", f"{ratio:.2f}",
-                    "holds" if holds else ("**fails**: ΔNLL above KIVI-2's" if same["delta"] > kivi2["delta"]
-                                           else f"**fails**: ratio {ratio:.2f} < {CLAIM_TARGET}")]
+                    ("holds" if holds else ("**fails**: ΔNLL above KIVI-2's" if same["delta"] > kivi2["delta"]
+                                            else f"**fails**: ratio {ratio:.2f} < {CLAIM_TARGET}"))
+                    + noise_note(same, kivi2)]
+
+
+def noise_note(a, b):
+    """', within noise' when a's and b's paired ΔNLL difference is under two of its standard errors."""
+    p = paired(a, b)
+    return " (within noise: difference < 2 paired standard errors)" if p and abs(p[0]) < 2 * paired_margin(a, b) else ""
 
 
 def expected_methods(model, protocol):
