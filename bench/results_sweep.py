@@ -883,11 +883,19 @@ def dictionary_records(directories):
 
 
 def relative(path):
-    """path relative to the repository when it lies inside it."""
+    """path relative to the repository when it lies inside it, or when it is a dictionary set
+    recorded in results/dictionaries.json under a checkout elsewhere (run files keep the
+    absolute paths of the checkout that made them)."""
     try:
         return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
-        return str(path)
+        pass
+    try:
+        with open(DICTIONARIES_PATH) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    return next((name for name in known if str(path).endswith("/" + name)), str(path))
 
 
 def sweep_commands(groups):
