@@ -57,6 +57,7 @@ import argparse
 import concurrent.futures
 import csv
 import datetime
+import functools
 import hashlib
 import html
 import json
@@ -445,10 +446,11 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
                f"{rs}{'' if sk else ' atoms'}", s, buffer, keys="before_rope", recent=recent, rs=rs,
                **({"sk": sk[0]} if sk else {}))
     for s, buffer, recent, rs, *tier_pooled in POOLED_ATTEMPTS.get(head_dim, ()):
+        long_term = tier_pooled == [0]
         tier = {"recent": recent, "rs": rs} if recent else {}
-        if tier_pooled == [0]:
+        if long_term:
             tier["pool_recent"] = 0
-        lexico("pooled atoms", f"keys before RoPE, {'long-term ' if tier_pooled == [0] else ''}atoms pooled per "
+        lexico("pooled atoms", f"keys before RoPE, {'long-term ' if long_term else ''}atoms pooled per "
                f"flush (up to {POOL}s)" + (f", recent {recent} at {rs}" if recent else ""), s, buffer,
                keys="before_rope", pool=POOL, **tier)
 
@@ -696,9 +698,8 @@ def claim_row(key, rows, ids, metric, variant=VARIANTS[1]):
 def paired(a, b):
     """a's ΔNLL minus b's on the same scored tokens, from their per-token records:
     (mean, standard error with the tokens taken as independent, standard error from the
-    per-window means); None unless both runs recorded their tokens. Both methods miss on
-    the same hard tokens, so this difference is far less noisy than either ΔNLL; the
-    per-window error also counts the correlation of tokens within a window."""
+    per-window means); None unless both runs recorded their tokens. The per-window error
+    also counts the correlation of tokens within a window."""
     if not a.get("tokens") or not b.get("tokens") or len(a["tokens"]) != len(b["tokens"]):
         return None
     d = [x - y for x, y in zip(a["tokens"], b["tokens"])]
@@ -712,14 +713,12 @@ def paired(a, b):
     return mean, se_token, se_window
 
 
-def paired_margin(a, b):
-    """The larger of the two paired standard errors of a's ΔNLL minus b's (0 without per-token records)."""
-    p = paired(a, b)
+def paired_margin(p):
+    """The larger of the two standard errors of a paired() difference (0 without one)."""
     return max(x for x in p[1:] if x is not None) if p else 0.0
 
 
-def paired_text(a, b):
-    p = paired(a, b)
+def paired_text(p):
     if p is None:
         return "—"
     return f"{p[0]:+.4f} ± {p[1]:.4f} (token) ± {p[2]:.4f} (window)" if p[2] is not None else f"{p[0]:+.4f} ± {p[1]:.4f}"
@@ -785,7 +784,7 @@ def chosen_on_tuning(groups, model):
     if kivi2 is None or kivi2["kl"] is None:
         return None
     pool = [r for r in rows if r["method"] == "Lexico" and r["kl"] is not None and r["kl"] <= kivi2["kl"]
-            and r["delta"] + paired_margin(r, kivi2) <= kivi2["delta"]]
+            and r["delta"] + paired_margin(paired(r, kivi2)) <= kivi2["delta"]]
     return min(pool, key=lambda r: (r["kv"], r["kl"])) if pool else None
 
 
@@ -803,17 +802,17 @@ def held_out_row(key, rows, chosen, ids):
                         "KIVI-2 not run" if kivi2 is None else "not run on these windows"]
     ratio = kivi2["kv"] / same["kv"]
     holds = same["delta"] <= kivi2["delta"] and ratio >= CLAIM_TARGET
+    difference = paired(same, kivi2)
     return where + [display_label(same, ids), f"{same['kv']:.2f}", delta_text(same), delta_text(kivi2),
-                    paired_text(same, kivi2), f"{kl_text(same)} vs {kl_text(kivi2)}", f"{ratio:.2f}",
+                    paired_text(difference), f"{kl_text(same)} vs {kl_text(kivi2)}", f"{ratio:.2f}",
                     ("holds" if holds else ("**fails**: ΔNLL above KIVI-2's" if same["delta"] > kivi2["delta"]
                                             else f"**fails**: ratio {ratio:.2f} < {CLAIM_TARGET}"))
-                    + noise_note(same, kivi2)]
+                    + noise_note(difference)]
 
 
-def noise_note(a, b):
-    """', within noise' when a's and b's paired ΔNLL difference is under two of its standard errors."""
-    p = paired(a, b)
-    return " (within noise: difference < 2 paired standard errors)" if p and abs(p[0]) < 2 * paired_margin(a, b) else ""
+def noise_note(p):
+    """A note when a paired() difference is under two of its standard errors."""
+    return " (within noise: difference < 2 paired standard errors)" if p and abs(p[0]) < 2 * paired_margin(p) else ""
 
 
 def expected_methods(model, protocol):
@@ -879,6 +878,7 @@ def dictionary_records(directories):
             stored[name] = dictionary_record(manifest, directory)
         records[directory] = stored.get(name)
     DICTIONARIES_PATH.write_text(json.dumps(dict(sorted(stored.items())), indent=1) + "\n")
+    recorded_dictionaries.cache_clear()
     return records
 
 
@@ -889,13 +889,17 @@ def relative(path):
     try:
         return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
-        pass
+        return next((name for name in recorded_dictionaries() if str(path).endswith("/" + name)), str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def recorded_dictionaries():
+    """The names results/dictionaries.json holds records for (read once; dictionary_records clears it)."""
     try:
         with open(DICTIONARIES_PATH) as f:
-            known = json.load(f)
+            return tuple(json.load(f))
     except (OSError, ValueError):
-        known = {}
-    return next((name for name in known if str(path).endswith("/" + name)), str(path))
+        return ()
 
 
 def sweep_commands(groups):
@@ -1106,7 +1110,7 @@ def attempts_section(groups, ids):
                 ratio = f"{kivi2['kv'] / r['kv']:.2f}"
             table.append([r["family"] if r["method"] == "Lexico" else r["method"], display_label(r, ids),
                           f"{r['kv']:.2f}", fmt(r["delta"]),
-                          paired_text(r, kivi2) if kivi2 and r["method"] == "Lexico" else "—", kl_text(r),
+                          paired_text(paired(r, kivi2)) if kivi2 and r["method"] == "Lexico" else "—", kl_text(r),
                           f"{r['top1']:.1f}", ratio])
         md.append(markdown_table(["attempt", "setting", "KV %", "ΔNLL", "Lexico − KIVI-2 (paired)", "KL", "top-1 %",
                                   "KIVI-2 KV / KV"], table))

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -40,14 +41,9 @@ std::string eval_command(const std::string& flags) {
 
 std::vector<lexico::json::Value> json_lines(const std::string& text) {
   std::vector<lexico::json::Value> lines;
-  std::size_t start = 0;
-  while (start < text.size()) {
-    const std::size_t end = text.find('\n', start);
-    const std::string line = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);)
     if (!line.empty() && line.front() == '{') lines.push_back(lexico::json::parse(line, "lexico-eval output"));
-    if (end == std::string::npos) break;
-    start = end + 1;
-  }
   return lines;
 }
 
