@@ -733,13 +733,16 @@ def claim_summary(groups, proxy_keys, ids):
         reached = sum(1 for _, best, ratio in searched if best is not None and ratio >= CLAIM_TARGET)
         by_kl = [claim(groups[k], "kl", VARIANTS[-1][1]) for k in keys]
         kl_ratios = sorted(ratio for _, best, ratio in by_kl if best is not None)
-        chosen = chosen_on_tuning(groups, model)
-        if chosen is None:
-            held = "no setting met the held-out rule on the tuning windows"
-        else:
-            verdicts = [held_out_row(k, groups[k], chosen, ids)[-1] for k in keys]
-            held = (f"the setting fixed on the tuning windows holds on {sum(1 for v in verdicts if v.startswith('holds'))} of "
-                    f"{sum(1 for v in verdicts if v != 'not run on these windows')} tables")
+        held = []
+        for rule, chosen in held_out_choices(groups, model):
+            if chosen is None:
+                held.append(f"no setting met the held-out rule {rule} on the tuning windows")
+                continue
+            verdicts = [held_out_row(k, groups[k], rule, chosen, ids)[-1] for k in keys]
+            held.append(f"the setting fixed on the tuning windows by rule {rule} ({chosen['kv']:.2f} %) holds on "
+                        f"{sum(1 for v in verdicts if v.startswith('holds'))} of "
+                        f"{sum(1 for v in verdicts if v != 'not run on these windows')} tables")
+        held = "; ".join(held)
         span = (f"{kl_ratios[0]:.2f}" if kl_ratios[0] == kl_ratios[-1] else f"{kl_ratios[0]:.2f}–{kl_ratios[-1]:.2f}"
                 ) if kl_ratios else ""
         kl_text_ = (f"by KL (Lexico's ≤ KIVI-2's) ratio ≥ {CLAIM_TARGET} on "
@@ -771,11 +774,22 @@ def noise_floor(groups):
             "criterion ΔNLL ≤ KIVI-2's is decided by noise on tables of this size; KL is the steadier measure."]
 
 
-def chosen_on_tuning(groups, model):
-    """The Lexico setting fixed in advance for a model's held-out check, on its tuning table of the
-    most windows: the smallest KV size whose KL is at most KIVI-2's and whose ΔNLL is below KIVI-2's
-    by at least one paired standard error (the larger of the two; a margin against choosing on
-    noise, 0 where the runs lack per-token records). None if no setting qualifies."""
+# The rules that fix one Lexico setting per model for the held-out check, on its tuning table of
+# the most windows: the smallest KV size whose KL is at most KIVI-2's and whose ΔNLL passes the
+# rule's test against KIVI-2's, with m the larger paired standard error (0 where the runs lack
+# per-token records). The first asks for a margin against choosing on noise; the second, added
+# when the first chose nothing for proxy-lm-hd128, accepts a ΔNLL level with KIVI-2's within
+# that error, since on 8 tuning windows the error (~0.004) exceeds the differences sought.
+HELD_OUT_RULES = (
+    ("margin", "ΔNLL below KIVI-2's by at least one paired standard error",
+     lambda delta, kivi2_delta, m: delta + m <= kivi2_delta),
+    ("level", "ΔNLL above KIVI-2's by at most one paired standard error",
+     lambda delta, kivi2_delta, m: delta - m <= kivi2_delta),
+)
+
+
+def chosen_on_tuning(groups, model, test):
+    """The Lexico setting a HELD_OUT_RULES test fixes for a model; None if none qualifies."""
     tuning = [k for k in groups if k[0] == model and k[1] == "tuning"]
     if not tuning:
         return None
@@ -784,14 +798,29 @@ def chosen_on_tuning(groups, model):
     if kivi2 is None or kivi2["kl"] is None:
         return None
     pool = [r for r in rows if r["method"] == "Lexico" and r["kl"] is not None and r["kl"] <= kivi2["kl"]
-            and r["delta"] + paired_margin(paired(r, kivi2)) <= kivi2["delta"]]
+            and test(r["delta"], kivi2["delta"], paired_margin(paired(r, kivi2)))]
     return min(pool, key=lambda r: (r["kv"], r["kl"])) if pool else None
 
 
-def held_out_row(key, rows, chosen, ids):
-    """The tuning-chosen setting evaluated on one claim table's windows."""
+def held_out_choices(groups, model):
+    """[(rule names, chosen row or None)]: one entry per distinct choice, rules in order."""
+    choices = []
+    for name, _, test in HELD_OUT_RULES:
+        chosen = chosen_on_tuning(groups, model, test)
+        same = next((c for c in choices if (c[1] is None and chosen is None) or
+                     (c[1] and chosen and (c[1]["cache"], c[1]["options"]) == (chosen["cache"], chosen["options"]))),
+                    None)
+        if same:
+            same[0].append(name)
+        else:
+            choices.append(([name], chosen))
+    return [(", ".join(names), chosen) for names, chosen in choices]
+
+
+def held_out_row(key, rows, rule, chosen, ids):
+    """The setting a held-out rule chose on the tuning windows, evaluated on one claim table's windows."""
     model, protocol, windows = key
-    where = [model, protocol, f"{windows} × {rows[0]['window']} ({rows[0]['scored']})"]
+    where = [model, protocol, f"{windows} × {rows[0]['window']} ({rows[0]['scored']})", rule]
     if chosen is None:
         return where + ["none: no Lexico setting run on the tuning windows meets the rule (see *Improvement "
                         "attempts*)"] + ["—"] * 6 + ["**not reached**"]
@@ -1211,23 +1240,26 @@ def write_report(quiet=False):
                "(they are not, so the true noise is larger); runs made before lexico-eval reported it show none. A "
                "difference between two ΔNLLs smaller than about twice these errors is not a measured difference."]
         tuned_models = {k[0] for k in groups if k[1] == "tuning"}
-        held_out = [(k, chosen_on_tuning(groups, k[0])) for k in proxy_keys
-                    if k[2] >= MODELS[k[0]]["windows"] and k[0] in tuned_models]
+        held_out = [(k, rule, chosen) for k in proxy_keys if k[2] >= MODELS[k[0]]["windows"] and k[0] in tuned_models
+                    for rule, chosen in held_out_choices(groups, k[0])]
         if held_out:
             tuned = max((k for k in groups if k[1] == "tuning"), key=lambda k: k[2])
+            rules = "; ".join(f"*{name}*: {text}" for name, text, _ in HELD_OUT_RULES)
             md += ["", "**Held-out check.** The search above picks the best of many settings on the very windows it "
-                   "scores, so its minimum is biased low. Here one Lexico setting per model is fixed in advance on its "
-                   f"tuning table of the most windows ({tuned[2]} here): the smallest KV size whose KL there is at most "
-                   "KIVI-2's and whose ΔNLL is below KIVI-2's by at least one paired standard error (a margin against "
-                   "choosing on noise). Only then is it scored on each claim table's windows (tables of at least 8 "
+                   "scores, so its minimum is biased low. Here one Lexico setting per model and rule is fixed in "
+                   f"advance on its tuning table of the most windows ({tuned[2]} here): the smallest KV size whose KL "
+                   f"there is at most KIVI-2's and whose ΔNLL passes the rule ({rules}; the margin guards against "
+                   "choosing on noise, the second rule was added when the first chose nothing for proxy-lm-hd128). "
+                   "Only then is it scored on each claim table's windows (tables of at least 8 "
                    "windows): this is the number to expect on new text, and the *unseen* rows are such text. "
                    "*Lexico − KIVI-2* is the paired difference of their ΔNLLs on the same tokens, with its standard "
                    "error taken over tokens and over windows (the latter counts the correlation within a window); "
                    "a difference within about two of these errors is not a measured difference.", ""]
-            md.append(markdown_table(["model", "protocol", "windows (scored tokens)", "setting chosen on tuning windows",
+            md.append(markdown_table(["model", "protocol", "windows (scored tokens)", "rule",
+                                      "setting chosen on tuning windows",
                                       "KV %", "ΔNLL", "KIVI-2 ΔNLL", "Lexico − KIVI-2 (paired)", "KL vs KIVI-2's",
                                       "ratio", "claim"],
-                                     [held_out_row(k, groups[k], chosen, ids) for k, chosen in held_out]))
+                                     [held_out_row(k, groups[k], rule, chosen, ids) for k, rule, chosen in held_out]))
             md += noise_floor(groups)
         md += ["", "Secondary views, **not** the target criterion: the same search with mean KL(dense ‖ cache) "
                "over the scored predictions (Lexico's KL ≤ KIVI-2's) and with top-1 agreement (Lexico's top-1 ≥ "
