@@ -146,6 +146,12 @@ POOLED_ATTEMPTS = {128: ((8, 32, 0, 0), (4, 32, 0, 0), (6, 32, 128, 24), (4, 32,
 POOLED_TIERS = {64: ((3, 16, 192, 16), (2, 16, 192, 16), (3, 16, 192, 16, 0)),
                 128: ((4, 32, 128, 32), (8, 32, 96, 32, 0), (6, 32, 128, 24, 0))}
 
+# Atoms shared across layers by their dictionaries' dev errors (lexico's layer_s=auto: s on
+# average, more where a layer codes worse), on the pre-RoPE tiers: (s, n_b, recent, rs).
+# Tried on the tuning windows; the same entries in the main grid.
+LAYER_TIERS = {128: ((8, 32, 96, 32), (6, 32, 96, 32), (6, 32, 128, 24), (4, 32, 128, 32)),
+               64: ((4, 32, 96, 16), (3, 16, 192, 16), (2, 16, 192, 16))}
+
 EVICTION = (  # (method, cache name, needs a prefill)
     ("StreamingLLM", "streaming", False),
     ("H2O", "h2o", False),
@@ -385,6 +391,13 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                             f"{' long-term' if long_term else ''} pre-RoPE", "lexico",
                             lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs, pool=POOL,
                                            **({"pool_recent": 0} if long_term else {})), extra)
+                for s, buffer, recent, rs in LAYER_TIERS.get(head_dim, ()):
+                    directory, extra = dictionary(atoms, s, "before_rope")
+                    if directory:
+                        add("Lexico", f"Lexico pre-RoPE layer atoms N={atoms}",
+                            f"s={s} N={atoms} n_b={buffer} tier={recent}@{rs} layers=auto pre-RoPE", "lexico",
+                            lexico_options(lexico_names, directory, s, buffer, recent=recent, rs=rs,
+                                           layer_s="auto"), extra)
             grid.extend(p for p in points if re.search(method_filter, p["method"]) and re.search(label_filter, p["label"]))
     return grid
 
@@ -445,6 +458,9 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
         lexico("keys before RoPE", f"keys before RoPE, {f'keys {sk[0]} atoms, ' if sk else ''}recent {recent} at "
                f"{rs}{'' if sk else ' atoms'}", s, buffer, keys="before_rope", recent=recent, rs=rs,
                **({"sk": sk[0]} if sk else {}))
+    for s, buffer, recent, rs in LAYER_TIERS.get(head_dim, ()):
+        lexico("layer atoms", f"keys before RoPE, atoms per layer by dictionary error, recent {recent} at {rs}", s,
+               buffer, keys="before_rope", recent=recent, rs=rs, layer_s="auto")
     for s, buffer, recent, rs, *tier_pooled in POOLED_ATTEMPTS.get(head_dim, ()):
         long_term = tier_pooled == [0]
         tier = {"recent": recent, "rs": rs} if recent else {}

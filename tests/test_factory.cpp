@@ -56,6 +56,14 @@ TEST(CacheOptions, TypedGettersRejectMalformedValues) {
   expect_error_mentioning([&] { o.get_choice("w", {"max", "avg"}); }, {"'w'", "max|avg", "'abc'"});
 }
 
+TEST(CacheOptions, IntegerListsSplitOnColons) {
+  const CacheOptions o = CacheOptions::parse("one=7,three=4:8:12,gap=4::8,tail=4:,high=4:300,word=4:x");
+  EXPECT_EQ(o.get_int_list("one"), std::vector<int>({7}));
+  EXPECT_EQ(o.get_int_list("three", 1, 255), std::vector<int>({4, 8, 12}));
+  for (const char* key : {"gap", "tail", "word"}) EXPECT_THROW(o.get_int_list(key), lexico::error) << key;
+  expect_error_mentioning([&] { o.get_int_list("high", 1, 255); }, {"'high'", "[1, 255]", "item '300'"});
+}
+
 // A dictionary set of random atoms for `shape`, saved once per shape in a temp dir.
 std::string random_dictionary_dir(const lexico::CacheShape& shape, const std::map<std::string, std::string>& settings = {},
                                   const std::string& tag = "") {
@@ -206,6 +214,28 @@ TEST(Factory, LexicoPoolReachesTheLongTermCodesOnlyWhenAsked) {
   EXPECT_NE(make("pool=2,recent=8,rs=6,pool_recent=0").find("atom_pool=2 pool_recent=0"), std::string::npos);
   EXPECT_EQ(make("pool=2,recent=8,rs=6").find("pool_recent"), std::string::npos);  // default: every tier pools
   expect_error_mentioning([&] { make("pool=2,pool_recent=2"); }, {"pool_recent"});
+}
+
+TEST(Factory, LexicoLayerSparsityGivesEachLayerItsAtoms) {
+  const lexico::CacheShape shape{3, 2, 32};
+  const std::string dir = random_dictionary_dir(shape, {}, "_layers");
+  auto make = [&](const std::string& options) {
+    return lexico::make_cache("lexico", shape, CacheOptions::parse("dict=" + dir + "," + options));
+  };
+  EXPECT_NE(make("layer_s=2:4:6")->parameters().find(" L0=2/2 L1=4/4 L2=6/6"), std::string::npos);
+  EXPECT_EQ(make("s=4")->parameters().find(" L0="), std::string::npos);
+  // Each layer's codes take its own atoms: one coded token per layer costs what it costs
+  // in a cache of that sparsity everywhere.
+  auto payload = [&](const std::string& options) {
+    auto cache = make(options + ",buffer=0,flush=1");
+    const Eigen::VectorXf key = Eigen::VectorXf::Random(shape.kv_width()), value = Eigen::VectorXf::Random(shape.kv_width());
+    for (int l = 0; l < shape.layers; ++l) cache->append(l, key.data(), value.data());
+    return cache->bytes().payload;
+  };
+  EXPECT_EQ(3 * payload("layer_s=2:4:6"), payload("s=2") + payload("s=4") + payload("s=6"));
+  EXPECT_LT(payload("layer_s=2:2:2"), payload("layer_s=2:4:6"));
+  expect_error_mentioning([&] { make("layer_s=2:4"); }, {"layer_s", "2 sparsities", "3 layers"});
+  expect_error_mentioning([&] { make("layer_s=2:0:4"); }, {"layer_s", "item '0'"});
 }
 
 TEST(Factory, HelpListsEveryCacheAndOption) {

@@ -14,6 +14,7 @@
 #include "cache/cache.hpp"
 #include "cache/factory.hpp"
 #include "dictionary_set.hpp"
+#include "layer_sparsity.hpp"
 #include "train.hpp"
 #include "kv_collect.hpp"
 #include "io/json.hpp"

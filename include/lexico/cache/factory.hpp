@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../dictionary_set.hpp"
+#include "../layer_sparsity.hpp"
 #include "cache.hpp"
 #include "dense.hpp"
 #include "fp8_cache.hpp"
@@ -164,6 +165,8 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"s", "8", "atoms per key and per value vector"},
         {"sk", "", "atoms per key vector (default: s)"},
         {"sv", "", "atoms per value vector (default: s)"},
+        {"layer_s", "", "atoms per key and value vector of each layer, s0:s1:... (one per layer; replaces s, sk, sv), "
+                        "or auto: s on average, shared out by the manifest's dev errors (layer_sparsity.hpp)"},
         {"buffer", "128", "recent tokens kept in fp16 (n_b)"},
         {"flush", "32", "tokens coded at once when the buffer overflows (n_a)"},
         {"sinks", "0", "first tokens kept in fp16 for good (attention sinks)"},
@@ -181,6 +184,14 @@ inline std::vector<CacheType> builtin_cache_types() {
          const int s = o.get_int("s", 1, 255);
          options.key_sparsity = o.has("sk") ? o.get_int("sk", 1, 255) : s;
          options.value_sparsity = o.has("sv") ? o.get_int("sv", 1, 255) : s;
+         if (o.has("layer_s")) {
+           const std::vector<int> per_layer = o.get("layer_s") == "auto" ? allocate_layer_sparsity(set.manifest, s)
+                                                                         : o.get_int_list("layer_s", 1, 255);
+           require(static_cast<int>(per_layer.size()) == shape.layers, "make_cache: lexico layer_s lists ",
+                   per_layer.size(), " sparsities for a model of ", shape.layers, " layers");
+           for (int l = 0; l < shape.layers; ++l)
+             options.layer_sparsity[l] = {per_layer[static_cast<std::size_t>(l)], per_layer[static_cast<std::size_t>(l)]};
+         }
          options.buffer = o.get_int("buffer", 0);
          options.flush = o.get_int("flush", 1);
          options.sinks = o.get_int("sinks", 0);

@@ -111,6 +111,8 @@ class LexicoCache final : public KVCache {
     out << "sk=" << options_.key_sparsity << " sv=" << options_.value_sparsity
         << " N=" << layers_.front()->keys.dictionary->size() << " buffer=" << options_.buffer
         << " flush=" << options_.flush;
+    for (const auto& [layer, sparsity] : options_.layer_sparsity)
+      out << " L" << layer << "=" << sparsity.first << "/" << sparsity.second;
     if (options_.sinks > 0) out << " sinks=" << options_.sinks;
     if (!options_.pack_indices) out << " index_bits=16";
     if (options_.key_rope) out << " keys=before_rope";

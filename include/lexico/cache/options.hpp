@@ -13,6 +13,7 @@
 #include <system_error>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../error.hpp"
 
@@ -80,6 +81,26 @@ class CacheOptions {
   double get_number(const std::string& key, double low = std::numeric_limits<double>::lowest(),
                     double high = std::numeric_limits<double>::max()) const {
     return parsed<double>(key, "a finite number", low, high);
+  }
+
+  // Whole-text integers in [low, high] separated by ':' ("4:8:12"), one or more.
+  std::vector<int> get_int_list(const std::string& key, int low = std::numeric_limits<int>::min(),
+                                int high = std::numeric_limits<int>::max()) const {
+    const std::string text = get(key);
+    std::vector<int> list;
+    for (std::size_t begin = 0; begin <= text.size();) {
+      const std::size_t end = std::min(text.find(':', begin), text.size());
+      const std::string item = text.substr(begin, end - begin);
+      begin = end + 1;
+      int value = 0;
+      const auto [stop, status] = std::from_chars(item.data(), item.data() + item.size(), value);
+      require(!item.empty() && status == std::errc() && stop == item.data() + item.size() && value >= low &&
+                  value <= high,
+              "CacheOptions: option '", key, "' must be integers in [", low, ", ", high, "] separated by ':' (got '",
+              text, "', item '", item, "')");
+      list.push_back(value);
+    }
+    return list;
   }
 
   // One of the listed words.
