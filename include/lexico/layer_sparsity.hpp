@@ -62,17 +62,16 @@ inline std::vector<int> allocate_layer_sparsity(const DictionarySetManifest& man
     auto& pair = curves[static_cast<std::size_t>(e.layer)];
     (e.kind == 'K' ? pair.first : pair.second).add(e.sparsity, e.dev);
   }
-  std::vector<int> low(static_cast<std::size_t>(layers)), high(low.size());
-  long long least = 0, most = 0;
+  std::vector<int> high(static_cast<std::size_t>(layers));  // every layer starts from 1 atom
+  const long long least = layers;
+  long long most = 0;
   for (int l = 0; l < layers; ++l) {
     const auto& [keys, values] = curves[static_cast<std::size_t>(l)];
     require(!keys.empty() && !values.empty(), "allocate_layer_sparsity: the manifest has no key or no value errors "
             "for layer ", l, " (lexico-train records them)");
     require(keys.points() >= 2 && values.points() >= 2, "allocate_layer_sparsity: layer ", l,
             "'s errors are measured at one sparsity only; atoms cannot be weighed");
-    low[static_cast<std::size_t>(l)] = 1;
     high[static_cast<std::size_t>(l)] = std::min(keys.highest(), values.highest());
-    least += low[static_cast<std::size_t>(l)];
     most += high[static_cast<std::size_t>(l)];
   }
   const long long budget = static_cast<long long>(sparsity) * layers;
@@ -83,7 +82,7 @@ inline std::vector<int> allocate_layer_sparsity(const DictionarySetManifest& man
     const auto& [keys, values] = curves[static_cast<std::size_t>(l)];
     return keys.at(s) * keys.at(s) + values.at(s) * values.at(s);
   };
-  std::vector<int> chosen = low;
+  std::vector<int> chosen(static_cast<std::size_t>(layers), 1);
   for (long long spent = least; spent < budget; ++spent) {
     int best = -1;
     double best_gain = 0;
