@@ -740,8 +740,9 @@ def paired_text(p):
     return f"{p[0]:+.4f} ± {p[1]:.4f} (token) ± {p[2]:.4f} (window)" if p[2] is not None else f"{p[0]:+.4f} ± {p[1]:.4f}"
 
 
-def claim_summary(groups, proxy_keys, ids):
-    """One paragraph that counts what the claim tables below say, per proxy."""
+def claim_summary(groups, proxy_keys, choices, ids):
+    """One paragraph that counts what the claim tables below say, per proxy; `choices` are
+    held_out_choices() by model."""
     parts = []
     for model in sorted({k[0] for k in proxy_keys}, key=model_order):
         keys = [k for k in proxy_keys if k[0] == model and k[2] >= MODELS[model]["windows"]]
@@ -750,7 +751,7 @@ def claim_summary(groups, proxy_keys, ids):
         by_kl = [claim(groups[k], "kl", VARIANTS[-1][1]) for k in keys]
         kl_ratios = sorted(ratio for _, best, ratio in by_kl if best is not None)
         held = []
-        for rule, chosen in held_out_choices(groups, model):
+        for rule, chosen in choices[model]:
             if chosen is None:
                 held.append(f"no setting met the held-out rule {rule} on the tuning windows")
                 continue
@@ -818,14 +819,17 @@ def chosen_on_tuning(groups, model, test):
     return min(pool, key=lambda r: (r["kv"], r["kl"])) if pool else None
 
 
+def same_setting(a, b):
+    """Whether two rows (or None) are the same cache and options, possibly on other windows."""
+    return (a is None and b is None) or bool(a and b and (a["cache"], a["options"]) == (b["cache"], b["options"]))
+
+
 def held_out_choices(groups, model):
     """[(rule names, chosen row or None)]: one entry per distinct choice, rules in order."""
     choices = []
     for name, _, test in HELD_OUT_RULES:
         chosen = chosen_on_tuning(groups, model, test)
-        same = next((c for c in choices if (c[1] is None and chosen is None) or
-                     (c[1] and chosen and (c[1]["cache"], c[1]["options"]) == (chosen["cache"], chosen["options"]))),
-                    None)
+        same = next((c for c in choices if same_setting(c[1], chosen)), None)
         if same:
             same[0].append(name)
         else:
@@ -841,7 +845,7 @@ def held_out_row(key, rows, rule, chosen, ids):
         return where + ["none: no Lexico setting run on the tuning windows meets the rule (see *Improvement "
                         "attempts*)"] + ["—"] * 6 + ["**not reached**"]
     kivi2 = kivi2_row(rows)
-    same = next((r for r in rows if r["cache"] == chosen["cache"] and r["options"] == chosen["options"]), None)
+    same = next((r for r in rows if same_setting(r, chosen)), None)
     if kivi2 is None or same is None:
         return where + [display_label(chosen, ids), "—", "—", "—", "—", "—", "—",
                         "KIVI-2 not run" if kivi2 is None else "not run on these windows"]
@@ -1252,14 +1256,15 @@ def write_report(quiet=False):
                                    "ratio", f"{verdict}≥ {CLAIM_TARGET}"],
                                   [claim_row(k, groups[k], ids, metric, v) for k in proxy_keys for v in variants])
 
-        md += claim_summary(groups, proxy_keys, ids)
+        tuned_models = {k[0] for k in groups if k[1] == "tuning"}
+        choices = {model: held_out_choices(groups, model) for model in {k[0] for k in proxy_keys}}
+        md += claim_summary(groups, proxy_keys, choices, ids)
         md.append(claim_table("delta", "ΔNLL", "≤", VARIANTS, "target "))
         md += ["", "± is the standard error of ΔNLL from the per-token differences, the tokens taken as independent "
                "(they are not, so the true noise is larger); runs made before lexico-eval reported it show none. A "
                "difference between two ΔNLLs smaller than about twice these errors is not a measured difference."]
-        tuned_models = {k[0] for k in groups if k[1] == "tuning"}
         held_out = [(k, rule, chosen) for k in proxy_keys if k[2] >= MODELS[k[0]]["windows"] and k[0] in tuned_models
-                    for rule, chosen in held_out_choices(groups, k[0])]
+                    for rule, chosen in choices[k[0]]]
         if held_out:
             tuned = max((k for k in groups if k[1] == "tuning"), key=lambda k: k[2])
             rules = "; ".join(f"*{name}*: {text}" for name, text, _ in HELD_OUT_RULES)

@@ -80,7 +80,8 @@ inline std::vector<int> allocate_layer_sparsity(const DictionarySetManifest& man
           static_cast<double>(most) / layers, " on average)");
   auto cost = [&](int l, int s) {
     const auto& [keys, values] = curves[static_cast<std::size_t>(l)];
-    return keys.at(s) * keys.at(s) + values.at(s) * values.at(s);
+    const double key_error = keys.at(s), value_error = values.at(s);
+    return key_error * key_error + value_error * value_error;
   };
   std::vector<int> chosen(static_cast<std::size_t>(layers), 1);
   for (long long spent = least; spent < budget; ++spent) {

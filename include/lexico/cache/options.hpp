@@ -93,9 +93,7 @@ class CacheOptions {
       const std::string item = text.substr(begin, end - begin);
       begin = end + 1;
       int value = 0;
-      const auto [stop, status] = std::from_chars(item.data(), item.data() + item.size(), value);
-      require(!item.empty() && status == std::errc() && stop == item.data() + item.size() && value >= low &&
-                  value <= high,
+      require(whole_number(item, value) && value >= low && value <= high,
               "CacheOptions: option '", key, "' must be integers in [", low, ", ", high, "] separated by ':' (got '",
               text, "', item '", item, "')");
       list.push_back(value);
@@ -121,14 +119,21 @@ class CacheOptions {
     return text.substr(first, text.find_last_not_of(" \t") - first + 1);
   }
 
+  // Whether all of `text` is one number of type T (finite, for floating point).
+  template <typename T>
+  static bool whole_number(const std::string& text, T& value) {
+    const char* end = text.data() + text.size();
+    const auto [stop, status] = std::from_chars(text.data(), end, value);
+    bool good = !text.empty() && status == std::errc() && stop == end;
+    if constexpr (std::is_floating_point_v<T>) good = good && std::isfinite(value);
+    return good;
+  }
+
   template <typename T>
   T parsed(const std::string& key, const char* what, T low, T high) const {
     const std::string text = get(key);
     T value{};
-    const char* end = text.data() + text.size();
-    const auto [stop, status] = std::from_chars(text.data(), end, value);
-    bool good = status == std::errc() && stop == end;
-    if constexpr (std::is_floating_point_v<T>) good = good && std::isfinite(value);
+    const bool good = whole_number(text, value);
     const bool bounded = low != std::numeric_limits<T>::lowest() || high != std::numeric_limits<T>::max();
     require(good && value >= low && value <= high, "CacheOptions: option '", key, "' must be ", what,
             bounded ? detail::concat(" in [", low, ", ", high, "]") : std::string(), " (got '", text, "')");
