@@ -55,8 +55,9 @@ std::unique_ptr<lexico::KVCache> make(int kind, int buffer, int flush, float ato
     case 4: {  // 4: keys coded before RoPE
       lexico::LexicoOptions options = lexico_options(buffer, flush, atom_pool);
       options.pack_indices = kind != 3;
-      if (kind == 4) options.key_rope = lexico::Rope(head_dim, 10000.0f, lexico::RopeStyle::rotate_half);
-      return std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options);
+      lexico::CodeSpaceOptions space;
+      if (kind == 4) space.key_rope = lexico::Rope(head_dim, 10000.0f, lexico::RopeStyle::rotate_half);
+      return std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options, space);
     }
     case 1: return std::make_unique<lexico::DenseCache<float>>(shape);
     default: return std::make_unique<lexico::DenseCache<Eigen::half>>(shape);

@@ -76,6 +76,7 @@ RESULTS_DIR = REPO / "results"
 RUNS_DIR = RESULTS_DIR / "runs"
 PLOTS_DIR = RESULTS_DIR / "plots"
 DICTIONARIES_PATH = RESULTS_DIR / "dictionaries.json"  # what the report says of each dictionary set
+SHARED_STATE_PATH = RESULTS_DIR / "shared_state.json"  # per-model bytes measured by `shared`
 CSV_PATH = RESULTS_DIR / "results.csv"
 REPORT_PATH = REPO / "RESULTS.md"
 DEFAULT_EVAL = REPO / "build-results" / "examples" / "lexico-eval"
@@ -1390,10 +1391,66 @@ def write_report(quiet=False):
         md.append(markdown_table(["KV %", "method", "setting", "mean NLL", "ΔNLL", "KL", "top-1 %", "tok/s",
                                   "Pareto"], table))
         md.append("")
+    md += shared_state_section()
     REPORT_PATH.write_text("\n".join(md) + "\n")
     if not quiet:
         print(f"results_sweep: {len(runs)} runs -> {REPORT_PATH.relative_to(REPO)}, "
               f"{CSV_PATH.relative_to(REPO)}, {PLOTS_DIR.relative_to(REPO)}/", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- shared state
+
+def cmd_shared(args):
+    """Measures, per dictionary set and Gram policy, the per-model state lexico-eval builds:
+    two Lexico caches on one set (they must share it), one short window."""
+    records = json.loads(SHARED_STATE_PATH.read_text()) if SHARED_STATE_PATH.exists() else {}
+    for spec in args.dict:
+        name, _, directory = spec.partition("=")
+        if name not in MODELS or not directory:
+            sys.exit(f"results_sweep shared: --dict {spec}: expected NAME=DIR with NAME one of {', '.join(MODELS)}")
+        manifest = read_manifest(directory)
+        if manifest is None:
+            sys.exit(f"results_sweep shared: {directory} holds no complete dictionary set")
+        model = MODELS[name]
+        for policy in ("fp16", "on_demand"):
+            cmd = [str(args.eval), "--model", str(model["path"]), "--tokens" if model["corpus"][0] == "tokens" else "--text",
+                   str(model["corpus"][1]), "--window", "128", "--windows", "1", "--prefill", "64", "--json"]
+            for s in (4, 8):
+                cmd += ["--cache", f"lexico:dict={directory},s={s},gram={policy}"]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+            records[f"{name} {policy}"] = {
+                "model": name, "policy": policy, "layers": manifest["layers"], "head_dim": manifest["head_dim"],
+                "atoms": manifest["atoms"], "bytes_shared": runs[0]["bytes_shared"],
+                "bytes_each_cache": [r["bytes_cache_shared"] for r in runs],
+                "peak_rss_bytes": runs[0]["peak_rss_bytes"],
+                "command": " ".join(relative(c) if "/" in c else c for c in cmd)}
+            print(f"{name} {policy}: shared {runs[0]['bytes_shared'] / 2**20:.1f} MiB, "
+                  f"peak RSS {runs[0]['peak_rss_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+    SHARED_STATE_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    write_report()
+
+
+def shared_state_section():
+    if not SHARED_STATE_PATH.exists():
+        return []
+    records = json.loads(SHARED_STATE_PATH.read_text())
+    rows = []
+    for key in sorted(records, key=lambda k: (model_order(records[k]["model"]), records[k]["policy"])):
+        r = records[key]
+        fp16_atoms = 2 * r["layers"] * r["head_dim"] * r["atoms"] * 2
+        rows.append([r["model"], f"{r['layers']} x 2 x {r['head_dim']} x {r['atoms']}", r["policy"],
+                     f"{r['bytes_shared'] / 2**20:.1f}", f"{r['bytes_shared'] / fp16_atoms:.1f}x",
+                     f"{r['peak_rss_bytes'] / 2**20:.0f}", f"`{r['command']}`"])
+    return ["## Per-model state", "",
+            "What every sequence's Lexico cache refers to and none copies: one CodeSpace per dictionary set "
+            "(atoms in fp32, atoms packed for the encoder, the Gram matrix in the form of the policy, idle encoder "
+            "workspaces), measured by `lexico-eval --json` (`bytes_shared`) with two Lexico caches on the same set, "
+            "which count it once; peak RSS is the whole process (model weights included). Regenerate with "
+            "`/usr/bin/python3 bench/results_sweep.py shared --dict NAME=DIR`. Coding speed under each policy is "
+            "in BENCHMARKS.md.", "",
+            markdown_table(["model", "dictionaries (L x K/V x d x N)", "Gram policy", "shared MiB",
+                            "x fp16 atoms", "peak RSS MiB", "command"], rows), ""]
 
 
 # ----------------------------------------------------------------------------- main
@@ -1423,9 +1480,14 @@ def main():
     run.add_argument("--add-per-token", action="store_true",
                      help="also re-run finished settings whose run file lacks the per-token ΔNLL")
     sub.add_parser("report", help="write results.csv, plots and RESULTS.md from results/runs/")
+    shared = sub.add_parser("shared", help="measure the per-model state of dictionary sets, then write the report")
+    shared.add_argument("--eval", default=str(DEFAULT_EVAL), help="the lexico-eval binary")
+    shared.add_argument("--dict", action="append", default=[], metavar="NAME=DIR", required=True)
     args = parser.parse_args()
     if args.command == "run":
         cmd_run(args)
+    elif args.command == "shared":
+        cmd_shared(args)
     else:
         write_report()
 

@@ -13,8 +13,11 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
+
+#include <sys/resource.h>
 
 #include <lexico/cache/factory.hpp>
 #include <lexico/model/llama.hpp>
@@ -170,18 +173,36 @@ Reference dense_reference(lexico::LlamaRunner& runner, const std::vector<int>& t
   return reference;
 }
 
-void print_json(const Args& args, const Result& r, int window, std::size_t windows, int prefill) {
+// The process's peak resident set (getrusage: ru_maxrss is in KiB on Linux).
+std::size_t peak_rss_bytes() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<std::size_t>(usage.ru_maxrss) * 1024;
+}
+
+// Shared per-model bytes of every cache built, each shared state counted once.
+std::size_t shared_bytes(const std::vector<Result>& results) {
+  std::set<const void*> counted;
+  std::size_t total = 0;
+  for (const Result& r : results)
+    if (r.cache->shared_state() && counted.insert(r.cache->shared_state()).second) total += r.cache->shared_bytes();
+  return total;
+}
+
+void print_json(const Args& args, const Result& r, int window, std::size_t windows, int prefill, std::size_t shared) {
   const lexico::CacheBytes bytes = r.cache->bytes();
   std::printf(
       "{\"model\": \"%s\", \"cache\": \"%s\", \"parameters\": \"%s\", \"window\": %d, \"windows\": %zu, "
       "\"prefill\": %d, \"scored_tokens\": %ld, \"mean_nll\": %.6f, \"perplexity\": %.4f, "
       "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"delta_nll_se\": %.6f, \"mean_kl\": %.7f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
-      "\"bytes_payload\": %zu, \"bytes_metadata\": %zu, \"bytes_buffer\": %zu, \"tokens_per_second\": %.2f, "
+      "\"bytes_payload\": %zu, \"bytes_metadata\": %zu, \"bytes_buffer\": %zu, \"bytes_overhead\": %zu, "
+      "\"bytes_cache_shared\": %zu, \"bytes_shared\": %zu, \"peak_rss_bytes\": %zu, \"tokens_per_second\": %.2f, "
       "\"prefill_tokens_per_second\": %.2f",
       args.model.c_str(), r.cache->name().c_str(), r.cache->parameters().c_str(), window, windows, prefill, r.scored,
       r.mean_nll(), std::exp(r.mean_nll()), r.dense_mean_nll(), r.mean_nll() - r.dense_mean_nll(), r.delta_nll_se(),
       r.mean_kl(),
-      r.top1(), r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.decode_rate(), r.prefill_rate());
+      r.top1(), r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.cache->overhead_bytes(),
+      r.cache->shared_bytes(), shared, peak_rss_bytes(), r.decode_rate(), r.prefill_rate());
   if (args.per_token) {
     std::printf(", \"token_delta_nll\": [");
     for (std::size_t i = 0; i < r.token_delta.size(); ++i) std::printf(i ? ",%.6g" : "%.6g", r.token_delta[i]);
@@ -263,12 +284,15 @@ int run(const Args& args) {
     }
   }
   if (args.json) {
-    for (const Result& r : results) print_json(args, r, window, windows.size(), prefill);
+    const std::size_t shared = shared_bytes(results);
+    for (const Result& r : results) print_json(args, r, window, windows.size(), prefill, shared);
     return 0;
   }
   std::printf("model %s, %zu window(s) of %d tokens, prefill %d, %ld scored tokens per cache\n", args.model.c_str(),
               windows.size(), window, prefill, results.front().scored);
   print_table(results);
+  std::printf("shared per-model state %.1f MiB, peak resident set %.1f MiB\n", shared_bytes(results) / 1048576.0,
+              peak_rss_bytes() / 1048576.0);
   return 0;
 }
 

@@ -1,8 +1,10 @@
 // The dense cache and the attention kernels against a naive attention written here.
 #include <lexico/cache/dense.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -99,7 +101,8 @@ TEST(DenseCache, PrefillThenDecodeEqualsTokenByToken) {
   const Eigen::Index split = 25;
   RowMatrix block_out(split, b.q_heads * b.head_dim), step_out(split, b.q_heads * b.head_dim);
   block_cache.prefill(0, b.keys.topRows(split), b.values.topRows(split), b.queries.topRows(split), block_out);
-  // A layer that already holds tokens takes a block token by token.
+  // A layer that already holds tokens takes the block as a chunk: attention to the held
+  // tokens merged with the block's own causal attention.
   step_cache.prefill(0, b.keys.topRows(1), b.values.topRows(1), b.queries.topRows(1), step_out.topRows(1));
   step_cache.prefill(0, b.keys.middleRows(1, split - 1), b.values.middleRows(1, split - 1),
                      b.queries.middleRows(1, split - 1), step_out.bottomRows(split - 1));
@@ -110,6 +113,103 @@ TEST(DenseCache, PrefillThenDecodeEqualsTokenByToken) {
     block_cache.decode(0, b.keys.row(t).data(), b.values.row(t).data(), q, a);
     step_cache.decode(0, b.keys.row(t).data(), b.values.row(t).data(), q, c);
     EXPECT_LT((a - c).cwiseAbs().maxCoeff(), 1e-5f);
+  }
+}
+
+// A sliding window through erase_front() against a plain copy of the window: same rows
+// at every step, and storage bounded by a small multiple of the window (the erased rows
+// are compacted away once they outnumber the held ones).
+TEST(TokenStore, EraseFrontSlidesAWindowInBoundedStorage) {
+  constexpr int heads = 2, d = 32, window = 5;
+  lexico::TokenStore<Eigen::half> store(heads, d);
+  std::mt19937 rng(4);
+  const RowMatrix tokens = random_rows(400, heads * d, rng);
+  std::size_t largest = 0;
+  for (Eigen::Index t = 0; t < tokens.rows(); ++t) {
+    store.append(tokens.row(t).data());
+    if (store.tokens() > window) store.erase_front(t % 3 == 0 ? 2 : 1);
+    const Eigen::Index held = store.tokens(), first = t + 1 - held;
+    ASSERT_LE(held, window);
+    ASSERT_EQ(store.bytes(), static_cast<std::size_t>(held * heads * d) * sizeof(Eigen::half));
+    for (int h = 0; h < heads; ++h) {
+      ASSERT_EQ(store.head_tokens(h), held);
+      for (Eigen::Index i = 0; i < held; ++i) {
+        float row[d];
+        store.row(h, i, row);
+        for (int c = 0; c < d; ++c)
+          ASSERT_EQ(row[c], static_cast<float>(Eigen::half(tokens(first + i, h * d + c)))) << t << " " << h << " " << i;
+      }
+    }
+    largest = std::max(largest, store.overhead_bytes());
+  }
+  // Held plus erased rows stay below 2 windows + 2, capacity below twice that.
+  EXPECT_LE(largest, 4 * static_cast<std::size_t>((window + 2) * heads * d) * sizeof(Eigen::half) +
+                        2 * sizeof(std::vector<Eigen::half>));
+  EXPECT_THROW(store.erase_front(window + 1), lexico::error);
+}
+
+// erase_back(), truncate() and per-head erase() after the front moved: the rows left are
+// the ones a plain copy keeps, and scores/accumulate read them.
+TEST(TokenStore, EraseBackTruncateAndPerHeadErase) {
+  constexpr int heads = 2, d = 16;
+  lexico::TokenStore<float> store(heads, d);
+  RowMatrix tokens(10, heads * d);
+  for (Eigen::Index t = 0; t < 10; ++t) tokens.row(t).setConstant(static_cast<float>(t));
+  for (Eigen::Index t = 0; t < 10; ++t) store.append(tokens.row(t).data());
+  store.erase_front(3);  // 3..9
+  store.erase_back(2);   // 3..7
+  EXPECT_EQ(store.tokens(), 5);
+  store.truncate(4);     // 3..6
+  EXPECT_EQ(store.tokens(), 4);
+  EXPECT_THROW(store.truncate(5), lexico::error);
+  EXPECT_THROW(store.erase_back(5), lexico::error);
+  store.erase(1, 1);     // head 1: 3, 5, 6
+  const auto first_column = [&](int h) {
+    std::vector<float> values;
+    float row[d];
+    for (Eigen::Index t = 0; t < store.head_tokens(h); ++t) {
+      store.row(h, t, row);
+      values.push_back(row[0]);
+    }
+    return values;
+  };
+  EXPECT_EQ(first_column(0), (std::vector<float>{3, 4, 5, 6}));
+  EXPECT_EQ(first_column(1), (std::vector<float>{3, 5, 6}));
+  // Attention reads the same rows: one query of ones scores each token at 16 x its value.
+  float query[d];
+  std::fill_n(query, d, 1.0f);
+  float scores[3];
+  store.scores(1, query, 1, scores, 3);
+  EXPECT_EQ(std::vector<float>(scores, scores + 3), (std::vector<float>{48, 80, 96}));
+  const float weights[3] = {0.5f, 0.25f, 0.25f};
+  float out[d] = {};
+  store.accumulate(1, weights, 3, 1, out);
+  EXPECT_EQ(out[0], 0.5f * 3 + 0.25f * 5 + 0.25f * 6);
+  store.clear();
+  EXPECT_EQ(store.tokens(), 0);
+  EXPECT_EQ(store.bytes(), 0u);
+  store.append(tokens.row(9).data());
+  EXPECT_EQ(first_column(0), (std::vector<float>{9}));
+}
+
+// Truncation of a dense cache is exact at any length, including into a prefill.
+TEST(DenseCache, TruncateIsExactAtAnyLength) {
+  const Block b = random_block(4, 2, 16, 30, 5);
+  for (Eigen::Index n = 0; n <= 20; n += 4) {
+    lexico::DenseCache<Eigen::bfloat16> cache({1, 2, 16}), reference({1, 2, 16});
+    RowMatrix out(20, b.q_heads * b.head_dim);
+    cache.prefill(0, b.keys.topRows(20), b.values.topRows(20), b.queries.topRows(20), out);
+    EXPECT_EQ(cache.truncate_floor(0), 0);
+    cache.truncate(n);
+    if (n > 0) reference.prefill(0, b.keys.topRows(n), b.values.topRows(n), b.queries.topRows(n), out.topRows(n));
+    EXPECT_EQ(cache.bytes().total(), reference.bytes().total());
+    RowMatrix a(b.q_heads, b.head_dim), c(b.q_heads, b.head_dim);
+    for (Eigen::Index t = n; t < b.tokens; ++t) {
+      RowMatrix q = Eigen::Map<const RowMatrix>(b.queries.row(t).data(), b.q_heads, b.head_dim);
+      cache.decode(0, b.keys.row(t).data(), b.values.row(t).data(), q, a);
+      reference.decode(0, b.keys.row(t).data(), b.values.row(t).data(), q, c);
+      ASSERT_EQ(a, c) << "n = " << n << ", t = " << t;
+    }
   }
 }
 

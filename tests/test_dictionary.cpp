@@ -1,3 +1,4 @@
+#include <lexico/code_book.hpp>
 #include <lexico/dictionary.hpp>
 
 #include <cstdio>
@@ -48,12 +49,21 @@ TEST(Dictionary, AtomsAreUnitNormAndGramMatchesDefinition) {
   EXPECT_EQ(dict.dim(), 16);
   EXPECT_EQ(dict.size(), 40);
   for (int j = 0; j < dict.size(); ++j) EXPECT_NEAR(dict.atoms().col(j).norm(), 1.0f, 1e-6f);
-  const Eigen::MatrixXf& g = dict.gram();
+  const Eigen::MatrixXf g = dict.gram();
   for (int i = 0; i < 40; ++i)
     for (int j = 0; j < 40; ++j) EXPECT_NEAR(g(i, j), dict.atoms().col(i).dot(dict.atoms().col(j)), 1e-5f);
-  const auto& half = dict.gram_half();
-  ASSERT_EQ(half.size(), 1600u);
-  for (int i = 0; i < 1600; ++i) EXPECT_NEAR(static_cast<float>(half[static_cast<std::size_t>(i)]), g.data()[i], 1e-3f);
+  // The encoder's fp16 form (code_book.hpp), in place or computed column by column.
+  const lexico::CodeBook full(dict, lexico::GramPolicy::fp16), low(dict, lexico::GramPolicy::on_demand, 4);
+  std::vector<Eigen::half> column(40);
+  std::vector<float> scratch(64);
+  for (int j = 0; j < 40; ++j) {
+    low.copy_gram_column(j, column.data(), scratch.data());
+    for (int i = 0; i < 40; ++i) {
+      EXPECT_NEAR(static_cast<float>(full.gram_column(j)[i]), g(i, j), 1e-3f);
+      EXPECT_EQ(static_cast<float>(column[static_cast<std::size_t>(i)]), static_cast<float>(full.gram_column(j)[i]));
+    }
+  }
+  EXPECT_EQ(low.gram_column(0), nullptr);
 }
 
 TEST(Dictionary, CoherenceSeesPlantedDuplicate) {

@@ -374,6 +374,54 @@ TEST(Eviction, GqaAttentionMatchesNaiveOverKeptTokens) {
   }
 }
 
+// Truncation floors: tokens appended without attention since the last eviction or
+// score-changing attention can be dropped, and the kept tokens (positions) then equal a
+// cache that never saw them; nothing older can.
+TEST(Eviction, TruncateDropsOnlyWhatWasNeitherEvictedNorAttended) {
+  const int kv_heads = 2, d = 8, steps = 30;
+  std::mt19937 rng(9);
+  const RowMatrix keys = random_rows(steps, kv_heads * d, rng), values = position_values(steps, kv_heads * d);
+  const RowMatrix queries = random_rows(steps, 2 * kv_heads * d, rng);
+  const CacheShape shape{1, kv_heads, d};
+  RowMatrix out(12, 2 * kv_heads * d);
+  // H2O: prefill 12 (scored), 4 decode steps, 3 appended tokens.
+  lexico::H2OCache h2o(shape, {Budget::count(20)}), reference(shape, {Budget::count(20)});
+  for (lexico::H2OCache* cache : {&h2o, &reference}) {
+    cache->prefill(0, keys.topRows(12), values.topRows(12), queries.topRows(12), out);
+    EXPECT_EQ(cache->truncate_floor(0), 12);
+    for (int t = 12; t < 16; ++t) decode(*cache, 0, keys, values, queries, t);
+  }
+  h2o.append(0, 16, keys.middleRows(16, 3), values.middleRows(16, 3));
+  EXPECT_EQ(h2o.truncate_floor(0), 16);
+  EXPECT_THROW(h2o.truncate(15), lexico::error);
+  h2o.truncate(16);
+  for (int t = 16; t < steps; ++t) {
+    decode(h2o, 0, keys, values, queries, t);
+    decode(reference, 0, keys, values, queries, t);
+    for (int h = 0; h < kv_heads; ++h) ASSERT_EQ(kept_positions(h2o, 0, h), kept_positions(reference, 0, h)) << t;
+  }
+  EXPECT_EQ(h2o.bytes().total(), reference.bytes().total());
+  EXPECT_EQ(h2o.truncate_floor(0), steps);  // every step attends
+  // StreamingLLM: free until the budget fills, then every append evicts.
+  lexico::StreamingCache streaming(shape, {Budget::count(10), 2});
+  for (int t = 0; t < 10; ++t) streaming.append(0, keys.row(t).data(), values.row(t).data());
+  EXPECT_EQ(streaming.truncate_floor(0), 0);
+  streaming.truncate(4);
+  EXPECT_EQ(kept_positions(streaming, 0, 1), range(0, 4));
+  for (int t = 4; t < 12; ++t) streaming.append(0, keys.row(t).data(), values.row(t).data());
+  EXPECT_EQ(streaming.truncate_floor(0), 12);
+  EXPECT_THROW(streaming.truncate(11), lexico::error);
+  // SnapKV: the selecting prefill is the floor; decode tokens after it can go.
+  lexico::SnapKVCache snap(shape, {Budget::count(8), 4, 3});
+  snap.prefill(0, keys.topRows(12), values.topRows(12), queries.topRows(12), out);
+  const Positions selected = kept_positions(snap, 0, 0);
+  for (int t = 12; t < 15; ++t) decode(snap, 0, keys, values, queries, t);
+  EXPECT_EQ(snap.truncate_floor(0), 12);
+  snap.truncate(12);
+  EXPECT_EQ(kept_positions(snap, 0, 0), selected);
+  EXPECT_EQ(snap.bytes().total(), kept_bytes(snap));
+}
+
 TEST(Eviction, BudgetParsing) {
   EXPECT_EQ(Budget::parse("256").tokens, 256);
   EXPECT_EQ(Budget::parse("1").tokens, 1);
@@ -405,6 +453,10 @@ TEST(Eviction, BadOptionsRaise) {
   bad[0] = std::nanf("");
   EXPECT_THROW(h2o.append(0, bad.data(), bad.data()), lexico::error);
   EXPECT_EQ(h2o.kept(0), 0);
+  bad[0] = 7e4f;  // beyond fp16, where kept tokens are stored
+  EXPECT_THROW(h2o.append(0, bad.data(), bad.data()), lexico::error);
+  EXPECT_EQ(h2o.kept(0), 0);
+  EXPECT_EQ(h2o.seen(0), 0);
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
+#include <string>
 
 #include <gtest/gtest.h>
 
@@ -199,6 +201,97 @@ TEST(Kivi, ClearForgetsEverything) {
   EXPECT_EQ(cache.stored_keys(0, 0).rows(), 0);
 }
 
+// The truncation floor is the token count at the last quantization: 0 while everything
+// is in the windows, the count at the key block's quantization, then (values leave one
+// per step) the last settled count, so only a token not yet attended can be undone. A
+// truncated layer equals one that never saw the dropped tokens.
+TEST(Kivi, TruncateFloorFollowsTheLastQuantization) {
+  const int heads = 2, d = 32, residual = 32, q_heads = 4;
+  std::mt19937 rng(12);
+  const RowMatrix keys = random_rows(80, heads * d, rng), values = random_rows(80, heads * d, rng);
+  const RowMatrix queries = random_rows(80, q_heads * d, rng);
+  const KiviOptions options{2, 32, residual};
+  KiviCache cache({1, heads, d}, options);
+  RowMatrix out(q_heads, d);
+  for (int t = 0; t < 31; ++t)
+    cache.decode(0, keys.row(t).data(), values.row(t).data(), lexico_test::query_heads(queries, t, d), out);
+  EXPECT_EQ(cache.truncate_floor(0), 0);  // 31 tokens, all in the windows
+  cache.append(0, 31, keys.middleRows(31, 2), values.middleRows(31, 2));
+  // Token 32's append settled 32 tokens: keys 0..31 were quantized.
+  EXPECT_EQ(cache.quantized_keys(0), 32);
+  EXPECT_EQ(cache.truncate_floor(0), 32);
+  EXPECT_THROW(cache.truncate(31), lexico::error);
+  cache.truncate(32);
+  KiviCache reference({1, heads, d}, options);
+  for (int t = 0; t < 31; ++t)
+    reference.decode(0, keys.row(t).data(), values.row(t).data(), lexico_test::query_heads(queries, t, d), out);
+  reference.decode(0, keys.row(31).data(), values.row(31).data(), lexico_test::query_heads(queries, 31, d), out);
+  for (int h = 0; h < heads; ++h) {
+    EXPECT_EQ(cache.stored_keys(0, h), reference.stored_keys(0, h));
+    EXPECT_EQ(cache.stored_values(0, h), reference.stored_values(0, h));
+  }
+  EXPECT_EQ(cache.bytes().total(), reference.bytes().total());
+  // From 33 tokens on every settle quantizes a value: one unattended token can go.
+  for (int t = 32; t < 40; ++t)
+    cache.decode(0, keys.row(t).data(), values.row(t).data(), lexico_test::query_heads(queries, t, d), out);
+  EXPECT_EQ(cache.truncate_floor(0), 40);
+  cache.append(0, keys.row(40).data(), values.row(40).data());
+  EXPECT_EQ(cache.truncate_floor(0), 40);
+  cache.truncate(40);
+  EXPECT_EQ(cache.residual_values(0), residual);
+  EXPECT_EQ(cache.quantized_values(0), 40 - residual);
+  EXPECT_EQ(cache.bytes().total(), kivi_bytes(40, heads, d, 2, 32, residual));
+}
+
+// A block prefilled after a token that was appended but not attended (its window full of
+// keys, not yet quantized): every tile of the block sees the held tokens settled, as the
+// block's first append leaves them, and the cache ends as if the block was appended.
+TEST(Kivi, ChunkedPrefillSeesTheSettledWindows) {
+  const int heads = 2, d = 32, residual = 32, q_heads = 4, held = 32, block = 40;
+  std::mt19937 rng(13);
+  const RowMatrix keys = random_rows(held + block, heads * d, rng), values = random_rows(held + block, heads * d, rng);
+  const RowMatrix queries = random_rows(held + block, q_heads * d, rng);
+  const KiviOptions options{2, 32, residual};
+  KiviCache chunked({1, heads, d}, options), settled({1, heads, d}, options), appended({1, heads, d}, options);
+  RowMatrix out(q_heads, d);
+  for (KiviCache* cache : {&chunked, &settled, &appended}) {
+    for (int t = 0; t < held - 1; ++t)
+      cache->decode(0, keys.row(t).data(), values.row(t).data(), lexico_test::query_heads(queries, t, d), out);
+    cache->append(0, keys.row(held - 1).data(), values.row(held - 1).data());
+  }
+  ASSERT_EQ(chunked.residual_keys(0), residual);  // not yet quantized
+  settled.attend(0, lexico_test::query_heads(queries, held - 1, d), out);
+  ASSERT_EQ(settled.quantized_keys(0), residual);
+  RowMatrix block_out(block, q_heads * d);
+  chunked.prefill(0, held, keys.bottomRows(block), values.bottomRows(block), queries.bottomRows(block), block_out);
+  // Reference in double: the settled held tokens, then block tokens 0..t exactly.
+  const int group = q_heads / heads;
+  for (int h = 0; h < heads; ++h) {
+    const Eigen::MatrixXd held_keys = settled.stored_keys(0, h).cast<double>();
+    const Eigen::MatrixXd held_values = settled.stored_values(0, h).cast<double>();
+    for (int t = 0; t < block; ++t) {
+      Eigen::MatrixXd k(held + t + 1, d), v(held + t + 1, d);
+      k.topRows(held) = held_keys;
+      v.topRows(held) = held_values;
+      k.bottomRows(t + 1) = keys.block(held, h * d, t + 1, d).cast<double>();
+      v.bottomRows(t + 1) = values.block(held, h * d, t + 1, d).cast<double>();
+      for (int g = 0; g < group; ++g) {
+        const int qh = h * group + g;
+        const Eigen::VectorXd want = lexico_test::naive_attention(
+            queries.row(held + t).segment(qh * d, d).transpose().cast<double>(), k, v);
+        for (int i = 0; i < d; ++i)
+          ASSERT_NEAR(block_out(t, qh * d + i), want(i), 2e-5) << "token " << t << " head " << qh;
+      }
+    }
+  }
+  appended.append(0, held, keys.bottomRows(block), values.bottomRows(block));
+  for (int h = 0; h < heads; ++h) {
+    EXPECT_EQ(chunked.stored_keys(0, h), appended.stored_keys(0, h));
+    EXPECT_EQ(chunked.stored_values(0, h), appended.stored_values(0, h));
+  }
+  EXPECT_EQ(chunked.bytes().total(), appended.bytes().total());
+}
+
 TEST(Kivi, BadOptionsRaise) {
   const lexico::CacheShape shape{1, 2, 32};
   EXPECT_THROW(KiviCache(shape, KiviOptions{3, 32, 128}), lexico::error);   // bits
@@ -214,6 +307,11 @@ TEST(Kivi, BadOptionsRaise) {
   EXPECT_THROW(cache.append(0, bad.data(), good.data()), lexico::error);
   bad[5] = 1e6f;
   EXPECT_THROW(cache.append(0, good.data(), bad.data()), lexico::error);
+  try {
+    cache.append(0, good.data(), bad.data());
+  } catch (const lexico::error& e) {
+    EXPECT_NE(std::string(e.what()).find("value element 5 is 1e+06"), std::string::npos) << e.what();
+  }
   RowMatrix block = RowMatrix::Ones(3, 64), q = RowMatrix::Ones(3, 64), out(3, 64);
   block(2, 7) = std::numeric_limits<float>::infinity();
   EXPECT_THROW(cache.prefill(0, block, block, q, out), lexico::error);

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -67,10 +68,30 @@ void rotate_rows(Eigen::MatrixXd& rows, const lexico::Rope& rope, Eigen::Index f
   }
 }
 
+// Appends one head's keys as the cache holds them in fp16: rounded as they are, or, when
+// it codes keys before RoPE, un-rotated from their positions first, first + 1, ...,
+// rounded, and rotated back.
+void append_held_keys(Eigen::MatrixXd& rows, const RowMatrix& tokens, int head, int d,
+                      const std::optional<lexico::Rope>& rope) {
+  if (!rope) return append_fp16(rows, tokens, head, d);
+  const Eigen::Index first = rows.rows();
+  RowMatrix unrotated = tokens.middleCols(head * d, d);
+  std::vector<float> cos(static_cast<std::size_t>(rope->pairs())), sin(cos.size());
+  for (Eigen::Index t = 0; t < unrotated.rows(); ++t) {  // the angles the cache un-rotates a token with
+    rope->consecutive_angles(first + t, 1, cos.data(), sin.data());
+    rope->rotate(unrotated.row(t).data(), cos.data(), sin.data(), true);
+  }
+  Eigen::MatrixXd held(0, d);
+  append_fp16(held, unrotated, 0, d);
+  rotate_rows(held, *rope, first);
+  rows.conservativeResize(first + held.rows(), d);
+  rows.bottomRows(held.rows()) = held;
+}
+
 // Attention in double over explicit K̂, V̂: sinks (fp16), coded rows tier by tier
 // (oldest first; rotated to their positions when keys are coded before RoPE), then the
 // fp16 buffer.
-RowMatrix reference_attention(const lexico::LexicoCache& cache, const lexico::LexicoOptions& options, int layer,
+RowMatrix reference_attention(const lexico::LexicoCache& cache, const std::optional<lexico::Rope>& rope, int layer,
                               const RowMatrix& queries,
                               const RowMatrix& key_sinks, const RowMatrix& value_sinks, const RowMatrix& key_buffer,
                               const RowMatrix& value_buffer) {
@@ -79,18 +100,18 @@ RowMatrix reference_attention(const lexico::LexicoCache& cache, const lexico::Le
   RowMatrix out(queries.rows(), shape.head_dim);
   for (int h = 0; h < shape.kv_heads; ++h) {
     Eigen::MatrixXd keys(0, shape.head_dim), values(0, shape.head_dim);
-    append_fp16(keys, key_sinks, h, shape.head_dim);
+    append_held_keys(keys, key_sinks, h, shape.head_dim, rope);
     append_fp16(values, value_sinks, h, shape.head_dim);
     for (int tier = 0; tier < cache.code_tiers(); ++tier) {
       Eigen::MatrixXd k = reconstruct(cache.key_codes(layer, h, tier), cache.key_dictionary(layer));
-      if (options.key_rope) rotate_rows(k, *options.key_rope, keys.rows());
+      if (rope) rotate_rows(k, *rope, keys.rows());
       const Eigen::MatrixXd v = reconstruct(cache.value_codes(layer, h, tier), cache.value_dictionary(layer));
       keys.conservativeResize(keys.rows() + k.rows(), Eigen::NoChange);
       keys.bottomRows(k.rows()) = k;
       values.conservativeResize(values.rows() + v.rows(), Eigen::NoChange);
       values.bottomRows(v.rows()) = v;
     }
-    append_fp16(keys, key_buffer, h, shape.head_dim);
+    append_held_keys(keys, key_buffer, h, shape.head_dim, rope);
     append_fp16(values, value_buffer, h, shape.head_dim);
     for (int g = 0; g < group; ++g) {
       const Eigen::VectorXd q = queries.row(h * group + g).transpose().cast<double>();
@@ -111,6 +132,18 @@ struct Sequence {
   RowMatrix keys, values, queries;
 };
 
+// Cache options and the RoPE of a CodeSpace that codes keys before it (if any).
+struct Config {
+  lexico::LexicoOptions options;
+  std::optional<lexico::Rope> rope;
+};
+
+lexico::CodeSpaceOptions space_options(const Config& config) {
+  lexico::CodeSpaceOptions space;
+  space.key_rope = config.rope;
+  return space;
+}
+
 Sequence random_sequence(Eigen::Index tokens, int kv_heads, int q_heads, int d, unsigned seed) {
   std::mt19937 rng(seed);
   return {random_rows(tokens, kv_heads * d, rng), random_rows(tokens, kv_heads * d, rng),
@@ -121,13 +154,15 @@ RowMatrix query_at(const Sequence& s, Eigen::Index t, int q_heads, int d) {
   return Eigen::Map<const RowMatrix>(s.queries.row(t).data(), q_heads, d);
 }
 
-void check_against_reconstruction(int kv_heads, int q_heads, int layers, lexico::LexicoOptions options = {}) {
+void check_against_reconstruction(int kv_heads, int q_heads, int layers, Config config = {}) {
   const int d = 16, n = 64, tokens = 70;
+  lexico::LexicoOptions& options = config.options;
   options.key_sparsity = 4;
   options.value_sparsity = 6;
   options.buffer = 8;
   options.flush = 5;
-  lexico::LexicoCache cache({layers, kv_heads, d}, random_dictionaries(layers, d, n, 11), options);
+  lexico::LexicoCache cache({layers, kv_heads, d}, random_dictionaries(layers, d, n, 11), options,
+                            space_options(config));
   const Sequence s = random_sequence(tokens, kv_heads, q_heads, d, 12);
   RowMatrix out(q_heads, d);
   for (Eigen::Index t = 0; t < tokens; ++t) {
@@ -140,7 +175,7 @@ void check_against_reconstruction(int kv_heads, int q_heads, int layers, lexico:
       ASSERT_LE(buffered, options.buffer);
       for (int tier = 1; tier < cache.code_tiers(); ++tier)
         ASSERT_LE(static_cast<int>(cache.key_codes(l, 0, tier).rows()), options.tiers[static_cast<std::size_t>(cache.code_tiers() - 1 - tier)].tokens);
-      const RowMatrix want = reference_attention(cache, options, l, query_at(s, t, q_heads, d), s.keys.topRows(sinks),
+      const RowMatrix want = reference_attention(cache, config.rope, l, query_at(s, t, q_heads, d), s.keys.topRows(sinks),
                                                  s.values.topRows(sinks), s.keys.middleRows(sinks + coded, buffered),
                                                  s.values.middleRows(sinks + coded, buffered));
       ASSERT_LT(relative_error(out, want), 1e-5) << "token " << t << " layer " << l;
@@ -154,20 +189,20 @@ TEST(LexicoCache, EqualsAttentionOverReconstructedKV_Gqa2ThreeLayers) { check_ag
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_OddGroup) { check_against_reconstruction(1, 5, 1); }
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_NoGqa) { check_against_reconstruction(2, 2, 2); }
 
-lexico::LexicoOptions with_sinks_and_tiers() {
-  lexico::LexicoOptions options;
-  options.sinks = 3;
-  options.tiers = {{6, 12, 10}, {9, 8, 7}};  // newest first
-  return options;
+Config with_sinks_and_tiers() {
+  Config config;
+  config.options.sinks = 3;
+  config.options.tiers = {{6, 12, 10}, {9, 8, 7}};  // newest first
+  return config;
 }
 
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_SinksAndTiers) {
   check_against_reconstruction(2, 8, 2, with_sinks_and_tiers());
 }
 
-lexico::LexicoOptions keys_before_rope(lexico::LexicoOptions options, lexico::RopeStyle style) {
-  options.key_rope = lexico::Rope(16, 10000.0f, style);
-  return options;
+Config keys_before_rope(Config config, lexico::RopeStyle style) {
+  config.rope = lexico::Rope(16, 10000.0f, style);
+  return config;
 }
 
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_KeysBeforeRope) {
@@ -196,10 +231,11 @@ TEST(LexicoCache, KeysBeforeRopeRecoverRotatedSparseKeys) {
   }
   const RowMatrix queries = lexico_test::random_rows(1, q * d, rng) * 2.0f;  // peaked attention
   // Relative error of the coded keys (before RoPE when coded so) and of the attention output.
-  const auto errors = [&](lexico::LexicoOptions options) {
+  const auto errors = [&](Config config) {
+    lexico::LexicoOptions& options = config.options;
     options.key_sparsity = options.value_sparsity = 4;
     options.buffer = 0;
-    lexico::LexicoCache cache({1, kv, d}, dicts, options);
+    lexico::LexicoCache cache({1, kv, d}, dicts, options, space_options(config));
     RowMatrix out(q, d);
     for (Eigen::Index t = 0; t < tokens; ++t) cache.append(0, keys.row(t).data(), values.row(t).data());
     const RowMatrix query = Eigen::Map<const RowMatrix>(queries.data(), q, d);
@@ -209,12 +245,12 @@ TEST(LexicoCache, KeysBeforeRopeRecoverRotatedSparseKeys) {
     RowMatrix want(q, d);
     dense.attend(0, query, want);
     Eigen::MatrixXd coded = reconstruct(cache.key_codes(0, 0), *dicts[0].keys);
-    if (options.key_rope) rotate_rows(coded, rope, 0);
+    if (config.rope) rotate_rows(coded, rope, 0);
     return std::make_pair((coded - keys.cast<double>()).norm() / keys.cast<double>().norm(),
                           relative_error(out, want));
   };
-  lexico::LexicoOptions coded_before_rope;
-  coded_before_rope.key_rope = rope;
+  Config coded_before_rope;
+  coded_before_rope.rope = rope;
   const auto [key_before, out_before] = errors(coded_before_rope);
   const auto [key_after, out_after] = errors({});
   EXPECT_LT(key_before, 0.05);
@@ -225,7 +261,7 @@ TEST(LexicoCache, KeysBeforeRopeRecoverRotatedSparseKeys) {
 
 TEST(LexicoCache, TiersReCodeAgingTokensAtLowerSparsity) {
   const int d = 16, kv = 1, tokens = 60;
-  lexico::LexicoOptions options = with_sinks_and_tiers();
+  lexico::LexicoOptions options = with_sinks_and_tiers().options;
   options.buffer = 4;
   options.flush = 1;
   lexico::LexicoCache cache({1, kv, d}, random_dictionaries(1, d, 48, 21), options);
@@ -271,12 +307,14 @@ TEST(LexicoCache, EqualsDenseFp16WhileEverythingIsBuffered) {
   EXPECT_EQ(cache.bytes().total(), dense.bytes().total());
 }
 
-void check_prefill_then_decode(lexico::LexicoOptions options) {
+void check_prefill_then_decode(Config config) {
   const int d = 16, kv = 2, q = 4, prompt = 50, tokens = 65;
+  lexico::LexicoOptions& options = config.options;
   options.buffer = 12;
   options.flush = 1;  // one-by-one then codes exactly the tokens a prefill codes
   const auto dicts = random_dictionaries(1, d, 48, 5);
-  lexico::LexicoCache prefilled({1, kv, d}, dicts, options), streamed({1, kv, d}, dicts, options);
+  lexico::LexicoCache prefilled({1, kv, d}, dicts, options, space_options(config)),
+      streamed({1, kv, d}, dicts, options, space_options(config));
   const Sequence s = random_sequence(tokens, kv, q, d, 6);
   RowMatrix block_out(prompt, q * d), a(q, d), b(q, d);
   prefilled.prefill(0, s.keys.topRows(prompt), s.values.topRows(prompt), s.queries.topRows(prompt), block_out);
@@ -298,9 +336,9 @@ TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_KeysBeforeRope) {
   check_prefill_then_decode(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half));
 }
 
-lexico::LexicoOptions pooled(lexico::LexicoOptions options) {
-  options.atom_pool = 2.0f;
-  return options;
+Config pooled(Config config) {
+  config.options.atom_pool = 2.0f;
+  return config;
 }
 
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_PooledAtoms) {
@@ -315,7 +353,7 @@ TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_PooledAtoms) {
 // Every flush's vectors hold s atoms each on average, some more, some fewer.
 TEST(LexicoCache, PooledAtomsKeepTheAverageSparsityPerFlush) {
   const int d = 16, kv = 2, flushes = 4, flush = 10, tokens = 12 + flushes * flush;
-  lexico::LexicoOptions options = pooled({});
+  lexico::LexicoOptions options = pooled({}).options;
   options.key_sparsity = 4;
   options.value_sparsity = 3;
   options.buffer = 12;
@@ -345,10 +383,10 @@ TEST(LexicoCache, PooledAtomsKeepTheAverageSparsityPerFlush) {
   }
 }
 
-lexico::LexicoOptions pooled_long_term_only(lexico::LexicoOptions options) {
-  options = pooled(options);
-  options.pool_recent_tiers = false;
-  return options;
+Config pooled_long_term_only(Config config) {
+  config = pooled(config);
+  config.options.pool_recent_tiers = false;
+  return config;
 }
 
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_PooledLongTermOnly) {
@@ -364,7 +402,7 @@ TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_PooledLongTermOnly) {
 // and only the long-term codes share atoms: s per vector on average, up to 2s.
 TEST(LexicoCache, PooledLongTermOnlyLeavesRecentTiersFixed) {
   const int d = 16, kv = 2, tokens = 90;
-  lexico::LexicoOptions options = pooled_long_term_only(with_sinks_and_tiers());
+  lexico::LexicoOptions options = pooled_long_term_only(with_sinks_and_tiers()).options;
   options.buffer = 8;
   options.flush = 4;
   lexico::LexicoCache cache({1, kv, d}, random_dictionaries(1, d, 64, 9), options);

@@ -448,7 +448,7 @@ TEST(LlamaErrors, RunnerRejectsBadTokensAndCaches) {
   DenseCache<float> uneven(model.config().cache_shape());
   std::vector<float> kv(static_cast<std::size_t>(model.config().kv_width()), 0.0f);
   uneven.append(3, kv.data(), kv.data());
-  EXPECT_NE(error_of([&] { runner.decode(1, uneven); }).find("cache layer 3 holds 1 tokens, layer 0 0"),
+  EXPECT_NE(error_of([&] { runner.decode(1, uneven); }).find("cache layer 3 is at position 1, layer 0 at 0"),
             std::string::npos);
 }
 

@@ -18,7 +18,6 @@
 
 namespace {
 
-using lexico::CompactCodes;
 using lexico::Dictionary;
 using lexico::OmpEncoder;
 using lexico::OmpOptions;
@@ -428,7 +427,7 @@ TEST(Omp, BadInputThrowsWithContext) {
   EXPECT_EQ(codes.vectors(), 0);
 }
 
-TEST(Omp, CompactFormRoundTripsAndNeverOverflows) {
+TEST(Omp, StoredPrecisionRoundTripsAndNeverOverflows) {
   std::mt19937 rng(14);
   const Dictionary dictionary = random_dictionary(32, 256, 8);
   Eigen::MatrixXf vectors = gaussian(32, 50, rng);
@@ -436,9 +435,7 @@ TEST(Omp, CompactFormRoundTripsAndNeverOverflows) {
   vectors.col(1) *= 1e-6f / vectors.col(1).norm();  // and far below 2^-9
   vectors.col(2).setZero();
   const SparseCodes codes = OmpEncoder(dictionary, OmpOptions{8}).encode(vectors);
-  const CompactCodes compact = lexico::compact(codes);
-  EXPECT_EQ(compact.bytes_per_vector(), 8u * 3 + 2);
-  const SparseCodes back = lexico::expand(compact);
+  const SparseCodes back = lexico::stored_precision(codes);
   ASSERT_EQ(back.vectors(), codes.vectors());
   EXPECT_EQ(back.indices, codes.indices);
   EXPECT_EQ(back.counts, codes.counts);

@@ -4,6 +4,8 @@
 #include <lexico/cache/token_quant.hpp>
 
 #include <cmath>
+#include <random>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -158,6 +160,84 @@ TEST(TokenQuant, GqaAttentionMatchesNaiveOverStoredTokens) {
   check_gqa(q8);
   check_gqa(q4);
   check_gqa(fp8);
+}
+
+// CodedRows keeps any prefix of its rows; the calibration stays with them.
+TEST(TokenQuant, CodedRowsTruncate) {
+  lexico::CodedRows<lexico::BlockCodec> rows(2, 32, lexico::q8_0_codec());
+  std::mt19937 rng(9);
+  const RowMatrix tokens = random_rows(6, 64, rng);
+  for (Eigen::Index t = 0; t < 6; ++t) rows.append(tokens.row(t).data());
+  std::vector<float> before(32), after(32);
+  rows.row(1, 3, before.data());
+  rows.truncate(4);
+  EXPECT_EQ(rows.tokens(), 4);
+  EXPECT_EQ(rows.payload_bytes(), 4u * 2 * 32);
+  rows.row(1, 3, after.data());
+  EXPECT_EQ(before, after);
+  EXPECT_THROW(rows.truncate(5), lexico::error);
+  EXPECT_TRUE(rows.calibrated());
+  rows.truncate(0);
+  EXPECT_EQ(rows.payload_bytes(), 0u);
+}
+
+// A block append calibrates FP8 on the whole block; truncate() can go back to that block
+// and no further, and dropping later tokens is exact.
+TEST(TokenQuant, Fp8CalibratesOnTheFirstBlockAndTruncatesToIt) {
+  const int d = 32;
+  std::mt19937 rng(10);
+  RowMatrix keys = random_rows(12, d, rng), values = random_rows(12, d, rng);
+  keys(3, 5) = 40.0f;  // the largest key of the first block: scale 40 / 448
+  keys(9, 1) = 80.0f;  // beyond it, later: saturates
+  lexico::Fp8Cache cache({1, 1, d}, lexico::Fp8Codec()), reference({1, 1, d}, lexico::Fp8Codec());
+  cache.append(0, 0, keys.topRows(6), values.topRows(6));
+  EXPECT_FLOAT_EQ(cache.keys(0).codec().scale(), 40.0f / 448.0f);
+  EXPECT_EQ(cache.truncate_floor(0), 6);
+  cache.append(0, 6, keys.bottomRows(6), values.bottomRows(6));
+  EXPECT_EQ(cache.truncate_floor(0), 6);
+  EXPECT_FLOAT_EQ(cache.stored_keys(0, 0)(9, 1), 40.0f);
+  EXPECT_THROW(cache.truncate(5), lexico::error);
+  cache.truncate(8);
+  reference.append(0, 0, keys.topRows(6), values.topRows(6));
+  reference.append(0, keys.row(6).data(), values.row(6).data());
+  reference.append(0, keys.row(7).data(), values.row(7).data());
+  EXPECT_EQ(cache.stored_keys(0, 0), reference.stored_keys(0, 0));
+  EXPECT_EQ(cache.stored_values(0, 0), reference.stored_values(0, 0));
+  EXPECT_EQ(cache.bytes().total(), reference.bytes().total());
+  // A layer that starts with one token calibrates on it: nothing can be dropped below it.
+  lexico::Fp8Cache single({1, 1, d}, lexico::Fp8Codec());
+  single.append(0, keys.row(0).data(), values.row(0).data());
+  single.append(0, keys.row(1).data(), values.row(1).data());
+  EXPECT_EQ(single.truncate_floor(0), 1);
+  single.truncate(1);
+  EXPECT_EQ(single.seen(0), 1);
+  // q8_0 and q4_0 code every row alone: any length.
+  BlockCache q4({1, 1, d}, lexico::q4_0_codec());
+  q4.append(0, 0, keys, values);
+  EXPECT_EQ(q4.truncate_floor(0), 0);
+  q4.truncate(3);
+  EXPECT_EQ(q4.bytes().payload, 3u * 2 * d / 2);
+}
+
+// A block that fails to code (a q8_0 scale beyond fp16, found after two rows were coded)
+// leaves the layer as it was, calibration included.
+TEST(TokenQuant, AFailedBlockStoresNothing) {
+  const int d = 32;
+  RowMatrix keys = RowMatrix::Ones(4, d), values = RowMatrix::Ones(4, d);
+  values(2, 7) = 1e9f;
+  BlockCache q8({1, 1, d}, lexico::q8_0_codec());
+  q8.append(0, keys.row(0).data(), values.row(0).data());
+  const std::size_t bytes = q8.bytes().total();
+  EXPECT_THROW(q8.append(0, 1, keys.bottomRows(3), values.bottomRows(3)), lexico::error);
+  EXPECT_EQ(q8.seen(0), 1);
+  EXPECT_EQ(q8.bytes().total(), bytes);
+  EXPECT_EQ(q8.keys(0).tokens(), 1);
+  EXPECT_EQ(q8.values(0).tokens(), 1);
+  BlockCache fresh({1, 1, d}, lexico::q8_0_codec());
+  EXPECT_THROW(fresh.append(0, 0, keys, values), lexico::error);
+  EXPECT_EQ(fresh.bytes().total(), 0u);
+  EXPECT_FALSE(fresh.keys(0).calibrated());
+  EXPECT_EQ(fresh.truncate_floor(0), 0);
 }
 
 TEST(TokenQuant, BadInputRaises) {

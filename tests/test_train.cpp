@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include <lexico/cache/lexico_cache.hpp>
 #include <lexico/dictionary_set.hpp>
 #include <lexico/kv_collect.hpp>
 #include <lexico/train.hpp>

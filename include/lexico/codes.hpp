@@ -9,6 +9,7 @@
 // row header (3s + 1 at b = 16). Variable rows, for codes that a residual tolerance
 // stopped early, store only the k entries used plus a one-byte count.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -50,6 +51,10 @@ class CodeStore {
     const int stored = variable_ ? count : sparsity_;
     const std::size_t begin = coefficients_.size(), packed = packed_bytes_;
     packed_bytes_ += index_bytes(stored);
+    grow(indices_, packed_bytes_ + read_slack);
+    grow(coefficients_, begin + static_cast<std::size_t>(stored));
+    grow(scales_, scales_.size() + 1);
+    if (variable_) grow(counts_, counts_.size() + 1);
     indices_.resize(packed_bytes_ + read_slack, 0);
     for (int i = 0; i < count; ++i) {
       const std::size_t bit = static_cast<std::size_t>(i) * static_cast<std::size_t>(index_bits_);
@@ -98,6 +103,11 @@ class CodeStore {
 
   std::size_t payload_bytes() const { return packed_bytes_ + coefficients_.size(); }
   std::size_t metadata_bytes() const { return scales_.size() + counts_.size(); }
+  // Bytes allocated beyond those two: growth room and the read slack.
+  std::size_t spare_bytes() const {
+    return indices_.capacity() - packed_bytes_ + coefficients_.capacity() - coefficients_.size() +
+           scales_.capacity() - scales_.size() + counts_.capacity() - counts_.size();
+  }
 
   // Drops the oldest `count` rows.
   void erase_front(std::size_t count) {
@@ -128,6 +138,12 @@ class CodeStore {
  private:
   // Bytes kept after the last row so that Indices may load 4 bytes at any index.
   static constexpr std::size_t read_slack = 3;
+
+  // Grows by an eighth (at least 256 bytes) rather than doubling: a long sequence's codes
+  // then carry at most ~12 % of unused capacity.
+  static void grow(std::vector<std::uint8_t>& bytes, std::size_t needed) {
+    if (needed > bytes.capacity()) bytes.reserve(std::max(needed, bytes.capacity() + bytes.capacity() / 8 + 256));
+  }
 
   std::size_t index_bytes(int count) const {
     return (static_cast<std::size_t>(count) * static_cast<std::size_t>(index_bits_) + 7) / 8;

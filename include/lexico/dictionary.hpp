@@ -1,6 +1,6 @@
 #pragma once
 // A dictionary: N unit-norm atoms of dimension d, stored as the columns of a d x N
-// matrix, with its Gram matrix G = DᵀD (fp32, and an fp16 copy for atom selection).
+// matrix.
 //
 // File format (little-endian), version 1:
 //   8 bytes  magic "LEXDICT\0"
@@ -16,7 +16,6 @@
 #include <fstream>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -46,13 +45,6 @@ struct Fnv1a {
   }
 };
 
-// Lazily built Gram matrices; shared by copies of a dictionary (its atoms never change).
-struct GramStore {
-  std::once_flag fp32_once, fp16_once;
-  Eigen::MatrixXf fp32;
-  std::vector<Eigen::half> fp16;
-};
-
 }  // namespace detail
 
 class Dictionary {
@@ -60,7 +52,7 @@ class Dictionary {
   static constexpr int max_dim = 256;
   static constexpr int max_atoms = 65536;  // indices fit in uint16
 
-  Dictionary() : grams_(std::make_shared<detail::GramStore>()) {}
+  Dictionary() = default;
 
   // Takes d x N atoms and scales every column to unit norm.
   explicit Dictionary(Eigen::MatrixXf atoms, DictionaryMetadata metadata = {})
@@ -71,27 +63,26 @@ class Dictionary {
   const Eigen::MatrixXf& atoms() const { return atoms_; }
   const DictionaryMetadata& metadata() const { return metadata_; }
 
-  // G = DᵀD, N x N, built on first use (thread-safe).
-  const Eigen::MatrixXf& gram() const {
-    std::call_once(grams_->fp32_once, [this] {
-      grams_->fp32.noalias() = atoms_.transpose() * atoms_;
-    });
-    return grams_->fp32;
+  // out (d floats) = Σ_{i < count} coefficient(i) · atom index(i): decodes one code,
+  // whatever holds it (the encoder's SparseCodes, a CodeStore row).
+  template <typename Index, typename Coefficient>
+  void combine(int count, Index&& index, Coefficient&& coefficient, float* out) const {
+    Eigen::Map<Eigen::VectorXf> vector(out, atoms_.rows());
+    vector.setZero();
+    for (int i = 0; i < count; ++i) {
+      const int atom = static_cast<int>(index(i));
+      require(atom >= 0 && atom < atoms_.cols(), "Dictionary::combine: atom ", atom, " of ", atoms_.cols());
+      vector += coefficient(i) * atoms_.col(atom);
+    }
   }
 
-  // fp16 copy of G, column-major; half the bytes to fetch when only choosing atoms.
-  const std::vector<Eigen::half>& gram_half() const {
-    std::call_once(grams_->fp16_once, [this] {
-      const Eigen::MatrixXf& g = gram();
-      grams_->fp16.resize(static_cast<std::size_t>(g.size()));
-      for (Eigen::Index i = 0; i < g.size(); ++i) grams_->fp16[static_cast<std::size_t>(i)] = Eigen::half(g.data()[i]);
-    });
-    return grams_->fp16;
-  }
+  // G = DᵀD, N x N in fp32, computed on each call (training and diagnostics; the encoder
+  // reads its own form of G, see code_book.hpp).
+  Eigen::MatrixXf gram() const { return atoms_.transpose() * atoms_; }
 
   // Largest |<a_i, a_j>| over distinct atoms: near 1 means near-duplicate atoms.
   float max_coherence() const {
-    const Eigen::MatrixXf& g = gram();
+    const Eigen::MatrixXf g = gram();
     float worst = 0.0f;
     for (Eigen::Index j = 0; j < g.cols(); ++j)
       for (Eigen::Index i = 0; i < g.rows(); ++i)
@@ -105,7 +96,7 @@ class Dictionary {
  private:
   // load() keeps the stored atoms bit for bit (they were normalised before saving).
   Dictionary(Eigen::MatrixXf atoms, DictionaryMetadata metadata, bool normalise)
-      : atoms_(std::move(atoms)), metadata_(std::move(metadata)), grams_(std::make_shared<detail::GramStore>()) {
+      : atoms_(std::move(atoms)), metadata_(std::move(metadata)) {
     require(atoms_.rows() >= 1 && atoms_.rows() <= max_dim, "Dictionary: dimension d = ", atoms_.rows(),
             " outside [1, ", max_dim, "]");
     require(atoms_.cols() >= 1 && atoms_.cols() <= max_atoms, "Dictionary: atom count N = ", atoms_.cols(),
@@ -120,7 +111,6 @@ class Dictionary {
 
   Eigen::MatrixXf atoms_;
   DictionaryMetadata metadata_;
-  std::shared_ptr<detail::GramStore> grams_;
 };
 
 namespace detail {

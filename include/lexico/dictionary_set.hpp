@@ -21,28 +21,12 @@
 #include <string>
 #include <vector>
 
-#include "cache/lexico_cache.hpp"
+#include "code_space.hpp"
 #include "dictionary.hpp"
 #include "error.hpp"
 #include "io/json.hpp"
 
 namespace lexico {
-
-// Relative coding error of one dictionary at one sparsity (FP8 coefficients).
-struct DictionaryError {
-  int layer = 0;
-  char kind = 'K';  // 'K' keys, 'V' values
-  int sparsity = 0;
-  double train = 0, dev = 0;
-};
-
-struct DictionarySetManifest {
-  std::string model;   // where the vectors came from
-  std::string method;  // training method
-  int layers = 0, head_dim = 0, atoms = 0, sparsity = 0;
-  std::map<std::string, std::string> settings;  // training configuration and data, free-form
-  std::vector<DictionaryError> errors;
-};
 
 struct DictionarySet {
   DictionarySetManifest manifest;
@@ -199,6 +183,18 @@ inline DictionarySet load_dictionaries(const std::string& dir) {
     set.layers[static_cast<std::size_t>(l)] = {load("keys"), load("values")};
   }
   return set;
+}
+
+}  // namespace lexico
+
+namespace lexico {
+
+// The CodeSpace of the dictionary set in `dir`: its dictionaries, with the RoPE of a set
+// trained on keys before RoPE (unless options name one) and its manifest.
+inline std::shared_ptr<const CodeSpace> load_code_space(const std::string& dir, CodeSpaceOptions options = {}) {
+  DictionarySet set = load_dictionaries(dir);
+  if (!options.key_rope) options.key_rope = manifest_key_rope(set.manifest, set.manifest.head_dim);
+  return std::make_shared<const CodeSpace>(set.layers, std::move(options), std::move(set.manifest));
 }
 
 }  // namespace lexico

@@ -46,6 +46,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -59,6 +60,7 @@
 #include <immintrin.h>
 #endif
 
+#include "code_book.hpp"
 #include "dictionary.hpp"
 #include "error.hpp"
 #include "fp8.hpp"
@@ -102,23 +104,6 @@ struct SparseCodes {
   Eigen::Index vectors() const { return counts.size(); }
 };
 
-// The stored form: uint16 atom indices and FP8 E4M3 coefficients with one
-// power-of-two scale per vector (E8M0, see fp8.hpp). A power of two rather than an
-// fp16 scale: E4M3 is a floating format, so scaling by 2^e is exact and costs no
-// precision; it only moves the vector's largest coefficient into [224, 448], which
-// makes overflow impossible, and it takes one byte instead of two.
-struct CompactCodes {
-  int sparsity = 0;
-  Eigen::Matrix<std::uint16_t, Eigen::Dynamic, Eigen::Dynamic> indices;      // sparsity x B
-  Eigen::Matrix<std::uint8_t, Eigen::Dynamic, Eigen::Dynamic> coefficients;  // E4M3, sparsity x B
-  Eigen::Matrix<std::uint8_t, Eigen::Dynamic, 1> scales;                     // E8M0, B
-  Eigen::Matrix<std::uint8_t, Eigen::Dynamic, 1> counts;                     // B
-
-  Eigen::Index vectors() const { return counts.size(); }
-  // Bytes stored per vector: indices, coefficients, scale and count.
-  std::size_t bytes_per_vector() const { return static_cast<std::size_t>(sparsity) * 3 + 2; }
-};
-
 namespace detail {
 
 inline void prefetch_bytes(const void* data, std::size_t bytes) {
@@ -130,95 +115,6 @@ inline void prefetch_bytes(const void* data, std::size_t bytes) {
   (void)bytes;
 #endif
 }
-
-// ---------------------------------------------------------------------------------
-// α⁰ = Dᵀx for a chunk of vectors, in fp32: a low-precision product would widen the
-// band (its error grows with ‖x‖, not with the residual) and cost more in exact
-// re-scoring than it saves. Atoms are packed once per encoder in panels of 32: a
-// panel (16 KiB at d = 128) stays in L1 while the chunk streams past it, 12 vectors
-// at a time, so the product runs near the FMA peak.
-
-constexpr int panel_atoms = 32;
-// Vectors per tile: 2 x 12 accumulators, 2 panel rows and a broadcast fit in the
-// 32 vector registers.
-constexpr int tile_vectors = 12;
-
-inline int panel_count(int n) { return (n + panel_atoms - 1) / panel_atoms; }
-
-#if defined(__AVX512F__)
-template <int V>
-void project_tile(const float* panel, int d, const float* x, Eigen::Index x_stride, float* out,
-                  Eigen::Index out_stride) {
-  __m512 low[V], high[V];
-  for (int v = 0; v < V; ++v) low[v] = high[v] = _mm512_setzero_ps();
-  for (int k = 0; k < d; ++k) {
-    const __m512 a = _mm512_loadu_ps(panel + panel_atoms * k), b = _mm512_loadu_ps(panel + panel_atoms * k + 16);
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) {
-      const __m512 xv = _mm512_set1_ps(x[v * x_stride + k]);
-      low[v] = _mm512_fmadd_ps(a, xv, low[v]);
-      high[v] = _mm512_fmadd_ps(b, xv, high[v]);
-    }
-  }
-  for (int v = 0; v < V; ++v) {
-    _mm512_storeu_ps(out + v * out_stride, low[v]);
-    _mm512_storeu_ps(out + v * out_stride + 16, high[v]);
-  }
-}
-#else
-// Portable: the inner loop over a panel row vectorises as it stands.
-template <int V>
-void project_tile(const float* panel, int d, const float* x, Eigen::Index x_stride, float* out,
-                  Eigen::Index out_stride) {
-  for (int v = 0; v < V; ++v) {
-    float acc[panel_atoms] = {};
-    for (int k = 0; k < d; ++k) {
-      const float xk = x[v * x_stride + k];
-      for (int t = 0; t < panel_atoms; ++t) acc[t] += panel[panel_atoms * k + t] * xk;
-    }
-    std::copy(acc, acc + panel_atoms, out + v * out_stride);
-  }
-}
-#endif
-
-template <int... Vs>
-void project_tile_dispatch(std::integer_sequence<int, Vs...>, int vectors, const float* panel, int d, const float* x,
-                           Eigen::Index x_stride, float* out, Eigen::Index out_stride) {
-  using Tile = void (*)(const float*, int, const float*, Eigen::Index, float*, Eigen::Index);
-  static constexpr Tile tiles[] = {&project_tile<Vs + 1>...};
-  tiles[vectors - 1](panel, d, x, x_stride, out, out_stride);
-}
-
-// Atoms in panels of 32: panel p, row k holds entry k of atoms 32p..32p+31 (zero
-// past N).
-class PackedAtoms {
- public:
-  explicit PackedAtoms(const Eigen::MatrixXf& atoms)
-      : d_(static_cast<int>(atoms.rows())),
-        n_(static_cast<int>(atoms.cols())),
-        data_(Eigen::VectorXf::Zero(static_cast<Eigen::Index>(panel_count(n_)) * d_ * panel_atoms)) {
-    for (Eigen::Index atom = 0; atom < atoms.cols(); ++atom)
-      for (Eigen::Index k = 0; k < atoms.rows(); ++k)
-        data_((atom / panel_atoms * d_ + k) * panel_atoms + atom % panel_atoms) = atoms(k, atom);
-  }
-
-  // α⁰ of `count` vectors of d floats, `x_stride` apart, into `out` (column-major,
-  // `out_stride` floats per vector, rows rounded up to whole panels).
-  void project(const float* x, Eigen::Index x_stride, int count, float* out, Eigen::Index out_stride) const {
-    for (int p = 0; p < panel_count(n_); ++p) {
-      const float* panel = data_.data() + static_cast<Eigen::Index>(p) * d_ * panel_atoms;
-      for (int v0 = 0; v0 < count; v0 += tile_vectors) {
-        project_tile_dispatch(std::make_integer_sequence<int, tile_vectors>{}, std::min(tile_vectors, count - v0),
-                              panel, d_, x + v0 * x_stride, x_stride, out + p * panel_atoms + v0 * out_stride,
-                              out_stride);
-      }
-    }
-  }
-
- private:
-  int d_, n_;
-  Eigen::VectorXf data_;
-};
 
 // ---------------------------------------------------------------------------------
 // The correlation pass: α̃ = α⁰ − Σ_i coefs[i] · G̃[:, j_i] with fp16 Gram columns G̃,
@@ -248,8 +144,6 @@ struct Band {
   int candidates = 0;
 };
 
-// Atoms rounded up to whole groups of 64 (pass scratch, α⁰ rows, exclusion words).
-inline Eigen::Index padded_atoms(int n) { return (static_cast<Eigen::Index>(n) + 63) / 64 * 64; }
 
 inline Band correlation_band_portable(const PassInputs& in, float margin, float* scratch, int* out, int cap) {
   constexpr int width = 64;  // a block of α small enough for registers / L1
@@ -412,6 +306,168 @@ inline int omp_thread_index() {
 
 }  // namespace detail
 
+namespace detail {
+
+// Most candidates re-scored one by one; a wider band scores all atoms as Dᵀr.
+inline constexpr int omp_max_candidates = 64;
+
+// Vectors per chunk: whole tiles whose α⁰ fits in ~512 KiB, so that it stays in L2
+// while its vectors are coded (2 tiles at N = 4096: measured a few % faster than 8).
+inline Eigen::Index omp_chunk(int n) {
+  const Eigen::Index tile_bytes = tile_vectors * padded_atoms(n) * Eigen::Index(sizeof(float));
+  return std::clamp<Eigen::Index>((Eigen::Index(512) << 10) / tile_bytes, 1, 8) * tile_vectors;
+}
+
+// Per-vector state of the greedy loop; the arrays live in the thread's workspace.
+struct OmpVectorState {
+  const float* x = nullptr;
+  const float* alpha0 = nullptr;
+  float norm = 0, stop_norm = 0;
+  double energy = 0;      // ‖x‖² − ‖y‖², the residual energy as the recursion sees it
+  int count = 0, rejections = 0;
+  int band = 0;           // candidates of the surveyed step; > omp_max_candidates: score all
+  float band_floor = 0;   // lower bound on the best candidate's exact |α|
+  bool active = false;    // more atoms to choose
+  bool residual_current = false;
+  int* atoms = nullptr;
+  const Eigen::half** columns = nullptr;  // fp16 Gram columns of the chosen atoms
+  Eigen::half* own_columns = nullptr;     // GramPolicy::on_demand: s x N, the columns themselves
+  float* coefs = nullptr;
+  float* y = nullptr;
+  float* inverse = nullptr;   // F = L⁻ᵀ, column-major s x s, upper triangle
+  float* w = nullptr;         // scratch of a step: G[I, j], then Fᵀ G[I, j]
+  float* chosen = nullptr;    // D[:, I], d x s column-major: contiguous for the small products
+  float* residual = nullptr;  // r = x − D[:, I] c, d floats, when residual_current
+  int* candidates = nullptr;
+  std::uint16_t* excluded = nullptr;
+};
+
+}  // namespace detail
+
+// The buffers one thread needs to run OMP: grown to the largest (N, d, s) it has served,
+// never shrunk, so coding allocates nothing once warm. The states point into its own
+// buffers, so it is neither copied nor moved.
+class OmpWorkspace {
+ public:
+  // Vectors one thread keeps in flight (see the file comment).
+  static constexpr int lockstep = 4;
+
+  OmpWorkspace() = default;
+  OmpWorkspace(const OmpWorkspace&) = delete;
+  OmpWorkspace& operator=(const OmpWorkspace&) = delete;
+
+  void prepare(int n, int dim, int sparsity, Eigen::Index chunk, bool own_columns) {
+    const Eigen::Index rows = detail::padded_atoms(n);
+    const std::size_t s = static_cast<std::size_t>(sparsity), d = static_cast<std::size_t>(dim);
+    const std::size_t words = static_cast<std::size_t>(rows / 16);
+    if (alpha0.rows() < rows || alpha0.cols() < chunk) alpha0.resize(std::max(rows, alpha0.rows()), std::max(chunk, alpha0.cols()));
+    if (scratch.size() < rows) scratch.resize(rows), exact.resize(rows);
+    grow(atoms, lockstep * s);
+    grow(candidates, lockstep * static_cast<std::size_t>(detail::omp_max_candidates));
+    grow(columns, lockstep * s);
+    grow(coefs, lockstep * s);
+    grow(y, lockstep * s);
+    grow(inverse, lockstep * s * s);
+    grow(w, lockstep * s);
+    grow(chosen, lockstep * d * s);
+    grow(residual, lockstep * d);
+    grow(excluded, lockstep * words);
+    if (own_columns) grow(gram_columns, lockstep * s * static_cast<std::size_t>(n));
+    for (std::size_t v = 0; v < lockstep; ++v) {
+      detail::OmpVectorState& state = states[v];
+      state.atoms = atoms.data() + v * s;
+      state.candidates = candidates.data() + v * detail::omp_max_candidates;
+      state.columns = columns.data() + v * s;
+      state.own_columns = own_columns ? gram_columns.data() + v * s * static_cast<std::size_t>(n) : nullptr;
+      state.coefs = coefs.data() + v * s;
+      state.y = y.data() + v * s;
+      state.inverse = inverse.data() + v * s * s;
+      state.w = w.data() + v * s;
+      state.chosen = chosen.data() + v * d * s;
+      state.residual = residual.data() + v * d;
+      state.excluded = excluded.data() + v * words;
+    }
+  }
+
+  std::size_t bytes() const {
+    return sizeof(float) * static_cast<std::size_t>(alpha0.size() + scratch.size() + exact.size() + coefs.size() +
+                                                     y.size() + inverse.size() + w.size() + chosen.size() +
+                                                     residual.size()) +
+           sizeof(int) * (atoms.size() + candidates.size()) + sizeof(void*) * columns.size() +
+           sizeof(std::uint16_t) * excluded.size() + sizeof(Eigen::half) * gram_columns.size();
+  }
+
+  Eigen::MatrixXf alpha0;  // padded N x chunk: α⁰ of the current chunk
+  Eigen::VectorXf scratch;  // pass scratch
+  Eigen::VectorXf exact;    // padded N: α = Dᵀr when the band is too wide; a computed Gram column
+  detail::OmpVectorState states[lockstep];
+
+ private:
+  template <typename T>
+  static void grow(std::vector<T>& buffer, std::size_t size) {
+    if (buffer.size() < size) buffer.resize(size);
+  }
+
+  std::vector<int> atoms, candidates;
+  std::vector<const Eigen::half*> columns;
+  std::vector<float> coefs, y, inverse, w, chosen, residual;
+  std::vector<std::uint16_t> excluded;
+  std::vector<Eigen::half> gram_columns;
+};
+
+// Workspaces lent to the threads that code, returned when their call ends: a pool holds
+// as many as threads ever coded at once through it, however many encoders and caches
+// share it. Thread-safe.
+class OmpWorkspacePool {
+ public:
+  class Lease {
+   public:
+    Lease(OmpWorkspacePool& pool, std::unique_ptr<OmpWorkspace> workspace)
+        : pool_(&pool), workspace_(std::move(workspace)) {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { pool_->give_back(std::move(workspace_)); }
+    OmpWorkspace& operator*() const { return *workspace_; }
+
+   private:
+    OmpWorkspacePool* pool_;
+    std::unique_ptr<OmpWorkspace> workspace_;
+  };
+
+  Lease acquire() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (free_.empty()) {
+      ++created_;
+      return Lease(*this, std::make_unique<OmpWorkspace>());
+    }
+    std::unique_ptr<OmpWorkspace> workspace = std::move(free_.back());
+    free_.pop_back();
+    return Lease(*this, std::move(workspace));
+  }
+
+  // Workspaces ever made (the most threads that coded at once) and the bytes of those idle now.
+  std::size_t created() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return created_;
+  }
+  std::size_t idle_bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::size_t total = 0;
+    for (const auto& workspace : free_) total += workspace->bytes();
+    return total;
+  }
+
+ private:
+  void give_back(std::unique_ptr<OmpWorkspace> workspace) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(std::move(workspace));
+  }
+
+  mutable std::mutex mutex_;
+  std::vector<std::unique_ptr<OmpWorkspace>> free_;
+  std::size_t created_ = 0;
+};
+
 class OmpEncoder {
  public:
   // Vectors whose norm exceeds this are refused, so that ‖x‖² stays finite in fp32.
@@ -420,11 +476,16 @@ class OmpEncoder {
   // it, falls to this fraction of ‖x‖: further atoms would only fit rounding noise.
   static constexpr float negligible = 1e-6f;
   // Most candidates re-scored one by one; a wider band scores all atoms as Dᵀr.
-  static constexpr int max_candidates = 64;
+  static constexpr int max_candidates = detail::omp_max_candidates;
 
-  OmpEncoder(const Dictionary& dictionary, const OmpOptions& options)
-      : dictionary_(dictionary), options_(options), packed_(dictionary_.atoms()) {
-    const int d = dictionary_.dim(), n = dictionary_.size(), s = options_.sparsity;
+  // Codes over a shared CodeBook with workspaces lent by a shared pool (a CodeSpace's);
+  // without a pool the encoder keeps its own.
+  OmpEncoder(std::shared_ptr<const CodeBook> book, const OmpOptions& options,
+             std::shared_ptr<OmpWorkspacePool> pool = nullptr)
+      : book_(std::move(book)), options_(options),
+        pool_(pool ? std::move(pool) : std::make_shared<OmpWorkspacePool>()) {
+    require(book_ != nullptr, "OmpEncoder: no code book");
+    const int d = book_->dim(), n = book_->size(), s = options_.sparsity;
     require(n >= 1 && n <= 65536, "OmpEncoder: the dictionary has N = ", n, " atoms; uint16 indices allow 1 to 65536");
     require(s >= 1 && s <= 255, "OmpEncoder: sparsity s = ", s, " outside [1, 255]");
     require(s <= d, "OmpEncoder: sparsity s = ", s, " exceeds the dimension d = ", d,
@@ -436,7 +497,6 @@ class OmpEncoder {
                 options_.pivot_threshold < 1.0f,
             "OmpEncoder: pivot_threshold = ", options_.pivot_threshold, " outside [0, 1)");
     require(options_.threads >= 0, "OmpEncoder: threads = ", options_.threads, " is negative");
-    gram_half_ = dictionary_.gram_half().data();
 
     // Bound of the pass: |α̃_n − α_n| <= half_error·Σ|c| + fp32_slack·(‖x‖ + Σ|c|).
     // fp16 rounds G entries of magnitude <= 1 by at most 2^-11; the fp32 slack covers
@@ -445,20 +505,22 @@ class OmpEncoder {
     constexpr float unit = 1.0f / (1 << 24);
     half_error_ = 1.0f / 2048;
     fp32_slack_ = (3.0f * static_cast<float>(d) + static_cast<float>(s) + 2.0f) * unit;
-
-    // Chunks of whole tiles whose α⁰ fits in ~512 KiB, so that it stays in L2 while
-    // its vectors are coded (2 tiles at N = 4096: measured a few % faster than 8).
-    const Eigen::Index tile_bytes = detail::tile_vectors * detail::padded_atoms(n) * Eigen::Index(sizeof(float));
-    chunk_ = std::clamp<Eigen::Index>((Eigen::Index(512) << 10) / tile_bytes, 1, 8) * detail::tile_vectors;
+    chunk_ = detail::omp_chunk(n);
   }
 
-  const Dictionary& dictionary() const { return dictionary_; }
+  // A private book (fp16 Gram) and pool: for one-off coding such as training.
+  OmpEncoder(const Dictionary& dictionary, const OmpOptions& options)
+      : OmpEncoder(std::make_shared<const CodeBook>(dictionary), options) {}
+
+  const Dictionary& dictionary() const { return book_->dictionary(); }
+  const CodeBook& book() const { return *book_; }
   const OmpOptions& options() const { return options_; }
 
   // Codes the columns of `vectors` (d x B). Throws lexico::error, before writing
   // anything, on a dimension mismatch or a vector with a NaN/Inf entry or a norm
-  // above max_vector_norm.
-  void encode(const Eigen::Ref<const Eigen::MatrixXf>& vectors, SparseCodes& codes) {
+  // above max_vector_norm. May run from several threads at once (workspaces come from
+  // the pool, one per OpenMP thread for the call).
+  void encode(const Eigen::Ref<const Eigen::MatrixXf>& vectors, SparseCodes& codes) const {
     validate(vectors);
     const Eigen::Index count = vectors.cols();
     const int s = options_.sparsity;
@@ -469,103 +531,35 @@ class OmpEncoder {
     codes.counts.resize(count);
     if (count == 0) return;
 
-    const int threads = detail::omp_thread_count(options_.threads);
-    while (static_cast<int>(workspaces_.size()) < threads) workspaces_.push_back(std::make_unique<Workspace>(*this));
-
     const Eigen::Index chunks = (count + chunk_ - 1) / chunk_;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (chunks > 1)
-    for (Eigen::Index chunk = 0; chunk < chunks; ++chunk) {
-      Workspace& workspace = *workspaces_[static_cast<std::size_t>(detail::omp_thread_index())];
-      const Eigen::Index first = chunk * chunk_;
-      encode_chunk(vectors, first, std::min(chunk_, count - first), workspace, codes);
+    const int threads = static_cast<int>(std::min<Eigen::Index>(detail::omp_thread_count(options_.threads), chunks));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      const OmpWorkspacePool::Lease lease = pool_->acquire();
+      Workspace& workspace = *lease;
+      workspace.prepare(book_->size(), book_->dim(), s, chunk_, book_->policy() == GramPolicy::on_demand);
+#pragma omp for schedule(dynamic, 1)
+      for (Eigen::Index chunk = 0; chunk < chunks; ++chunk) {
+        const Eigen::Index first = chunk * chunk_;
+        encode_chunk(vectors, first, std::min(chunk_, count - first), workspace, codes);
+      }
     }
   }
 
-  SparseCodes encode(const Eigen::Ref<const Eigen::MatrixXf>& vectors) {
+  SparseCodes encode(const Eigen::Ref<const Eigen::MatrixXf>& vectors) const {
     SparseCodes codes;
     encode(vectors, codes);
     return codes;
   }
 
  private:
-  // Vectors one thread keeps in flight (see the file comment).
-  static constexpr int lockstep = 4;
-
-  // Per-vector state of the greedy loop; the arrays live in the thread's workspace.
-  struct VectorState {
-    const float* x = nullptr;
-    const float* alpha0 = nullptr;
-    float norm = 0, stop_norm = 0;
-    double energy = 0;      // ‖x‖² − ‖y‖², the residual energy as the recursion sees it
-    int count = 0, rejections = 0;
-    int band = 0;           // candidates of the surveyed step; > max_candidates: score all
-    float band_floor = 0;   // lower bound on the best candidate's exact |α|
-    bool active = false;    // more atoms to choose
-    bool residual_current = false;
-    int* atoms = nullptr;
-    const Eigen::half** columns = nullptr;  // fp16 Gram columns of the chosen atoms
-    float* coefs = nullptr;
-    float* y = nullptr;
-    float* inverse = nullptr;   // F = L⁻ᵀ, column-major s x s, upper triangle
-    float* w = nullptr;         // scratch of a step: G[I, j], then Fᵀ G[I, j]
-    float* chosen = nullptr;    // D[:, I], d x s column-major: contiguous for the small products
-    float* residual = nullptr;  // r = x − D[:, I] c, d floats, when residual_current
-    int* candidates = nullptr;
-    std::uint16_t* excluded = nullptr;
-  };
-
-  // Allocated once per thread; the states point into its own buffers, so it is
-  // neither copied nor moved (the encoder holds it by unique_ptr).
-  struct Workspace {
-    Eigen::MatrixXf alpha0;  // padded N x chunk: α⁰ of the current chunk
-    Eigen::VectorXf scratch;  // pass scratch
-    Eigen::VectorXf exact;    // padded N: α = Dᵀr when the band is too wide
-    std::vector<int> atoms, candidates;
-    std::vector<const Eigen::half*> columns;
-    std::vector<float> coefs, y, inverse, w, chosen, residual;
-    std::vector<std::uint16_t> excluded;
-    VectorState states[lockstep];
-
-    explicit Workspace(const OmpEncoder& encoder) {
-      const int n = encoder.dictionary_.size();
-      const Eigen::Index rows = detail::padded_atoms(n);
-      const std::size_t s = static_cast<std::size_t>(encoder.options_.sparsity);
-      const std::size_t d = static_cast<std::size_t>(encoder.dictionary_.dim());
-      const std::size_t words = static_cast<std::size_t>(rows / 16);
-      alpha0.resize(rows, encoder.chunk_);
-      scratch.resize(rows);
-      exact.resize(rows);
-      atoms.assign(lockstep * s, 0);
-      candidates.assign(lockstep * max_candidates, 0);
-      columns.assign(lockstep * s, nullptr);
-      coefs.assign(lockstep * s, 0.0f);
-      y.assign(lockstep * s, 0.0f);
-      inverse.assign(lockstep * s * s, 0.0f);
-      w.assign(lockstep * s, 0.0f);
-      chosen.assign(lockstep * d * s, 0.0f);
-      residual.assign(lockstep * d, 0.0f);
-      excluded.assign(lockstep * words, 0);
-      for (std::size_t v = 0; v < lockstep; ++v) {
-        VectorState& state = states[v];
-        state.atoms = atoms.data() + v * s;
-        state.candidates = candidates.data() + v * max_candidates;
-        state.columns = columns.data() + v * s;
-        state.coefs = coefs.data() + v * s;
-        state.y = y.data() + v * s;
-        state.inverse = inverse.data() + v * s * s;
-        state.w = w.data() + v * s;
-        state.chosen = chosen.data() + v * d * s;
-        state.residual = residual.data() + v * d;
-        state.excluded = excluded.data() + v * words;
-      }
-    }
-    Workspace(const Workspace&) = delete;
-    Workspace& operator=(const Workspace&) = delete;
-  };
+  using VectorState = detail::OmpVectorState;
+  using Workspace = OmpWorkspace;
+  static constexpr int lockstep = OmpWorkspace::lockstep;
 
   void validate(const Eigen::Ref<const Eigen::MatrixXf>& vectors) const {
-    require(vectors.rows() == dictionary_.dim(), "OmpEncoder::encode: vectors have dimension ", vectors.rows(),
-            ", the dictionary has d = ", dictionary_.dim(), " (pass a d x B matrix, one vector per column)");
+    require(vectors.rows() == book_->dim(), "OmpEncoder::encode: vectors have dimension ", vectors.rows(),
+            ", the dictionary has d = ", book_->dim(), " (pass a d x B matrix, one vector per column)");
     // Fast path: ‖x‖ <= sqrt(d) · max |x_i| <= 16 · max |x_i| as d <= 256.
     if (vectors.allFinite() && (vectors.size() == 0 || vectors.cwiseAbs().maxCoeff() <= max_vector_norm / 16)) return;
     for (Eigen::Index b = 0; b < vectors.cols(); ++b) {
@@ -581,7 +575,7 @@ class OmpEncoder {
   void encode_chunk(const Eigen::Ref<const Eigen::MatrixXf>& vectors, Eigen::Index first, Eigen::Index count,
                     Workspace& workspace, SparseCodes& codes) const {
     // α⁰ = Dᵀx of the whole chunk as one matrix product.
-    packed_.project(vectors.col(first).data(), vectors.outerStride(), static_cast<int>(count), workspace.alpha0.data(),
+    book_->packed().project(vectors.col(first).data(), vectors.outerStride(), static_cast<int>(count), workspace.alpha0.data(),
                     workspace.alpha0.outerStride());
     // Up to `lockstep` vectors in flight; a slot whose vector is done takes the next.
     Eigen::Index next = 0, slot_vector[lockstep];
@@ -625,7 +619,7 @@ class OmpEncoder {
   }
 
   void start_vector(VectorState& state, const float* x, const float* alpha0) const {
-    const int d = dictionary_.dim();
+    const int d = book_->dim();
     state.x = x;
     state.alpha0 = alpha0;
     state.energy = Eigen::Map<const Eigen::VectorXf>(x, d).cast<double>().squaredNorm();
@@ -636,33 +630,33 @@ class OmpEncoder {
     state.active = state.norm > 0;
     std::copy(x, x + d, state.residual);
     state.residual_current = true;
-    std::fill_n(state.excluded, detail::padded_atoms(dictionary_.size()) / 16, std::uint16_t(0));
+    std::fill_n(state.excluded, detail::padded_atoms(book_->size()) / 16, std::uint16_t(0));
   }
 
   // Phase 1 of a step: the band of candidates for the next atom, from the
   // low-precision pass; prefetches the candidates' atoms for phase 2.
   void survey(VectorState& state, const char* prefetch, float* scratch) const {
-    const int k = state.count, d = dictionary_.dim();
+    const int k = state.count, d = book_->dim();
     float sum_coefs = 0.0f;
     for (int i = 0; i < k; ++i) sum_coefs += std::fabs(state.coefs[i]);
     const float bound = half_error_ * sum_coefs + fp32_slack_ * (state.norm + sum_coefs);
     const detail::PassInputs in{state.alpha0,   state.columns,        state.coefs,       k,
-                                state.excluded, state.rejections == 0, dictionary_.size()};
+                                state.excluded, state.rejections == 0, book_->size()};
     const detail::Band band =
         detail::correlation_band(in, 2.0f * bound, prefetch, scratch, state.candidates, max_candidates);
     state.band = band.candidates;
     state.band_floor = band.largest - bound;
     if (band.candidates > 1 && band.candidates <= max_candidates)
       for (int c = 0; c < band.candidates; ++c)
-        detail::prefetch_bytes(dictionary_.atoms().col(state.candidates[c]).data(), sizeof(float) * d);
+        detail::prefetch_bytes(book_->dictionary().atoms().col(state.candidates[c]).data(), sizeof(float) * d);
   }
 
   // Phase 2: re-score the band exactly, extend the inverse Cholesky factor, update
   // the coefficients and the residual. Returns the fp16 Gram column of the accepted atom
   // when the vector goes on (to be prefetched), else null.
   const char* advance(VectorState& state, Workspace& workspace) const {
-    const int s = options_.sparsity, d = dictionary_.dim(), n = dictionary_.size(), k = state.count;
-    const Eigen::MatrixXf& atoms = dictionary_.atoms();
+    const int s = options_.sparsity, d = book_->dim(), n = book_->size(), k = state.count;
+    const Eigen::MatrixXf& atoms = book_->dictionary().atoms();
     Eigen::Map<Eigen::VectorXf> residual(state.residual, d);
 
     int j = -1;
@@ -678,7 +672,7 @@ class OmpEncoder {
           if (j < 0 || std::fabs(alpha) > std::fabs(alpha_j)) j = atom, alpha_j = alpha;
         }
       } else {
-        packed_.project(state.residual, d, 1, workspace.exact.data(), workspace.exact.size());
+        book_->packed().project(state.residual, d, 1, workspace.exact.data(), workspace.exact.size());
         for (int atom = 0; atom < n; ++atom)
           if (!detail::is_excluded(state.excluded, atom) &&
               (j < 0 || std::fabs(workspace.exact(atom)) > std::fabs(alpha_j)))
@@ -726,7 +720,13 @@ class OmpEncoder {
     for (int l = 0; l < k; ++l) state.coefs[l] += yk * f[l];
     state.coefs[k] = yk * scale;
     state.atoms[k] = j;
-    state.columns[k] = gram_half_ + static_cast<std::size_t>(j) * static_cast<std::size_t>(n);
+    if (const Eigen::half* column = book_->gram_column(j)) {
+      state.columns[k] = column;
+    } else {  // GramPolicy::on_demand: the column goes into the vector's own slot k
+      Eigen::half* own = state.own_columns + static_cast<std::size_t>(k) * static_cast<std::size_t>(n);
+      book_->copy_gram_column(j, own, workspace.exact.data());
+      state.columns[k] = own;
+    }
     Eigen::Map<Eigen::VectorXf>(state.chosen + k * d, d) = atom_j;
     state.count = k + 1;
     state.residual_current = false;
@@ -751,7 +751,7 @@ class OmpEncoder {
   // r = x − D[:, I] c for the current coefficients, one pass over d per block.
   void update_residual(VectorState& state) const {
     if (state.residual_current) return;
-    const int d = dictionary_.dim(), count = state.count;
+    const int d = book_->dim(), count = state.count;
     for (int first = 0; first < d; first += 16) {
       const int width = std::min(16, d - first);
       float block[16];
@@ -777,54 +777,34 @@ class OmpEncoder {
     codes.counts(b) = static_cast<std::uint8_t>(state.count);
   }
 
-  Dictionary dictionary_;
+  std::shared_ptr<const CodeBook> book_;
   OmpOptions options_;
-  detail::PackedAtoms packed_;
-  const Eigen::half* gram_half_ = nullptr;
+  std::shared_ptr<OmpWorkspacePool> pool_;
   float half_error_ = 0, fp32_slack_ = 0;
   Eigen::Index chunk_ = 0;
-  std::vector<std::unique_ptr<Workspace>> workspaces_;
 };
 
-// FP8 form of the codes (see CompactCodes).
-inline CompactCodes compact(const SparseCodes& codes) {
+// The codes with their coefficients as storage keeps them (codes.hpp): FP8 E4M3 with one
+// power-of-two scale per vector (E8M0). A power of two rather than an fp16 scale: E4M3
+// is a floating format, so scaling by 2^e is exact and costs no precision; it only moves
+// the vector's largest coefficient into [224, 448], which makes overflow impossible.
+inline SparseCodes stored_precision(SparseCodes codes) {
   const int s = codes.sparsity;
-  const Eigen::Index count = codes.vectors();
-  CompactCodes out;
-  out.sparsity = s;
-  out.indices = codes.indices;
-  out.counts = codes.counts;
-  out.coefficients.resize(s, count);
-  out.scales.resize(count);
-  for (Eigen::Index b = 0; b < count; ++b)
-    out.scales(b) = fp8_encode_scaled(codes.coefficients.col(b).data(), s, out.coefficients.col(b).data());
-  return out;
-}
-
-inline SparseCodes expand(const CompactCodes& codes) {
-  const int s = codes.sparsity;
-  const Eigen::Index count = codes.vectors();
-  SparseCodes out;
-  out.sparsity = s;
-  out.indices = codes.indices;
-  out.counts = codes.counts;
-  out.coefficients.resize(s, count);
-  for (Eigen::Index b = 0; b < count; ++b)
-    fp8_decode_scaled(codes.coefficients.col(b).data(), s, codes.scales(b), out.coefficients.col(b).data());
-  return out;
+  std::vector<std::uint8_t> fp8(static_cast<std::size_t>(s));
+  for (Eigen::Index b = 0; b < codes.vectors(); ++b) {
+    const std::uint8_t scale = fp8_encode_scaled(codes.coefficients.col(b).data(), s, fp8.data());
+    fp8_decode_scaled(fp8.data(), s, scale, codes.coefficients.col(b).data());
+  }
+  return codes;
 }
 
 // D[:, idx] · coef for every vector: d x B.
 inline Eigen::MatrixXf reconstruct(const Dictionary& dictionary, const SparseCodes& codes) {
-  const Eigen::MatrixXf& atoms = dictionary.atoms();
-  Eigen::MatrixXf out = Eigen::MatrixXf::Zero(atoms.rows(), codes.vectors());
+  Eigen::MatrixXf out(dictionary.dim(), codes.vectors());
   for (Eigen::Index b = 0; b < codes.vectors(); ++b)
-    for (int i = 0; i < codes.counts(b); ++i) {
-      const int atom = codes.indices(i, b);
-      require(atom < atoms.cols(), "reconstruct: vector ", b, " slot ", i, " names atom ", atom, " of ",
-              atoms.cols());
-      out.col(b) += codes.coefficients(i, b) * atoms.col(atom);
-    }
+    dictionary.combine(
+        codes.counts(b), [&](int i) { return codes.indices(i, b); }, [&](int i) { return codes.coefficients(i, b); },
+        out.col(b).data());
   return out;
 }
 

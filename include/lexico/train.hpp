@@ -217,7 +217,7 @@ inline double relative_coding_error(const Dictionary& dictionary, const Eigen::R
   options.threads = threads;
   OmpEncoder encoder(dictionary, options);
   SparseCodes codes = encoder.encode(vectors);
-  if (fp8) codes = expand(compact(codes));
+  if (fp8) codes = stored_precision(std::move(codes));
   Eigen::MatrixXf residual;
   detail::code_residual(dictionary.atoms(), vectors, codes, residual);
   return detail::mean_relative_error(vectors, residual);

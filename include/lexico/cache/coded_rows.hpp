@@ -8,12 +8,12 @@
 //   int payload_bytes(int head_dim) const;             // codes of one row
 //   int metadata_bytes(int head_dim) const;            // per-row scales, minima
 //   std::size_t shared_bytes() const;                  // per-store parameters (FP8 scale)
+//   static constexpr bool data_dependent;              // whether calibrate() fixes anything
 //   void calibrate(ConstRowsRef tokens);               // fixes data-dependent parameters
 //   void encode(const float* x, int head_dim, std::uint8_t* row) const;   // payload, metadata
 //   void decode(const std::uint8_t* row, int head_dim, float* x) const;
 //   std::string name() const;  std::string parameters() const;
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <utility>
@@ -43,6 +43,8 @@ class CodedRows {
   int heads() const { return static_cast<int>(rows_.size()); }
   int head_dim() const { return head_dim_; }
   Eigen::Index tokens() const { return tokens_; }
+  // Whether the codec's data-dependent parameters are fixed (by calibrate() or the first append()).
+  bool calibrated() const { return calibrated_; }
 
   std::size_t payload_bytes() const { return count() * static_cast<std::size_t>(codec_.payload_bytes(head_dim_)); }
   std::size_t metadata_bytes() const {
@@ -77,8 +79,23 @@ class CodedRows {
 
   // Drops the oldest `count` tokens.
   void erase_front(Eigen::Index count) {
+    require(count >= 0 && count <= tokens_, "CodedRows::erase_front: ", count, " tokens asked, ", tokens_, " held");
     for (auto& rows : rows_) rows.erase(rows.begin(), rows.begin() + static_cast<std::ptrdiff_t>(count * row_bytes_));
     tokens_ -= count;
+  }
+
+  // Keeps the oldest `count` tokens (the codec's calibration stays).
+  void truncate(Eigen::Index count) {
+    require(count >= 0 && count <= tokens_, "CodedRows::truncate: ", count, " tokens asked, ", tokens_, " held");
+    for (auto& rows : rows_) rows.resize(static_cast<std::size_t>(count) * row_bytes_);
+    tokens_ = count;
+  }
+
+  // Storage beyond the held rows: vector capacity slack and headers.
+  std::size_t overhead_bytes() const {
+    std::size_t bytes = rows_.capacity() * sizeof(std::vector<std::uint8_t>);
+    for (const auto& rows : rows_) bytes += rows.capacity() - rows.size();
+    return bytes;
   }
 
   void clear() {
@@ -129,14 +146,6 @@ class CodedRows {
 };
 
 namespace detail {
-
-// Raises unless all n values are finite and within the fp16 range (caches that keep
-// tokens in fp16 would otherwise turn them into infinities and NaN attention).
-inline void require_fp16_range(const float* x, Eigen::Index n, const char* where) {
-  for (Eigen::Index i = 0; i < n; ++i)
-    require(std::fabs(x[i]) <= 65504.0f, where, ": value ", i, " of a token is ", x[i],
-            " (stored in fp16, whose range is +-65504)");
-}
 
 // Rows [0, count) of one head of a store (TokenStore, CodedRows, ...) into out rows [at, at + count).
 template <typename Store>

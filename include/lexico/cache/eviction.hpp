@@ -24,6 +24,21 @@
 // rewritten from each step's attention and read right after it, so they are workspace,
 // not counted; positions are not stored (keys carry RoPE already). Scored policies expect
 // attend() after each append(); a token appended without one enters with score 0.
+// Kept tokens are fp16: keys or values beyond its range are refused before anything is
+// stored. Attention may evict and (H2O, TOVA) rewrites scores, so pure_attention() is
+// false: a prefill block on a layer that holds tokens goes through append() and attend()
+// token by token.
+//
+// Truncation: an evicted token cannot come back, and scores that later queries changed
+// cannot be taken back, so truncate_floor() is the token count right after the last
+// eviction, the last attention of a scored policy (H2O, TOVA: usually every step, so
+// nothing can be undone once a token was attended), or the prefill when it selected or
+// scored tokens (a kept-whole prefill under a count or fraction budget is the same as a
+// prefill of any prefix, so it leaves the floor at 0; PyramidKV's layer budgets depend on
+// the prefill length, so its prefill always sets the floor). Tokens appended since the
+// floor sit, unevicted and with score 0 where scored, at the end of every head and are
+// dropped from there. StreamingLLM can undo only until its budget fills; SnapKV and
+// PyramidKV, which evict nothing after the prefill, can go back to the prefill.
 
 #include <algorithm>
 #include <charconv>
@@ -163,7 +178,8 @@ namespace detail {
 
 // Attention that the last `observed` queries of a causal block pay to each of its tokens,
 // per KV head, averaged over the head's query heads: T x kv_heads.
-inline Eigen::MatrixXf observed_attention(ConstRowsRef keys, ConstRowsRef queries, int head_dim, int observed) {
+inline Eigen::MatrixXf observed_attention(ConstRowsRef keys, ConstRowsRef queries, int head_dim, int observed,
+                                          int threads = 0) {
   const Eigen::Index tokens = keys.rows();
   const int kv_heads = static_cast<int>(keys.cols() / head_dim);
   const int group = static_cast<int>(queries.cols() / head_dim) / kv_heads;
@@ -171,8 +187,10 @@ inline Eigen::MatrixXf observed_attention(ConstRowsRef keys, ConstRowsRef querie
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   constexpr Eigen::Index chunk = 64;  // query rows per product, bounds the T x T memory of H2O
   Eigen::MatrixXf scores = Eigen::MatrixXf::Zero(tokens, kv_heads);
-#pragma omp parallel for schedule(static) if ((tokens - first) * tokens * group > (1 << 20))
+#pragma omp parallel for schedule(static) num_threads(thread_budget(threads)) \
+    if ((tokens - first) * tokens * group > (1 << 20))
   for (int h = 0; h < kv_heads; ++h) {
+    serial_eigen_products();
     const auto k = keys.middleCols(h * head_dim, head_dim);
     for (int g = 0; g < group; ++g) {
       for (Eigen::Index i = first; i < tokens; i += chunk) {
@@ -243,6 +261,19 @@ class EvictionCache : public KVCache {
   }
   const EvictionPolicy& policy() const { return policy_; }
 
+  // The cache object, its stores' unused capacity, and the scores that are not K/V
+  // metadata: TOVA's workspace scores, every score vector's slack and headers.
+  std::size_t overhead_bytes() const override {
+    std::size_t bytes = KVCache::overhead_bytes() + sizeof(*this) - sizeof(KVCache) + method_.capacity() +
+                        layers_.capacity() * sizeof(Layer);
+    for (const Layer& l : layers_) {
+      bytes += l.keys.overhead_bytes() + l.values.overhead_bytes() + l.scores.capacity() * sizeof(l.scores[0]);
+      for (const auto& s : l.scores)
+        bytes += (policy_.decode == DecodeRule::accumulated ? s.capacity() - s.size() : s.capacity()) * sizeof(float);
+    }
+    return bytes;
+  }
+
   // Tokens each KV head of a layer keeps.
   Eigen::Index kept(int layer) const { return count(at(layer)); }
 
@@ -261,15 +292,15 @@ class EvictionCache : public KVCache {
 
  protected:
   void append_token(int layer, const float* key, const float* value) override {
-    detail::require_fp16_range(key, shape().kv_width(), method_.c_str());
-    detail::require_fp16_range(value, shape().kv_width(), method_.c_str());
     Layer& l = layers_[static_cast<std::size_t>(layer)];
+    bool evicted = false;
     if (policy_.decode == DecodeRule::oldest) {
       const std::int64_t limit = policy_.budget.resolve(seen(layer) + 1);
-      evict_to(l, limit - 1, protect(limit));  // room for the new token
+      evicted = evict_to(l, limit - 1, protect(limit));  // room for the new token
     } else if (policy_.decode != DecodeRule::keep) {
-      evict_to(l, policy_.budget.resolve(seen(layer)));  // only if the last step was not attended
+      evicted = evict_to(l, policy_.budget.resolve(seen(layer)));  // only if the last step was not attended
     }
+    if (evicted) l.floor = seen(layer) + 1;
     l.keys.append(key);
     l.values.append(value);
     if (scored()) {
@@ -277,18 +308,15 @@ class EvictionCache : public KVCache {
     }
   }
 
-  void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef queries) override {
-    for (Eigen::Index t = 0; t < keys.rows(); ++t) {
-      detail::require_fp16_range(keys.row(t).data(), shape().kv_width(), method_.c_str());
-      detail::require_fp16_range(values.row(t).data(), shape().kv_width(), method_.c_str());
-    }
+  void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef queries, KeyForm form) override {
+    require(form == KeyForm::rotated, method_, ": takes keys after RoPE only");
     const Eigen::Index tokens = keys.rows();
     const std::int64_t limit = std::min<std::int64_t>(prefill_limit(layer, tokens), tokens);
     const int heads = shape().kv_heads;
     const bool select = limit < tokens;
     const Eigen::MatrixXf scores =
         select || policy_.decode == DecodeRule::accumulated
-            ? detail::observed_attention(keys, queries, shape().head_dim, policy_.observed)
+            ? detail::observed_attention(keys, queries, shape().head_dim, policy_.observed, threads())
             : Eigen::MatrixXf::Zero(tokens, heads);
     std::vector<std::vector<Eigen::Index>> keep(static_cast<std::size_t>(heads));
     if (select) {
@@ -318,9 +346,11 @@ class EvictionCache : public KVCache {
       l.keys.append(key.data());
       l.values.append(value.data());
     }
+    // A prefix of the block would not have been kept or scored the same way.
+    if (select || policy_.decode == DecodeRule::accumulated || policy_.pyramid_beta > 0) l.floor = tokens;
   }
 
-  void attend_tokens(int layer, ConstRowsRef queries, RowsRef out) override {
+  void attend_tokens(int layer, ConstRowsRef queries, RowsRef out, float* log_sum_exp) override {
     Layer& l = layers_[static_cast<std::size_t>(layer)];
     grouped_decode_attention(
         queries, shape().kv_heads, count(l), out,
@@ -328,8 +358,10 @@ class EvictionCache : public KVCache {
         [&](int h, const float* p, Eigen::Index ld, int group, float* o) {
           if (scored()) record(l.scores[static_cast<std::size_t>(h)], p, ld, group);
           l.values.accumulate(h, p, ld, group, o);
-        });
-    if (policy_.decode != DecodeRule::keep) evict_to(l, policy_.budget.resolve(seen(layer)));
+        },
+        log_sum_exp, threads());
+    const bool evicted = policy_.decode != DecodeRule::keep && evict_to(l, policy_.budget.resolve(seen(layer)));
+    if (evicted || scored()) l.floor = seen(layer);
   }
 
   CacheBytes layer_bytes(int layer) const override {
@@ -346,12 +378,29 @@ class EvictionCache : public KVCache {
     l.keys.clear();
     l.values.clear();
     for (auto& s : l.scores) s.clear();
+    l.floor = 0;
+  }
+
+  bool pure_attention() const override { return false; }
+  bool narrows_to_fp16() const override { return true; }
+
+  std::int64_t rollback_floor(int layer) const override { return layers_[static_cast<std::size_t>(layer)].floor; }
+  // The tokens appended since the floor were neither evicted nor attended (scored
+  // policies): they are the newest of every head, with score 0.
+  void truncate_layer(int layer, std::int64_t tokens) override {
+    Layer& l = layers_[static_cast<std::size_t>(layer)];
+    const Eigen::Index drop = seen(layer) - tokens;
+    l.keys.erase_back(drop);
+    l.values.erase_back(drop);
+    if (scored())
+      for (auto& s : l.scores) s.resize(s.size() - static_cast<std::size_t>(drop));
   }
 
  private:
   struct Layer {
     TokenStore<Eigen::half> keys, values;  // every head holds the same number of tokens
     std::vector<std::vector<float>> scores;  // [head] -> one score per kept token (scored rules)
+    std::int64_t floor = 0;                  // the truncation floor (see the header)
   };
   struct Protected {
     Eigen::Index sinks, window;
@@ -397,12 +446,14 @@ class EvictionCache : public KVCache {
   }
 
   // Drops one unprotected token per head (the lowest score, the oldest on ties) until
-  // every head holds at most `target` tokens.
-  void evict_to(Layer& l, std::int64_t limit) const { evict_to(l, limit, protect(limit)); }
-  void evict_to(Layer& l, std::int64_t target, Protected p) const {
+  // every head holds at most `target` tokens; says whether it dropped any.
+  bool evict_to(Layer& l, std::int64_t limit) const { return evict_to(l, limit, protect(limit)); }
+  bool evict_to(Layer& l, std::int64_t target, Protected p) const {
     const int heads = shape().kv_heads;
     std::vector<Eigen::Index> victims(static_cast<std::size_t>(heads));
+    bool evicted = false;
     while (count(l) > target) {
+      evicted = true;
       const Eigen::Index lo = p.sinks, hi = count(l) - p.window;
       require(lo < hi, method_, ": every kept token is protected");  // excluded by protect()
       for (int h = 0; h < heads; ++h) {
@@ -425,6 +476,7 @@ class EvictionCache : public KVCache {
         if (scored()) l.scores[static_cast<std::size_t>(h)].erase(l.scores[static_cast<std::size_t>(h)].begin() + t);
       }
     }
+    return evicted;
   }
 
   // Token t's score for head h: its own, or the mean over heads when choices are layer-wide.

@@ -9,9 +9,11 @@
 // the Lexico cache goes), or register_cache() at run time.
 
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -24,6 +26,7 @@
 #include "fp8_cache.hpp"
 #include "h2o.hpp"
 #include "kivi.hpp"
+#include "lexico_cache.hpp"
 #include "options.hpp"
 #include "pyramidkv.hpp"
 #include "snapkv.hpp"
@@ -71,25 +74,46 @@ inline void read_snapkv_options(const CacheOptions& options, SnapKVOptions& snap
   snap.layerwise = layerwise_option(options);
 }
 
-// The RoPE a dictionary set's keys were taken before (manifest keys=before_rope, with
-// the model's rope_theta and rope_style), or none for sets trained on keys after RoPE.
-inline std::optional<Rope> manifest_rope(const DictionarySetManifest& manifest, const std::string& dir, int head_dim) {
-  const auto setting = [&](const std::string& key) {
-    const auto found = manifest.settings.find(key);
-    return found == manifest.settings.end() ? std::string() : found->second;
-  };
-  const std::string keys = setting("keys");
-  require(keys.empty() || keys == "after_rope" || keys == "before_rope", "make_cache: ", dir,
-          ": manifest setting keys='", keys, "' is neither after_rope nor before_rope");
-  if (keys != "before_rope") return std::nullopt;
-  require(!setting("rope_theta").empty() && !setting("rope_style").empty(), "make_cache: ", dir,
-          " holds key dictionaries trained before RoPE but its manifest lacks rope_theta or rope_style");
-  char* end = nullptr;
-  const std::string theta = setting("rope_theta");
-  const float value = std::strtof(theta.c_str(), &end);
-  require(end != theta.c_str() && *end == '\0', "make_cache: ", dir, ": rope_theta '", theta, "' is not a number");
-  return Rope(head_dim, value, parse_rope_style(setting("rope_style")));
+// Code spaces by dictionary directory and settings: every cache made for one set while
+// another is alive shares its CodeSpace, so the per-model state is held once.
+struct CodeSpaceRegistry {
+  std::mutex mutex;
+  std::map<std::string, std::weak_ptr<const CodeSpace>> spaces;
+  std::size_t built = 0;
+};
+
+inline CodeSpaceRegistry& code_space_registry() {
+  static CodeSpaceRegistry registry;
+  return registry;
 }
+
+}  // namespace detail
+
+// The CodeSpace of the dictionary set in `dir` with these options: the one already in
+// use when there is one, else loaded (thread-safe).
+inline std::shared_ptr<const CodeSpace> shared_code_space(const std::string& dir, const CodeSpaceOptions& options) {
+  require(!options.key_rope, "shared_code_space: the RoPE comes from the set's manifest");
+  std::error_code ignored;
+  const std::filesystem::path canonical = std::filesystem::weakly_canonical(dir, ignored);
+  const std::string key = detail::concat(canonical.string(), "|", to_string(options.gram), "|", options.hot_columns,
+                                         "|", options.threads);
+  detail::CodeSpaceRegistry& registry = detail::code_space_registry();
+  std::lock_guard<std::mutex> lock(registry.mutex);
+  if (auto space = registry.spaces[key].lock()) return space;
+  auto space = load_code_space(dir, options);
+  registry.spaces[key] = space;
+  ++registry.built;
+  return space;
+}
+
+// CodeSpaces shared_code_space() has loaded so far in this process.
+inline std::size_t code_spaces_built() {
+  detail::CodeSpaceRegistry& registry = detail::code_space_registry();
+  std::lock_guard<std::mutex> lock(registry.mutex);
+  return registry.built;
+}
+
+namespace detail {
 
 inline std::vector<CacheType> builtin_cache_types() {
   using Made = std::unique_ptr<KVCache>;
@@ -175,17 +199,21 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"rs", "", "atoms per key and value vector of recent tokens (default: 2s)"},
         {"tol", "0", "relative residual at which OMP may stop early (0: always s atoms)"},
         {"pool", "0", "> 1: the vectors of a flush share s atoms each on average, one taking up to pool*s (0: s each)"},
-        {"pool_recent", "1", "1: the recent tier pools its atoms too; 0: only the codes at s do"}},
+        {"pool_recent", "1", "1: the recent tier pools its atoms too; 0: only the codes at s do"},
+        {"gram", "fp16", "Gram matrix form: fp16 (N^2 fp16 per dictionary) | on_demand (columns computed, 3d hot)"},
+        {"threads", "0", "OpenMP threads that code a flush (0: the OpenMP default)"}},
        [](CacheShape shape, const CacheOptions& o) -> Made {
          require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
-         const DictionarySet set = load_dictionaries(o.get("dict"));
+         CodeSpaceOptions space_options;
+         space_options.gram = parse_gram_policy(o.get("gram"));
+         space_options.threads = o.get_int("threads", 0);
+         const auto space = shared_code_space(o.get("dict"), space_options);
          LexicoOptions options;
-         options.key_rope = manifest_rope(set.manifest, o.get("dict"), shape.head_dim);
          const int s = o.get_int("s", 1, 255);
          options.key_sparsity = o.has("sk") ? o.get_int("sk", 1, 255) : s;
          options.value_sparsity = o.has("sv") ? o.get_int("sv", 1, 255) : s;
          if (o.has("layer_s")) {
-           const std::vector<int> per_layer = o.get("layer_s") == "auto" ? allocate_layer_sparsity(set.manifest, s)
+           const std::vector<int> per_layer = o.get("layer_s") == "auto" ? allocate_layer_sparsity(space->manifest(), s)
                                                                          : o.get_int_list("layer_s", 1, 255);
            require(static_cast<int>(per_layer.size()) == shape.layers, "make_cache: lexico layer_s lists ",
                    per_layer.size(), " sparsities for a model of ", shape.layers, " layers");
@@ -204,7 +232,7 @@ inline std::vector<CacheType> builtin_cache_types() {
          require(options.key_tolerance >= 0 && options.key_tolerance < 1, "make_cache: lexico tol must be in [0, 1)");
          options.atom_pool = static_cast<float>(o.get_number("pool"));  // LexicoCache checks its range
          options.pool_recent_tiers = o.get_int("pool_recent", 0, 1) == 1;
-         return std::make_unique<LexicoCache>(shape, set.layers, options);
+         return std::make_unique<LexicoCache>(shape, space, options);
        }},
   };
 }

@@ -10,6 +10,9 @@
 // uses the full E4M3 range and a later value up to `headroom` times larger still fits;
 // anything beyond saturates to ±448 · scale. An all-zero first block gives scale 1.
 // The scale is re-chosen after clear() (a new sequence).
+//
+// Truncation: tokens stored after the calibrating block can be dropped exactly, but the
+// block itself fixed the scale, so truncate_floor() is that block's length.
 
 #include <algorithm>
 #include <cmath>
@@ -38,6 +41,7 @@ class Fp8Codec {
   int payload_bytes(int head_dim) const { return head_dim; }
   int metadata_bytes(int /*head_dim*/) const { return 0; }
   std::size_t shared_bytes() const { return sizeof(float); }  // the fp32 scale of this tensor
+  static constexpr bool data_dependent = true;
 
   void calibrate(ConstRowsRef tokens) {
     float largest = 0.0f;

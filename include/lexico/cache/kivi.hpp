@@ -16,8 +16,19 @@
 // Codes are packed (4 per byte at 2 bits, 2 at 4 bits) and attention dequantizes one
 // group of keys (head_dim x group) or one value row at a time, never the whole cache.
 // Inputs are rounded to fp16 (the residual) before they are quantized, as KIVI quantizes
-// fp16 tensors; dequantization and attention run in fp32.
+// fp16 tensors; dequantization and attention run in fp32. Values beyond fp16's range are
+// refused before anything is stored.
+//
+// Truncation: only tokens still in the residual windows can be dropped exactly, and only
+// if nothing was quantized since they arrived, so truncate_floor() is the token count at
+// the last quantization of a key block or a value. Values leave their window one per
+// token once more than R were seen, so from then on truncate() can only undo the newest
+// token, and only before its attention. A truncated layer is as after the attention of
+// its last token (windows settled); the next append() settles the windows first anyway,
+// so everything stored and attended afterwards is exactly what it would have been.
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -51,6 +62,13 @@ class ChannelQuantizedRows {
   Eigen::Index tokens() const { return tokens_; }
   std::size_t payload_bytes() const { return bytes_of(codes_); }
   std::size_t metadata_bytes() const { return bytes_of(params_); }
+  // Vector capacity slack and headers.
+  std::size_t overhead_bytes() const {
+    std::size_t bytes = codes_.capacity() * sizeof(codes_[0]) + params_.capacity() * sizeof(params_[0]);
+    for (const auto& codes : codes_) bytes += (codes.capacity() - codes.size()) * sizeof(std::uint8_t);
+    for (const auto& params : params_) bytes += (params.capacity() - params.size()) * sizeof(Eigen::half);
+    return bytes;
+  }
 
   // Quantizes the oldest `count` tokens of `source` (count a multiple of the group).
   void append_from(const TokenStore<Eigen::half>& source, Eigen::Index count) {
@@ -148,6 +166,16 @@ class KiviCache final : public KVCache {
   }
   const KiviOptions& options() const { return options_; }
 
+  // The cache object, its stores' unused capacity (and not yet compacted window rows).
+  std::size_t overhead_bytes() const override {
+    std::size_t bytes =
+        KVCache::overhead_bytes() + sizeof(*this) - sizeof(KVCache) + layers_.capacity() * sizeof(Layer);
+    for (const Layer& l : layers_)
+      bytes += l.keys.overhead_bytes() + l.key_residual.overhead_bytes() + l.values.overhead_bytes() +
+               l.value_residual.overhead_bytes();
+    return bytes;
+  }
+
   // Token counts of a layer: quantized and fp16 residual, keys and values.
   Eigen::Index quantized_keys(int layer) const { return at(layer).keys.tokens(); }
   Eigen::Index residual_keys(int layer) const { return at(layer).key_residual.tokens(); }
@@ -167,19 +195,14 @@ class KiviCache final : public KVCache {
  protected:
   void append_token(int layer, const float* key, const float* value) override {
     Layer& l = layers_[static_cast<std::size_t>(layer)];
-    detail::require_fp16_range(key, shape().kv_width(), "KiviCache");
-    detail::require_fp16_range(value, shape().kv_width(), "KiviCache");
     settle(l);  // in case the previous token was never attended
     l.key_residual.append(key);
     l.value_residual.append(value);
   }
 
-  void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef /*queries*/) override {
+  void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef /*queries*/,
+                     KeyForm /*form*/) override {
     Layer& l = layers_[static_cast<std::size_t>(layer)];
-    for (Eigen::Index t = 0; t < keys.rows(); ++t) {
-      detail::require_fp16_range(keys.row(t).data(), shape().kv_width(), "KiviCache");
-      detail::require_fp16_range(values.row(t).data(), shape().kv_width(), "KiviCache");
-    }
     for (Eigen::Index t = 0; t < keys.rows(); ++t) {
       l.key_residual.append(keys.row(t).data());
       l.value_residual.append(values.row(t).data());
@@ -187,8 +210,14 @@ class KiviCache final : public KVCache {
     settle(l);
   }
 
-  void attend_tokens(int layer, ConstRowsRef queries, RowsRef out) override {
+  // A decode step attends to the windows as they are (its own key still in fp16) and
+  // settles them afterwards. A block's queries (chunked prefill, the only caller that asks
+  // for log_sum_exp) come before the block is appended, so they see the windows settled,
+  // as each block token would when it is appended: the flush the block's first append
+  // would make anyway is made first, and every tile of the block sees the same tokens.
+  void attend_tokens(int layer, ConstRowsRef queries, RowsRef out, float* log_sum_exp) override {
     Layer& l = layers_[static_cast<std::size_t>(layer)];
+    if (log_sum_exp) settle(l);
     const Eigen::Index quantized_keys = l.keys.tokens(), quantized_values = l.values.tokens();
     grouped_decode_attention(
         queries, shape().kv_heads, quantized_keys + l.key_residual.tokens(), out,
@@ -199,7 +228,8 @@ class KiviCache final : public KVCache {
         [&](int h, const float* p, Eigen::Index ld, int group, float* o) {
           l.values.accumulate(h, p, ld, group, o);
           l.value_residual.accumulate(h, p + quantized_values, ld, group, o);
-        });
+        },
+        log_sum_exp, threads());
     settle(l);
   }
 
@@ -218,7 +248,20 @@ class KiviCache final : public KVCache {
     l.key_residual.clear();
     l.values.clear();
     l.value_residual.clear();
+    l.floor = 0;
   }
+
+  std::int64_t rollback_floor(int layer) const override { return layers_[static_cast<std::size_t>(layer)].floor; }
+  // Drops the newest tokens from both residual windows: rollback_floor() guarantees that
+  // they hold them (every quantized key and value is older than the floor).
+  void truncate_layer(int layer, std::int64_t tokens) override {
+    Layer& l = layers_[static_cast<std::size_t>(layer)];
+    const Eigen::Index drop = held(l) - tokens;
+    l.key_residual.erase_back(drop);
+    l.value_residual.erase_back(drop);
+  }
+
+  bool narrows_to_fp16() const override { return true; }  // the residual windows are fp16
 
  private:
   struct Layer {
@@ -226,7 +269,10 @@ class KiviCache final : public KVCache {
     TokenStore<Eigen::half> key_residual;
     CodedRows<BlockCodec> values;
     TokenStore<Eigen::half> value_residual;
+    std::int64_t floor = 0;  // tokens held at the last quantization (the truncation floor)
   };
+
+  static Eigen::Index held(const Layer& l) { return l.keys.tokens() + l.key_residual.tokens(); }
 
   const Layer& at(int layer) const { return layers_[static_cast<std::size_t>(checked_layer(layer))]; }
 
@@ -235,11 +281,12 @@ class KiviCache final : public KVCache {
   void settle(Layer& l) const {
     const Eigen::Index r = options_.residual;
     const Eigen::Index keys = l.key_residual.tokens() / r * r;
+    const Eigen::Index values = l.value_residual.tokens() - r;
+    if (keys > 0 || values > 0) l.floor = held(l);
     if (keys > 0) {
       l.keys.append_from(l.key_residual, keys);
       l.key_residual.erase_front(keys);
     }
-    const Eigen::Index values = l.value_residual.tokens() - r;
     if (values > 0) {
       std::vector<float> token(static_cast<std::size_t>(shape().kv_width()));
       for (Eigen::Index t = 0; t < values; ++t) {

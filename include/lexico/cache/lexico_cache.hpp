@@ -9,10 +9,18 @@
 // and re-coded at the next lower one as they age: attention in these models is mostly
 // local, so precision spent on recent tokens buys more than precision spent on old ones.
 //
-// Optionally, keys are coded before RoPE (options.key_rope): the cache undoes each key's
-// rotation before coding and redoes it when scoring. Unrotated keys are far easier to
+// Optionally, keys are coded before RoPE (a CodeSpace with key_rope): the cache keeps
+// keys before RoPE (taking them as they are, or undoing the rotation of rotated keys
+// at their positions) and rotates them when scoring. Unrotated keys are far easier to
 // code (TRAINING.md: 2.4x lower error at s = 8 on proxy-lm-hd128), but a score then
 // costs O(s·d) instead of O(s), since the rotation does not commute with u = Dᵀq.
+//
+// Memory: the dictionaries, Gram forms and encoder workspaces live in a CodeSpace shared
+// by every sequence; a cache holds its codes, its fp16 sinks and buffer, and counters.
+// Scratch for coding and attention belongs to the calling thread (thread_local).
+//
+// Concurrency: as every KVCache (cache.hpp): one thread per cache at a time; caches that
+// share a CodeSpace may run on different threads at once.
 
 #include <algorithm>
 #include <map>
@@ -24,6 +32,7 @@
 #include <vector>
 
 #include "../atom_budget.hpp"
+#include "../code_space.hpp"
 #include "../codes.hpp"
 #include "../dictionary.hpp"
 #include "../omp.hpp"
@@ -63,30 +72,29 @@ struct LexicoOptions {
     int tokens, key_sparsity, value_sparsity;
   };
   std::vector<Tier> tiers;
-  // The model's RoPE, to code keys before it: needs key dictionaries trained on keys
-  // before RoPE (lexico-train --keys-before-rope). Token i of a layer must sit at
-  // position i, as it does for a sequence that starts at position 0.
-  std::optional<Rope> key_rope;
 };
 
-// A layer's key and value dictionaries.
-struct LayerDictionaries {
-  std::shared_ptr<const Dictionary> keys, values;
+// One decode-attention request of a batch (attend_batch): a cache and its queries.
+struct AttendRequest {
+  KVCache* cache;
+  ConstRowsRef queries;  // q_heads x head_dim
+  RowsRef out;           // q_heads x head_dim
 };
 
 class LexicoCache final : public KVCache {
  public:
-  LexicoCache(CacheShape shape, std::vector<LayerDictionaries> dictionaries, LexicoOptions options = {})
-      : KVCache(shape), options_(std::move(options)) {
-    require(static_cast<int>(dictionaries.size()) == shape.layers, "LexicoCache: ", dictionaries.size(),
-            " layer dictionaries for ", shape.layers, " layers");
+  LexicoCache(CacheShape shape, std::shared_ptr<const CodeSpace> space, LexicoOptions options = {})
+      : KVCache(shape), space_(std::move(space)), options_(std::move(options)) {
+    require(space_ != nullptr, "LexicoCache: no CodeSpace");
+    require(space_->layers() == shape.layers, "LexicoCache: ", space_->layers(), " layer dictionaries for ",
+            shape.layers, " layers");
+    require(space_->dim() == shape.head_dim, "LexicoCache: dictionary dimension ", space_->dim(),
+            " differs from head_dim ", shape.head_dim);
     require(options_.buffer >= 0 && options_.flush >= 1 && options_.sinks >= 0,
             "LexicoCache: buffer and sinks must be >= 0 and flush >= 1 (got ", options_.buffer, ", ",
             options_.sinks, ", ", options_.flush, ")");
     require(shape.head_dim <= TokenStore<Eigen::half>::max_head_dim, "LexicoCache: head_dim ", shape.head_dim,
             " above ", TokenStore<Eigen::half>::max_head_dim);
-    require(!options_.key_rope || options_.key_rope->head_dim() == shape.head_dim, "LexicoCache: RoPE head_dim ",
-            options_.key_rope ? options_.key_rope->head_dim() : 0, " differs from head_dim ", shape.head_dim);
     require(options_.atom_pool == 0.0f || (options_.atom_pool >= 1.0f && options_.atom_pool <= 255.0f),
             "LexicoCache: atom_pool = ", options_.atom_pool, " must be 0 (off) or in [1, 255]");
     for (const LexicoOptions::Tier& tier : options_.tiers)
@@ -95,136 +103,171 @@ class LexicoCache final : public KVCache {
       require(layer >= 0 && layer < shape.layers, "LexicoCache: sparsity override for layer ", layer,
               " outside [0, ", shape.layers, ")");
     for (int l = 0; l < shape.layers; ++l) {
-      const LayerDictionaries& dicts = dictionaries[static_cast<std::size_t>(l)];
-      require(dicts.keys && dicts.values, "LexicoCache: layer ", l, " lacks a key or value dictionary");
       const auto [key_s, value_s] = sparsity(l);
       // Oldest first; the first, the layer's own sparsity, is unbounded (0 tokens).
       std::vector<LexicoOptions::Tier> tiers = {{0, key_s, value_s}};
       tiers.insert(tiers.end(), options_.tiers.rbegin(), options_.tiers.rend());
-      layers_.push_back(std::make_unique<Layer>(shape, dicts, tiers, options_));
+      layers_.emplace_back(shape, *space_, l, tiers, options_);
     }
   }
+
+  // A cache with a CodeSpace of its own (one sequence; engines share one CodeSpace).
+  LexicoCache(CacheShape shape, const std::vector<LayerDictionaries>& dictionaries, LexicoOptions options = {},
+              CodeSpaceOptions space = {})
+      : LexicoCache(shape, make_space(shape, dictionaries, std::move(space)), std::move(options)) {}
 
   std::string name() const override { return "lexico"; }
   std::string parameters() const override {
     std::ostringstream out;
-    out << "sk=" << options_.key_sparsity << " sv=" << options_.value_sparsity
-        << " N=" << layers_.front()->keys.dictionary->size() << " buffer=" << options_.buffer
-        << " flush=" << options_.flush;
+    out << "sk=" << options_.key_sparsity << " sv=" << options_.value_sparsity << " N=" << space_->keys(0).size()
+        << " buffer=" << options_.buffer << " flush=" << options_.flush;
     for (const auto& [layer, sparsity] : options_.layer_sparsity)
       out << " L" << layer << "=" << sparsity.first << "/" << sparsity.second;
     if (options_.sinks > 0) out << " sinks=" << options_.sinks;
     if (!options_.pack_indices) out << " index_bits=16";
-    if (options_.key_rope) out << " keys=before_rope";
+    if (space_->key_rope()) out << " keys=before_rope";
     for (const LexicoOptions::Tier& tier : options_.tiers)
       out << " tier=" << tier.tokens << ":" << tier.key_sparsity << ":" << tier.value_sparsity;
     if (options_.key_tolerance > 0 || options_.value_tolerance > 0)
       out << " tol_k=" << options_.key_tolerance << " tol_v=" << options_.value_tolerance;
     if (options_.atom_pool > 0) out << " atom_pool=" << options_.atom_pool;
     if (options_.atom_pool > 0 && !options_.pool_recent_tiers && !options_.tiers.empty()) out << " pool_recent=0";
+    if (space_->options().gram != GramPolicy::fp16) out << " gram=" << to_string(space_->options().gram);
     return out.str();
   }
 
+  const CodeSpace& space() const { return *space_; }
+  const Rope* key_rope() const override { return space_->key_rope() ? &*space_->key_rope() : nullptr; }
+
   // Tokens of `layer` held as sinks, as codes and in the buffer.
-  Eigen::Index sink_tokens(int layer) const {
-    return layers_[static_cast<std::size_t>(checked_layer(layer))]->keys.sinks.tokens();
-  }
-  Eigen::Index coded_tokens(int layer) const { return layers_[static_cast<std::size_t>(checked_layer(layer))]->coded; }
-  Eigen::Index buffered_tokens(int layer) const {
-    return layers_[static_cast<std::size_t>(checked_layer(layer))]->keys.buffer.tokens();
-  }
+  Eigen::Index sink_tokens(int layer) const { return at(layer).keys.sinks.tokens(); }
+  Eigen::Index coded_tokens(int layer) const { return at(layer).coded; }
+  Eigen::Index buffered_tokens(int layer) const { return at(layer).keys.buffer.tokens(); }
   // The coded keys or values of one KV head of a layer in token order, tier by tier:
   // tier 0 holds the oldest tokens at key_sparsity / value_sparsity, the last tier the
   // newest (tier i > 0 is options.tiers[tiers - 1 - i]).
   int code_tiers() const { return static_cast<int>(options_.tiers.size()) + 1; }
   const CodeStore& key_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, true); }
   const CodeStore& value_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, false); }
-  const Dictionary& key_dictionary(int layer) const { return *layers_[static_cast<std::size_t>(checked_layer(layer))]->keys.dictionary; }
-  const Dictionary& value_dictionary(int layer) const { return *layers_[static_cast<std::size_t>(checked_layer(layer))]->values.dictionary; }
+  const Dictionary& key_dictionary(int layer) const { return space_->keys(checked_layer(layer)).dictionary(); }
+  const Dictionary& value_dictionary(int layer) const { return space_->values(checked_layer(layer)).dictionary(); }
+
+  // Appends T tokens given as codes (T·kv_heads columns, token-major) to the long-term
+  // codes of an empty or code-only layer: a cache restored from storage, or filled for
+  // a benchmark without running OMP.
+  void append_codes(int layer, const SparseCodes& keys, const SparseCodes& values) {
+    Layer& state = at(layer);
+    const int heads = shape().kv_heads;
+    bool recent = false;
+    for (std::size_t i = 1; i < state.keys.tiers.size(); ++i) recent = recent || state.keys.tiers[i].tokens() > 0;
+    require(state.keys.buffer.tokens() == 0 && state.keys.sinks.tokens() == 0 && !recent,
+            "LexicoCache::append_codes: layer ", layer, " holds buffered tokens, sinks or recent-tier codes");
+    require(keys.vectors() == values.vectors() && keys.vectors() % heads == 0, "LexicoCache::append_codes: ",
+            keys.vectors(), " key and ", values.vectors(), " value codes for ", heads, " KV heads");
+    const Eigen::Index tokens = keys.vectors() / heads;
+    state.keys.append(keys, state.keys.tiers.front());
+    state.values.append(values, state.values.tiers.front());
+    state.coded += tokens;
+    state.frozen = seen(layer) + tokens;
+    add_tokens(layer, tokens);
+  }
+
+  // Decode attention for many sequences' caches on one layer (any cache type). Lexico
+  // caches on one CodeSpace share u = Dᵀq for all their queries (one matrix product of
+  // N x d by d x (sequences · query heads)) and the D_v · w product; every other request
+  // is served by its own attend().
+  static void attend_batch(int layer, const std::vector<AttendRequest>& requests, int threads = 0) {
+    std::map<const CodeSpace*, std::vector<std::size_t>> by_space;
+    for (std::size_t i = 0; i < requests.size(); ++i) {
+      auto* lexico = dynamic_cast<LexicoCache*>(requests[i].cache);
+      if (lexico) by_space[lexico->space_.get()].push_back(i);
+      else requests[i].cache->attend(layer, requests[i].queries, requests[i].out);
+    }
+    for (const auto& [space, members] : by_space) attend_group(layer, requests, members, threads);
+  }
+
+  // The objects that hold the codes and buffers, and their unused capacity.
+  std::size_t overhead_bytes() const override {
+    std::size_t total = KVCache::overhead_bytes() + sizeof(*this) - sizeof(KVCache) + sizeof(Layer) * layers_.size();
+    for (const Layer& layer : layers_)
+      for (const Part* part : {&layer.keys, &layer.values}) {
+        total += part->tiers.size() * sizeof(Tier) + part->buffer.overhead_bytes() + part->sinks.overhead_bytes();
+        for (const Tier& tier : part->tiers)
+          for (const CodeStore& codes : tier.heads) total += sizeof(CodeStore) + codes.spare_bytes();
+      }
+    return total;
+  }
+  std::size_t shared_bytes() const override { return space_->bytes(); }
+  const void* shared_state() const override { return space_.get(); }
 
  protected:
+  bool narrows_to_fp16() const override { return true; }
+
   void append_token(int layer, const float* key, const float* value) override {
-    Layer& state = *layers_[static_cast<std::size_t>(layer)];
-    if (state.keys.sinks.tokens() < options_.sinks) {
-      state.keys.sinks.append(key);
-      state.values.sinks.append(value);
-      return;
-    }
-    state.keys.buffer.append(key);
-    state.values.buffer.append(value);
-    const Eigen::Index excess = state.keys.buffer.tokens() - options_.buffer;
-    if (excess > 0) {
-      state.code_oldest(std::min<Eigen::Index>(state.keys.buffer.tokens(), std::max<Eigen::Index>(options_.flush, excess)));
-      state.age_tiers(options_.flush);
+    const Eigen::Map<const RowMatrix> keys(key, 1, shape().kv_width()), values(value, 1, shape().kv_width());
+    append_block(layer, keys, values, KeyForm::rotated);
+  }
+
+  // Tokens go to the sinks while there is room, then to the buffer; every time the
+  // buffer would exceed n_b, its oldest n_a tokens are coded (and the tiers aged), just
+  // as if the block had come one token at a time.
+  void append_block(int layer, ConstRowsRef keys, ConstRowsRef values, KeyForm form) override {
+    Layer& state = layers_[static_cast<std::size_t>(layer)];
+    const ConstRowsRef stored_keys = unrotated(keys, form, next_position(layer));
+    for (Eigen::Index t = 0; t < keys.rows(); ++t) {
+      if (state.keys.sinks.tokens() < options_.sinks) {
+        state.keys.sinks.append(stored_keys.row(t).data());
+        state.values.sinks.append(values.row(t).data());
+        continue;
+      }
+      state.keys.buffer.append(stored_keys.row(t).data());
+      state.values.buffer.append(values.row(t).data());
+      const Eigen::Index excess = state.keys.buffer.tokens() - options_.buffer;
+      if (excess > 0) {
+        state.code_oldest(std::min<Eigen::Index>(state.keys.buffer.tokens(), std::max<Eigen::Index>(options_.flush, excess)));
+        state.age_tiers(options_.flush);
+        state.frozen = seen(layer) + t + 1;
+      }
     }
   }
 
   // Prefill: the sinks aside, everything but the last n_b tokens is coded in one batch.
-  void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef /*queries*/) override {
-    Layer& state = *layers_[static_cast<std::size_t>(layer)];
+  void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef /*queries*/,
+                     KeyForm form) override {
+    Layer& state = layers_[static_cast<std::size_t>(layer)];
+    const ConstRowsRef stored_keys = unrotated(keys, form, next_position(layer));
     const Eigen::Index sinks = std::min<Eigen::Index>(options_.sinks, keys.rows());
     for (Eigen::Index t = 0; t < sinks; ++t) {
-      state.keys.sinks.append(keys.row(t).data());
+      state.keys.sinks.append(stored_keys.row(t).data());
       state.values.sinks.append(values.row(t).data());
     }
     const Eigen::Index coded = std::max<Eigen::Index>(0, keys.rows() - sinks - options_.buffer);
-    state.code_rows(keys.middleRows(sinks, coded), values.middleRows(sinks, coded));
-    state.age_tiers(options_.flush);
+    if (coded > 0) {
+      state.keys.code(stored_keys.middleRows(sinks, coded));
+      state.values.code(values.middleRows(sinks, coded));
+      state.coded += coded;
+      state.age_tiers(options_.flush);
+      state.frozen = seen(layer) + keys.rows();
+    }
     for (Eigen::Index t = sinks + coded; t < keys.rows(); ++t) {
-      state.keys.buffer.append(keys.row(t).data());
+      state.keys.buffer.append(stored_keys.row(t).data());
       state.values.buffer.append(values.row(t).data());
     }
   }
 
-  void attend_tokens(int layer, ConstRowsRef queries, RowsRef out) override {
-    Layer& state = *layers_[static_cast<std::size_t>(layer)];
-    // Score columns: sinks, then coded tokens, then the buffer.
-    const Eigen::Index sinks = state.keys.sinks.tokens(), coded = state.coded;
-    const Dictionary& key_dict = *state.keys.dictionary;
-    const Dictionary& value_dict = *state.values.dictionary;
-    const Eigen::Index atoms_k = key_dict.size(), atoms_v = value_dict.size();
-    grouped_decode_attention(
-        queries, shape().kv_heads, sinks + coded + state.keys.buffer.tokens(), out,
-        [&](int h, const float* q, int group, float* scores, Eigen::Index ld) {
-          state.keys.sinks.scores(h, q, group, scores, ld);
-          if (coded > 0) {
-            thread_local std::vector<float> table;
-            if (!options_.key_rope) {
-              table.resize(static_cast<std::size_t>(atoms_k * group));
-              atom_table(key_dict, q, group, table.data());
-            }
-            // A token's column is its position: sinks first, then the codes in order.
-            Eigen::Index column = sinks;
-            for (const Tier& tier : state.keys.tiers) {
-              const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
-              if (options_.key_rope)
-                rotated_code_scores(codes, key_dict, *options_.key_rope, column, q, group, scores + column, ld);
-              else
-                code_scores(codes, table.data(), group, scores + column, ld);
-              column += static_cast<Eigen::Index>(codes.rows());
-            }
-          }
-          state.keys.buffer.scores(h, q, group, scores + sinks + coded, ld);
-        },
-        [&](int h, const float* p, Eigen::Index ld, int group, float* o) {
-          state.values.sinks.accumulate(h, p, ld, group, o);
-          if (coded > 0) {
-            thread_local std::vector<float> weights;
-            weights.assign(static_cast<std::size_t>(atoms_v * group), 0.0f);
-            Eigen::Index column = sinks;
-            for (const Tier& tier : state.values.tiers) {
-              const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
-              code_accumulate(codes, p + column, ld, group, weights.data());
-              column += static_cast<Eigen::Index>(codes.rows());
-            }
-            add_atom_combination(value_dict, weights.data(), group, o);
-          }
-          state.values.buffer.accumulate(h, p + sinks + coded, ld, group, o);
-        });
+  void attend_tokens(int layer, ConstRowsRef queries, RowsRef out, float* log_sum_exp) override {
+    thread_local RowMatrix table, weights;
+    const Layer& state = layers_[static_cast<std::size_t>(layer)];
+    if (state.coded > 0) {
+      if (!key_rope()) atom_table(space_->keys(layer).dictionary(), queries, table, threads());
+      weights.setZero(space_->values(layer).size(), queries.rows());
+    }
+    attend_codes(layer, queries, out, log_sum_exp, table.data(), table.cols(), weights.data(), weights.cols());
+    if (state.coded > 0) add_atom_combination(space_->values(layer).dictionary(), weights, out, threads());
   }
 
   CacheBytes layer_bytes(int layer) const override {
-    const Layer& state = *layers_[static_cast<std::size_t>(layer)];
+    const Layer& state = layers_[static_cast<std::size_t>(layer)];
     CacheBytes bytes;
     for (const Part* part : {&state.keys, &state.values}) {
       for (const Tier& tier : part->tiers)
@@ -238,7 +281,7 @@ class LexicoCache final : public KVCache {
   }
 
   void clear_layer(int layer) override {
-    Layer& state = *layers_[static_cast<std::size_t>(layer)];
+    Layer& state = layers_[static_cast<std::size_t>(layer)];
     for (Part* part : {&state.keys, &state.values}) {
       for (Tier& tier : part->tiers)
         for (CodeStore& codes : tier.heads) codes.clear();
@@ -246,16 +289,32 @@ class LexicoCache final : public KVCache {
       part->sinks.clear();
     }
     state.coded = 0;
+    state.frozen = 0;
+  }
+
+  // Coding cannot be undone: a layer goes back at most to its last flush.
+  std::int64_t rollback_floor(int layer) const override { return layers_[static_cast<std::size_t>(layer)].frozen; }
+
+  void truncate_layer(int layer, std::int64_t tokens) override {
+    Layer& state = layers_[static_cast<std::size_t>(layer)];
+    Eigen::Index drop = seen(layer) - tokens;
+    const Eigen::Index from_buffer = std::min(drop, state.keys.buffer.tokens());
+    state.keys.buffer.truncate(state.keys.buffer.tokens() - from_buffer);
+    state.values.buffer.truncate(state.values.buffer.tokens() - from_buffer);
+    drop -= from_buffer;
+    state.keys.sinks.truncate(state.keys.sinks.tokens() - drop);  // nothing coded yet (frozen == 0)
+    state.values.sinks.truncate(state.values.sinks.tokens() - drop);
   }
 
  private:
   // Codes at one sparsity, one store per KV head, and the encoder that makes them.
   struct Tier {
-    Tier(const Dictionary& dictionary, int kv_heads, int sparsity, float tolerance, float pool, int index_bits,
-         Eigen::Index capacity)
+    Tier(const CodeSpace& space, int layer, bool keys, int kv_heads, int sparsity, float tolerance, float pool,
+         int index_bits, Eigen::Index capacity)
         : sparsity(sparsity),
-          longest(pool > 0 ? longest_code(dictionary, sparsity, pool) : sparsity),
-          encoder(dictionary, OmpOptions{longest, tolerance}),
+          longest(pool > 0 ? longest_code((keys ? space.keys(layer) : space.values(layer)).dictionary(), sparsity, pool)
+                           : sparsity),
+          encoder(space.encoder(layer, keys, longest, tolerance)),
           heads(static_cast<std::size_t>(kv_heads), CodeStore(longest, tolerance > 0 || pool > 0, index_bits)),
           capacity(capacity) {}
     Eigen::Index tokens() const { return static_cast<Eigen::Index>(heads.front().rows()); }
@@ -268,109 +327,112 @@ class LexicoCache final : public KVCache {
 
     int sparsity;  // atoms per vector, on average when pooled
     int longest;   // atoms one vector may take
-    OmpEncoder encoder;
+    OmpEncoder encoder;  // a view of the CodeSpace's book and workspace pool
     std::vector<CodeStore> heads;
     Eigen::Index capacity;  // 0: unbounded
   };
 
-  // Keys or values of one layer: dictionary, code tiers (oldest first), fp16 buffer and sinks.
+  // What a thread needs to code a flush: shared by every cache the thread runs.
+  struct CodingScratch {
+    Eigen::MatrixXf vectors;  // d x (tokens · heads), token-major
+    SparseCodes result;
+    std::vector<int> keep;
+  };
+  static CodingScratch& scratch() {
+    thread_local CodingScratch instance;
+    return instance;
+  }
+
+  // Keys or values of one layer: code tiers (oldest first), fp16 buffer and sinks. Keys
+  // are held before RoPE when the space codes them so.
   struct Part {
-    Part(const CacheShape& shape, std::shared_ptr<const Dictionary> dict, const std::vector<LexicoOptions::Tier>& specs,
-         bool keys, const LexicoOptions& options, const Rope* rope)
-        : dictionary(std::move(dict)), rope(rope), pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
+    Part(const CacheShape& shape, const CodeSpace& space, int layer, const std::vector<LexicoOptions::Tier>& specs,
+         bool keys, const LexicoOptions& options)
+        : dictionary(&(keys ? space.keys(layer) : space.values(layer)).dictionary()),
+          pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
           buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
-      require(dictionary->dim() == shape.head_dim, "LexicoCache: dictionary dimension ", dictionary->dim(),
-              " differs from head_dim ", shape.head_dim);
       const int index_bits =
           options.pack_indices ? CodeStore::bits_for(static_cast<std::size_t>(dictionary->size())) : 16;
       const float tolerance = keys ? options.key_tolerance : options.value_tolerance;
       for (const LexicoOptions::Tier& spec : specs)
-        tiers.emplace_back(*dictionary, shape.kv_heads, keys ? spec.key_sparsity : spec.value_sparsity, tolerance,
-                           (tiers.empty() || options.pool_recent_tiers) ? options.atom_pool : 0.0f, index_bits,
-                           spec.tokens);
+        tiers.emplace_back(space, layer, keys, shape.kv_heads, keys ? spec.key_sparsity : spec.value_sparsity,
+                           tolerance, (tiers.empty() || options.pool_recent_tiers) ? options.atom_pool : 0.0f,
+                           index_bits, spec.tokens);
     }
 
-    // Codes T tokens (rows of kv_heads x head_dim) at positions first, first + 1, ...
-    // into the newest tier, head by head.
-    void code(ConstRowsRef rows, std::int64_t first) {
-      Tier& tier = tiers.back();
-      const int heads = static_cast<int>(tier.heads.size());
-      const int dim = dictionary->dim();
-      const Eigen::Index vectors = rows.rows() * heads;
-      scratch.resize(dim, vectors);
+    // Codes T tokens (rows of kv_heads x head_dim) into the newest tier, as fp16 holds them,
+    // so a token codes the same whether it came straight from a prefill or through the buffer.
+    void code(ConstRowsRef rows) {
+      const int heads = buffer.heads(), dim = buffer.head_dim();
+      Eigen::MatrixXf& vectors = scratch().vectors;
+      vectors.resize(dim, rows.rows() * heads);
       for (Eigen::Index t = 0; t < rows.rows(); ++t)
-        scratch.middleCols(t * heads, heads) = Eigen::Map<const Eigen::MatrixXf>(rows.row(t).data(), dim, heads);
-      // Code what an fp16 cache holds, so a token codes the same whether it came
-      // straight from a prefill or through the fp16 buffer.
-      for (Eigen::Index i = 0; i < scratch.size(); ++i) scratch.data()[i] = static_cast<float>(Eigen::half(scratch.data()[i]));
-      if (rope) unrotate(first, rows.rows(), heads);
-      encode_into(tier);
+        for (Eigen::Index i = 0; i < rows.cols(); ++i)
+          vectors(i % dim, t * heads + i / dim) = static_cast<float>(Eigen::half(rows(t, i)));
+      encode_into(tiers.back());
     }
 
-    // Undoes RoPE on the columns of `scratch`, with the angles scoring will redo it with.
-    void unrotate(std::int64_t first, Eigen::Index tokens, int heads) {
-      const int pairs = rope->pairs();
-      cos.resize(static_cast<std::size_t>(tokens * pairs));
-      sin.resize(cos.size());
-      rope->consecutive_angles(first, tokens, cos.data(), sin.data());
-      for (Eigen::Index v = 0; v < scratch.cols(); ++v)
-        rope->rotate(scratch.col(v).data(), cos.data() + v / heads * pairs, sin.data() + v / heads * pairs, true);
+    // Codes the oldest `count` buffered tokens into the newest tier and drops them.
+    void code_buffered(Eigen::Index count) {
+      const int heads = buffer.heads(), dim = buffer.head_dim();
+      Eigen::MatrixXf& vectors = scratch().vectors;
+      vectors.resize(dim, count * heads);
+      for (Eigen::Index t = 0; t < count; ++t)
+        for (int h = 0; h < heads; ++h) buffer.row(h, t, vectors.col(t * heads + h).data());
+      buffer.erase_front(count);
+      encode_into(tiers.back());
     }
 
     // Moves the oldest `count` tokens of tier i into tier i - 1, re-coding their
     // reconstructions at that tier's sparsity.
     void age(std::size_t i, Eigen::Index count) {
       Tier &from = tiers[i], &to = tiers[i - 1];
-      const int heads = static_cast<int>(from.heads.size());
-      const int dim = dictionary->dim();
-      scratch.setZero(dim, count * heads);
+      const int heads = static_cast<int>(from.heads.size()), dim = dictionary->dim();
+      thread_local RowMatrix decoded;
+      decoded.resize(count, dim);
+      Eigen::MatrixXf& vectors = scratch().vectors;
+      vectors.resize(dim, count * heads);
       for (int h = 0; h < heads; ++h) {
         CodeStore& codes = from.heads[static_cast<std::size_t>(h)];
-        codes.for_each_row([&](std::size_t r, CodeStore::Indices index, const std::uint8_t* coefficient, int entries,
-                               float scale) {
-          if (static_cast<Eigen::Index>(r) >= count) return;
-          for (int e = 0; e < entries; ++e)
-            scratch.col(static_cast<Eigen::Index>(r) * heads + h) +=
-                (fp8_e4m3_decode(coefficient[e]) * scale) * dictionary->atoms().col(index[e]);
-        });
+        decode_codes(codes, *dictionary, static_cast<std::size_t>(count), decoded.data());
+        for (Eigen::Index r = 0; r < count; ++r) vectors.col(r * heads + h) = decoded.row(r).transpose();
         codes.erase_front(static_cast<std::size_t>(count));
       }
       encode_into(to);
     }
 
-    // Encodes the columns of `scratch` (token-major, heads within a token) into a tier;
-    // a pooled tier shares its atoms within each flush's worth of columns, from the
+    // Encodes the columns of scratch().vectors (token-major, heads within a token) into a
+    // tier; a pooled tier shares its atoms within each flush's worth of columns, from the
     // first, so a token codes the same whether it came from a prefill or one by one.
     void encode_into(Tier& tier) {
-      const int heads = static_cast<int>(tier.heads.size());
-      tier.encoder.encode(scratch, result);
+      CodingScratch& work = scratch();
+      tier.encoder.encode(work.vectors, work.result);
       if (tier.pooled())
-        for (Eigen::Index first = 0; first < scratch.cols(); first += pool_columns) {
-          const Eigen::Index count = std::min(pool_columns, scratch.cols() - first);
-          share_atoms(result, first, count, count * tier.sparsity, keep);
-          shorten_codes(*dictionary, scratch, first, keep, result);
+        for (Eigen::Index first = 0; first < work.vectors.cols(); first += pool_columns) {
+          const Eigen::Index count = std::min(pool_columns, work.vectors.cols() - first);
+          share_atoms(work.result, first, count, count * tier.sparsity, work.keep);
+          shorten_codes(*dictionary, work.vectors, first, work.keep, work.result);
         }
-      for (Eigen::Index v = 0; v < scratch.cols(); ++v)
-        tier.heads[static_cast<std::size_t>(v % heads)].append(result.indices.col(v).data(),
-                                                               result.coefficients.col(v).data(), result.counts(v));
+      append(work.result, tier);
     }
 
-    std::shared_ptr<const Dictionary> dictionary;
-    const Rope* rope;  // keys coded before RoPE: the rotation to undo; else null
-    Eigen::Index pool_columns;  // columns that share an atom budget: one flush
-    std::vector<Tier> tiers;  // oldest first; tiers[0] is unbounded
+    void append(const SparseCodes& codes, Tier& tier) {
+      const int heads = static_cast<int>(tier.heads.size());
+      for (Eigen::Index v = 0; v < codes.vectors(); ++v)
+        tier.heads[static_cast<std::size_t>(v % heads)].append(codes.indices.col(v).data(),
+                                                               codes.coefficients.col(v).data(), codes.counts(v));
+    }
+
+    const Dictionary* dictionary;  // the CodeSpace's
+    Eigen::Index pool_columns;     // columns that share an atom budget: one flush
+    std::vector<Tier> tiers;       // oldest first; tiers[0] is unbounded
     TokenStore<Eigen::half> buffer, sinks;
-    Eigen::MatrixXf scratch;
-    std::vector<float> cos, sin;
-    SparseCodes result;
-    std::vector<int> keep;
   };
 
   struct Layer {
-    Layer(const CacheShape& shape, const LayerDictionaries& dicts, const std::vector<LexicoOptions::Tier>& tiers,
+    Layer(const CacheShape& shape, const CodeSpace& space, int layer, const std::vector<LexicoOptions::Tier>& tiers,
           const LexicoOptions& options)
-        : keys(shape, dicts.keys, tiers, true, options, options.key_rope ? &*options.key_rope : nullptr),
-          values(shape, dicts.values, tiers, false, options, nullptr) {}
+        : keys(shape, space, layer, tiers, true, options), values(shape, space, layer, tiers, false, options) {}
 
     // Re-codes, newest tier first, whatever overflows a tier: at least `flush` tokens at
     // once, so a token is re-coded once per tier however it arrived.
@@ -384,33 +446,149 @@ class LexicoCache final : public KVCache {
       }
     }
 
-    void code_rows(ConstRowsRef key_rows, ConstRowsRef value_rows) {
-      if (key_rows.rows() == 0) return;
-      const std::int64_t first = keys.sinks.tokens() + coded;  // the position of the first row
-      keys.code(key_rows, first);
-      values.code(value_rows, first);
-      coded += key_rows.rows();
-    }
-
     // Moves the oldest `count` buffered tokens into the codes.
     void code_oldest(Eigen::Index count) {
-      const int width = static_cast<int>(keys.buffer.heads()) * keys.buffer.head_dim();
-      key_rows.resize(count, width);  // no reallocation once the flush size has been seen
-      value_rows.resize(count, width);
-      for (Eigen::Index t = 0; t < count; ++t)
-        for (int h = 0; h < keys.buffer.heads(); ++h) {
-          keys.buffer.row(h, t, key_rows.row(t).data() + h * keys.buffer.head_dim());
-          values.buffer.row(h, t, value_rows.row(t).data() + h * values.buffer.head_dim());
-        }
-      keys.buffer.erase_front(count);
-      values.buffer.erase_front(count);
-      code_rows(key_rows, value_rows);
+      keys.code_buffered(count);
+      values.code_buffered(count);
+      coded += count;
     }
 
     Part keys, values;
     Eigen::Index coded = 0;
-    RowMatrix key_rows, value_rows;  // tokens leaving the buffer, reused by every flush
+    std::int64_t frozen = 0;  // tokens held right after the last coding: the rollback floor
   };
+
+  static std::shared_ptr<const CodeSpace> make_space(const CacheShape& shape,
+                                                     const std::vector<LayerDictionaries>& dictionaries,
+                                                     CodeSpaceOptions options) {
+    require(static_cast<int>(dictionaries.size()) == shape.layers, "LexicoCache: ", dictionaries.size(),
+            " layer dictionaries for ", shape.layers, " layers");
+    return std::make_shared<const CodeSpace>(dictionaries, std::move(options));
+  }
+
+  // Keys as the cache holds them: as given, or un-rotated at positions first, first + 1, ...
+  // when the space codes keys before RoPE and they came rotated.
+  ConstRowsRef unrotated(ConstRowsRef keys, KeyForm form, std::int64_t first) const {
+    if (!key_rope() || form == KeyForm::unrotated) return keys;
+    thread_local RowMatrix rows;
+    rows = keys;
+    rotate_keys(*key_rope(), first, rows, true);
+    return rows;
+  }
+
+  // Attention of one cache with the key table u = Dᵀq and the value weights w given
+  // (their rows table_ld and weights_ld apart, this cache's queries in their first
+  // columns); the caller adds D_v · w to out.
+  void attend_codes(int layer, ConstRowsRef queries, RowsRef out, float* log_sum_exp, const float* table,
+                    Eigen::Index table_ld, float* weights, Eigen::Index weights_ld) const {
+    const Layer& state = layers_[static_cast<std::size_t>(layer)];
+    const Eigen::Index sinks = state.keys.sinks.tokens(), coded = state.coded;
+    const Rope* rope = key_rope();
+    const Dictionary& key_dict = space_->keys(layer).dictionary();
+    const int group = static_cast<int>(queries.rows()) / shape().kv_heads;
+    const std::int64_t first = first_position(layer);
+    grouped_decode_attention(
+        queries, shape().kv_heads, sinks + coded + state.keys.buffer.tokens(), out,
+        [&](int h, const float* q, int g, float* scores, Eigen::Index ld) {
+          held_scores(state.keys.sinks, rope, first, h, q, g, scores, ld);
+          // A token's column is its position: sinks first, then the codes in order.
+          Eigen::Index column = sinks;
+          for (const Tier& tier : state.keys.tiers) {
+            const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
+            if (codes.rows() == 0) continue;
+            if (rope)
+              rotated_code_scores(codes, key_dict, *rope, first + column, q, g, scores + column, ld);
+            else
+              code_scores(codes, table + h * group, table_ld, g, scores + column, ld);
+            column += static_cast<Eigen::Index>(codes.rows());
+          }
+          held_scores(state.keys.buffer, rope, first + sinks + coded, h, q, g, scores + sinks + coded, ld);
+        },
+        [&](int h, const float* p, Eigen::Index ld, int g, float* o) {
+          state.values.sinks.accumulate(h, p, ld, g, o);
+          Eigen::Index column = sinks;
+          for (const Tier& tier : state.values.tiers) {
+            const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
+            if (codes.rows() == 0) continue;
+            code_accumulate(codes, p + column, ld, g, weights + h * group, weights_ld);
+            column += static_cast<Eigen::Index>(codes.rows());
+          }
+          state.values.buffer.accumulate(h, p + sinks + coded, ld, g, o);
+        },
+        log_sum_exp, threads());
+  }
+
+  // Scores of fp16 tokens (sinks or buffer) at positions first, first + 1, ...: rotated
+  // here when they are held before RoPE.
+  static void held_scores(const TokenStore<Eigen::half>& store, const Rope* rope, std::int64_t first, int h,
+                          const float* q, int group, float* scores, Eigen::Index ld) {
+    if (!rope) return store.scores(h, q, group, scores, ld);
+    thread_local RowMatrix keys;
+    keys.resize(store.tokens(), store.head_dim());
+    for (Eigen::Index t = 0; t < store.tokens(); ++t) store.row(h, t, keys.row(t).data());
+    rotated_scores(*rope, first, keys, q, group, scores, ld);
+  }
+
+  // A batch of Lexico caches on one CodeSpace: one table and one weight matrix for all
+  // of their queries.
+  static void attend_group(int layer, const std::vector<AttendRequest>& requests,
+                           const std::vector<std::size_t>& members, int threads) {
+    auto* first = static_cast<LexicoCache*>(requests[members.front()].cache);
+    const CodeSpace& space = *first->space_;
+    const int d = space.dim();
+    Eigen::Index rows = 0;
+    std::vector<Eigen::Index> offsets;
+    for (std::size_t i : members) {
+      auto* cache = static_cast<LexicoCache*>(requests[i].cache);
+      const int l = cache->checked_layer(layer);
+      require(cache->seen(l) > 0, "LexicoCache::attend_batch: a cache holds no tokens in layer ", layer);
+      require(requests[i].queries.cols() == d && requests[i].out.rows() == requests[i].queries.rows() &&
+                  requests[i].out.cols() == d && requests[i].queries.rows() % cache->shape().kv_heads == 0,
+              "LexicoCache::attend_batch: queries and out must be q_heads x ", d);
+      offsets.push_back(rows);
+      rows += requests[i].queries.rows();
+    }
+    // One product for every query; then each sequence gets its own contiguous block of
+    // the table and of the weights (N x its query heads), which its token loop gathers
+    // from and scatters into: an N x (all queries) row would be 4 KiB apart per atom at
+    // 32 sequences of 32 heads, and the gathers would miss the cache.
+    thread_local RowMatrix queries, table, weights, combined;
+    thread_local std::vector<float> blocks, block_weights;
+    queries.resize(rows, d);
+    for (std::size_t m = 0; m < members.size(); ++m)
+      queries.middleRows(offsets[m], requests[members[m]].queries.rows()) = requests[members[m]].queries;
+    require(queries.allFinite(), "LexicoCache::attend_batch: the queries hold a NaN or Inf");
+    const Eigen::Index n_keys = space.keys(layer).size(), n_values = space.values(layer).size();
+    if (!space.key_rope()) {
+      atom_table(space.keys(layer).dictionary(), queries, table, threads);
+      blocks.resize(static_cast<std::size_t>(n_keys * rows));
+      for (std::size_t m = 0; m < members.size(); ++m) {
+        const Eigen::Index heads = requests[members[m]].queries.rows();
+        Eigen::Map<RowMatrix>(blocks.data() + n_keys * offsets[m], n_keys, heads) = table.middleCols(offsets[m], heads);
+      }
+    }
+    block_weights.assign(static_cast<std::size_t>(n_values * rows), 0.0f);
+    for (std::size_t m = 0; m < members.size(); ++m) {
+      const AttendRequest& request = requests[members[m]];
+      const Eigen::Index heads = request.queries.rows();
+      const float* table_block = space.key_rope() ? nullptr : blocks.data() + n_keys * offsets[m];
+      static_cast<LexicoCache*>(request.cache)
+          ->attend_codes(layer, request.queries, request.out, nullptr, table_block, heads,
+                         block_weights.data() + n_values * offsets[m], heads);
+    }
+    weights.resize(n_values, rows);
+    for (std::size_t m = 0; m < members.size(); ++m) {
+      const Eigen::Index heads = requests[members[m]].queries.rows();
+      weights.middleCols(offsets[m], heads) =
+          Eigen::Map<const RowMatrix>(block_weights.data() + n_values * offsets[m], n_values, heads);
+    }
+    combined.setZero(rows, d);
+    add_atom_combination(space.values(layer).dictionary(), weights, combined, threads);
+    for (std::size_t m = 0; m < members.size(); ++m) {
+      RowsRef out = requests[members[m]].out;
+      out += combined.middleRows(offsets[m], out.rows());
+    }
+  }
 
   std::pair<int, int> sparsity(int layer) const {
     const auto found = options_.layer_sparsity.find(layer);
@@ -418,15 +596,25 @@ class LexicoCache final : public KVCache {
                                                   : std::make_pair(options_.key_sparsity, options_.value_sparsity);
   }
 
+  const Layer& at(int layer) const { return layers_[static_cast<std::size_t>(checked_layer(layer))]; }
+  Layer& at(int layer) { return layers_[static_cast<std::size_t>(checked_layer(layer))]; }
+
   const CodeStore& part(int layer, int head, int tier, bool keys) const {
-    const Layer& state = *layers_[static_cast<std::size_t>(checked_layer(layer))];
+    const Layer& state = at(layer);
     require(head >= 0 && head < shape().kv_heads, "LexicoCache: KV head ", head, " out of range");
     require(tier >= 0 && tier < code_tiers(), "LexicoCache: code tier ", tier, " out of range");
     return (keys ? state.keys : state.values).tiers[static_cast<std::size_t>(tier)].heads[static_cast<std::size_t>(head)];
   }
 
+  std::shared_ptr<const CodeSpace> space_;
   LexicoOptions options_;
-  std::vector<std::unique_ptr<Layer>> layers_;
+  std::vector<Layer> layers_;
 };
+
+// Decode attention of many sequences on one layer: batched where the caches allow it
+// (LexicoCache::attend_batch), one attend() per request otherwise.
+inline void attend_batch(int layer, const std::vector<AttendRequest>& requests, int threads = 0) {
+  LexicoCache::attend_batch(layer, requests, threads);
+}
 
 }  // namespace lexico

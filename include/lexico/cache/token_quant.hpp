@@ -5,7 +5,15 @@
 // consecutive channels of one token of one head, one fp16 scale each, keys and values alike
 // (llama.cpp ggml/src/ggml-common.h, QK8_0 = QK4_0 = 32). With Fp8Codec (fp8_cache.hpp)
 // this is the FP8 E4M3 cache with per-tensor scales.
+//
+// A block (prefill, or append() of T tokens) calibrates a codec with data-dependent
+// parameters (the FP8 scale) as a whole when it is the layer's first; a single token does
+// alone. Every row is coded on its own, so truncate() can drop any stored token exactly:
+// truncate_floor() is 0 for q8_0 and q4_0, and the length of the calibrating block for
+// FP8. A block that fails to code (a q8_0 scale beyond fp16) leaves the layer as it was.
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,7 +33,8 @@ template <typename Codec>
 class TokenQuantCache final : public KVCache {
  public:
   // One codec per layer for K and one for V, copies of `codec` (calibrated separately).
-  TokenQuantCache(CacheShape shape, const Codec& codec) : KVCache(shape) {
+  TokenQuantCache(CacheShape shape, const Codec& codec)
+      : KVCache(shape), calibration_(static_cast<std::size_t>(shape.layers), 0) {
     for (int l = 0; l < shape.layers; ++l) {
       keys_.emplace_back(shape.kv_heads, shape.head_dim, codec);
       values_.emplace_back(shape.kv_heads, shape.head_dim, codec);
@@ -42,22 +51,35 @@ class TokenQuantCache final : public KVCache {
   RowMatrix stored_keys(int layer, int head) const { return decoded(keys(layer), head); }
   RowMatrix stored_values(int layer, int head) const { return decoded(values(layer), head); }
 
+  // The cache object, its per-layer stores with their unused capacity, the calibration lengths.
+  std::size_t overhead_bytes() const override {
+    std::size_t bytes = KVCache::overhead_bytes() + sizeof(*this) - sizeof(KVCache) +
+                        (keys_.capacity() + values_.capacity()) * sizeof(CodedRows<Codec>) +
+                        calibration_.capacity() * sizeof(std::int64_t);
+    for (std::size_t l = 0; l < keys_.size(); ++l) bytes += keys_[l].overhead_bytes() + values_[l].overhead_bytes();
+    return bytes;
+  }
+
  protected:
   void append_token(int layer, const float* key, const float* value) override {
-    keys_[static_cast<std::size_t>(layer)].append(key);
-    values_[static_cast<std::size_t>(layer)].append(value);
+    const Eigen::Index width = shape().kv_width();
+    store(layer, Eigen::Map<const RowMatrix>(key, 1, width), Eigen::Map<const RowMatrix>(value, 1, width));
   }
 
-  // The whole block calibrates the codecs (the FP8 scale) before any row is coded.
-  void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef /*queries*/) override {
-    keys_[static_cast<std::size_t>(layer)].calibrate(keys);
-    values_[static_cast<std::size_t>(layer)].calibrate(values);
-    for (Eigen::Index t = 0; t < keys.rows(); ++t) append_token(layer, keys.row(t).data(), values.row(t).data());
+  void append_block(int layer, ConstRowsRef keys, ConstRowsRef values, KeyForm form) override {
+    require(form == KeyForm::rotated, name(), ": takes keys after RoPE only");
+    store(layer, keys, values);
   }
 
-  void attend_tokens(int layer, ConstRowsRef queries, RowsRef out) override {
+  void store_prefill(int layer, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef /*queries*/,
+                     KeyForm form) override {
+    append_block(layer, keys, values, form);
+  }
+
+  void attend_tokens(int layer, ConstRowsRef queries, RowsRef out, float* log_sum_exp) override {
     const auto& keys = keys_[static_cast<std::size_t>(layer)];
-    detail::attend_stores(keys, values_[static_cast<std::size_t>(layer)], keys.tokens(), queries, out);
+    detail::attend_stores(keys, values_[static_cast<std::size_t>(layer)], keys.tokens(), queries, out, log_sum_exp,
+                          threads());
   }
 
   CacheBytes layer_bytes(int layer) const override {
@@ -72,9 +94,46 @@ class TokenQuantCache final : public KVCache {
   void clear_layer(int layer) override {
     keys_[static_cast<std::size_t>(layer)].clear();
     values_[static_cast<std::size_t>(layer)].clear();
+    calibration_[static_cast<std::size_t>(layer)] = 0;
+  }
+
+  // Rows are coded one by one; only the block that fixed data-dependent parameters stays.
+  std::int64_t rollback_floor(int layer) const override {
+    return Codec::data_dependent ? calibration_[static_cast<std::size_t>(layer)] : 0;
+  }
+  void truncate_layer(int layer, std::int64_t tokens) override {
+    keys_[static_cast<std::size_t>(layer)].truncate(tokens);
+    values_[static_cast<std::size_t>(layer)].truncate(tokens);
   }
 
  private:
+  // Codes a block (T x kv_width), calibrating the codecs on it when they are not yet; a
+  // failure leaves the layer as it was.
+  void store(int layer, ConstRowsRef keys, ConstRowsRef values) {
+    auto& k = keys_[static_cast<std::size_t>(layer)];
+    auto& v = values_[static_cast<std::size_t>(layer)];
+    const Eigen::Index before = k.tokens();
+    const bool calibrates = !k.calibrated();
+    try {
+      k.calibrate(keys);
+      v.calibrate(values);
+      for (Eigen::Index t = 0; t < keys.rows(); ++t) {
+        k.append(keys.row(t).data());
+        v.append(values.row(t).data());
+      }
+    } catch (...) {
+      if (calibrates) {
+        k.clear();
+        v.clear();
+      } else {
+        k.truncate(before);
+        v.truncate(before);
+      }
+      throw;
+    }
+    if (calibrates) calibration_[static_cast<std::size_t>(layer)] = keys.rows();
+  }
+
   static RowMatrix decoded(const CodedRows<Codec>& store, int head) {
     require(head >= 0 && head < store.heads(), "TokenQuantCache: head ", head, " out of range");
     RowMatrix rows(store.tokens(), store.head_dim());
@@ -83,6 +142,7 @@ class TokenQuantCache final : public KVCache {
   }
 
   std::vector<CodedRows<Codec>> keys_, values_;
+  std::vector<std::int64_t> calibration_;  // per layer: tokens of the block that calibrated the codecs
 };
 
 }  // namespace lexico

@@ -2,13 +2,20 @@
 // Uncompressed token rows of every KV head, in a storage type of choice (fp32,
 // fp16, bf16): the dense cache, Lexico's recent-token buffer, KIVI's residual
 // window and the tokens an eviction cache keeps are all one of these.
+//
+// Each head's rows sit in one vector behind a common offset: erase_front() only moves
+// the offset (the dead rows are compacted away once they pass half the storage), so a
+// sliding window costs O(1) amortised per token instead of a shift of the whole window.
 
+#include <algorithm>
 #include <cstddef>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Core>
 
 #include "../attention.hpp"
+#include "../error.hpp"
 #include "../half.hpp"
 #include "../kernels.hpp"
 
@@ -23,10 +30,17 @@ class TokenStore {
   int heads() const { return static_cast<int>(rows_.size()); }
   int head_dim() const { return head_dim_; }
   Eigen::Index tokens() const { return tokens_; }
+  // Bytes of the tokens held (not of the storage's capacity: see overhead_bytes()).
   std::size_t bytes() const {
     std::size_t elements = 0;
-    for (const auto& rows : rows_) elements += rows.size();
+    for (const auto& rows : rows_) elements += rows.size() - front();
     return elements * sizeof(Scalar);
+  }
+  // Storage beyond bytes(): erased rows not yet compacted, vector capacity slack and headers.
+  std::size_t overhead_bytes() const {
+    std::size_t capacity = rows_.capacity() * sizeof(std::vector<Scalar>);
+    for (const auto& rows : rows_) capacity += rows.capacity() * sizeof(Scalar);
+    return capacity - bytes();
   }
 
   // Adds one token: heads x head_dim floats.
@@ -40,31 +54,52 @@ class TokenStore {
     ++tokens_;
   }
 
-  // Drops the oldest `count` tokens.
+  // Drops the oldest `count` tokens of every head, O(count · head_dim) amortised.
   void erase_front(Eigen::Index count) {
-    for (auto& rows : rows_) rows.erase(rows.begin(), rows.begin() + count * head_dim_);
+    for (int h = 0; h < heads(); ++h)
+      require(count >= 0 && count <= head_tokens(h), "TokenStore::erase_front: ", count, " tokens asked, head ", h,
+              " holds ", head_tokens(h));
+    offset_ += count;
     tokens_ -= count;
+    std::size_t stored = 0;
+    for (const auto& rows : rows_) stored = std::max(stored, rows.size());
+    if (2 * front() > stored) compact();
+  }
+
+  // Drops the newest `count` tokens of every head.
+  void erase_back(Eigen::Index count) {
+    for (int h = 0; h < heads(); ++h)
+      require(count >= 0 && count <= head_tokens(h), "TokenStore::erase_back: ", count, " tokens asked, head ", h,
+              " holds ", head_tokens(h));
+    for (auto& rows : rows_) rows.resize(rows.size() - static_cast<std::size_t>(count * head_dim_));
+    tokens_ -= count;
+  }
+
+  // Keeps the oldest `count` tokens (every head holding tokens() of them).
+  void truncate(Eigen::Index count) {
+    require(count >= 0 && count <= tokens_, "TokenStore::truncate: ", count, " tokens asked, ", tokens_, " held");
+    erase_back(tokens_ - count);
   }
 
   // Drops token t of one head only (eviction caches choose per KV head).
   void erase(int head, Eigen::Index t) {
     auto& rows = rows_[static_cast<std::size_t>(head)];
-    rows.erase(rows.begin() + t * head_dim_, rows.begin() + (t + 1) * head_dim_);
+    const auto first = rows.begin() + static_cast<std::ptrdiff_t>(front() + static_cast<std::size_t>(t * head_dim_));
+    rows.erase(first, first + head_dim_);
   }
 
   void clear() {
     for (auto& rows : rows_) rows.clear();
     tokens_ = 0;
+    offset_ = 0;
   }
 
   // Token t of a head as floats.
-  void row(int head, Eigen::Index t, float* out) const {
-    to_float(rows_[static_cast<std::size_t>(head)].data() + t * head_dim_, out, head_dim_);
-  }
+  void row(int head, Eigen::Index t, float* out) const { to_float(data(head, t), out, head_dim_); }
 
   // Tokens held by one head (differs from tokens() only after per-head erase()).
   Eigen::Index head_tokens(int head) const {
-    return static_cast<Eigen::Index>(rows_[static_cast<std::size_t>(head)].size()) / head_dim_;
+    return static_cast<Eigen::Index>(rows_[static_cast<std::size_t>(head)].size() - front()) / head_dim_;
   }
 
   // scores[g * ld + t] = <query g, key t> for the group's queries (group x head_dim).
@@ -90,9 +125,22 @@ class TokenStore {
   static constexpr int max_head_dim = 256;
 
  private:
+  // Elements before the first held token of every head.
+  std::size_t front() const { return static_cast<std::size_t>(offset_ * head_dim_); }
+
+  const Scalar* data(int head, Eigen::Index t) const {
+    return rows_[static_cast<std::size_t>(head)].data() + front() + static_cast<std::size_t>(t * head_dim_);
+  }
+
+  // Moves the held rows to the start of their storage (capacity is kept for reuse).
+  void compact() {
+    for (auto& rows : rows_) rows.erase(rows.begin(), rows.begin() + static_cast<std::ptrdiff_t>(front()));
+    offset_ = 0;
+  }
+
   // fp32 rows are read in place; 16-bit rows are widened into `scratch`.
   const float* as_float(int head, Eigen::Index t, float* scratch) const {
-    const Scalar* source = rows_[static_cast<std::size_t>(head)].data() + t * head_dim_;
+    const Scalar* source = data(head, t);
     if constexpr (std::is_same_v<Scalar, float>) {
       return source;
     } else {
@@ -103,7 +151,8 @@ class TokenStore {
 
   int head_dim_;
   Eigen::Index tokens_ = 0;
-  std::vector<std::vector<Scalar>> rows_;  // [head] -> tokens x head_dim
+  Eigen::Index offset_ = 0;                // tokens erased from the front, not yet compacted
+  std::vector<std::vector<Scalar>> rows_;  // [head] -> (offset_ + tokens) x head_dim
 };
 
 }  // namespace lexico

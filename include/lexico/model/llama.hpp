@@ -3,8 +3,9 @@
 // sharded, f32/f16/bf16; llama2.c .bin) and a runner that feeds every layer's K/V
 // through any KVCache. RMSNorm, RoPE (rotate-half or interleaved pairs), GQA, SwiGLU.
 //
-// The runner never knows which cache it has: positions come from cache.seen(), the
-// cache does the attention. It exists to evaluate caches on real models and to
+// The runner never knows which cache it has: positions come from cache.next_position(),
+// keys go before RoPE to a cache that codes them so (cache.key_rope()), the cache does
+// the attention. It exists to evaluate caches on real models and to
 // collect KV vectors for dictionary training, not to be a fast engine.
 
 #include <algorithm>
@@ -387,6 +388,7 @@ class LlamaRunner {
           mlp(tokens, 2 * c.hidden_dim), logits(tokens, c.vocab), cos(tokens, c.head_dim / 2),
           sin(tokens, c.head_dim / 2) {}
     RowMatrix x, xn, qkv, att, mlp, logits, cos, sin;
+    RowMatrix unrotated_keys;  // keys before RoPE, for caches that code them so
   };
 
   void forward(const int* tokens, Workspace& ws, KVCache& cache) {
@@ -397,7 +399,7 @@ class LlamaRunner {
             "LlamaRunner: cache shape (", shape.layers, " layers, ", shape.kv_heads, " kv heads, head_dim ",
             shape.head_dim, ") does not match the model (", c.layers, ", ", c.kv_heads, ", ", c.head_dim, ")");
     const Eigen::Index T = ws.x.rows();
-    const std::int64_t start = cache.seen(0);
+    const std::int64_t start = cache.next_position(0);
     for (Eigen::Index t = 0; t < T; ++t) {
       require(tokens[t] >= 0 && tokens[t] < c.vocab, "LlamaRunner: token ", tokens[t], " at index ", t,
               " outside the vocabulary [0, ", c.vocab, ")");
@@ -408,23 +410,36 @@ class LlamaRunner {
     const int q_width = c.q_width(), kv_width = c.kv_width();
     for (int l = 0; l < c.layers; ++l) {
       const LlamaLayer& layer = w.layers[static_cast<std::size_t>(l)];
-      require(cache.seen(l) == start, "LlamaRunner: cache layer ", l, " holds ", cache.seen(l), " tokens, layer 0 ",
-              start);
+      require(cache.next_position(l) == start, "LlamaRunner: cache layer ", l, " is at position ",
+              cache.next_position(l), ", layer 0 at ", start);
       detail::rms_norm(ws.x, layer.attn_norm, c.norm_eps, ws.xn);
       detail::linear(ws.xn, layer.wqkv, ws.qkv, false);
       const auto queries = ws.qkv.leftCols(q_width);
       const auto keys = ws.qkv.middleCols(q_width, kv_width);
       const auto values = ws.qkv.rightCols(kv_width);
       if (observer_ && observe_before_rope_) observer_(l, keys, values);
+      // A cache that codes keys before RoPE takes them so: no rotation to undo.
+      const Rope* cache_rope = cache.key_rope();
+      if (cache_rope) {
+        require(cache_rope->head_dim() == c.head_dim && cache_rope->theta() == rope_.theta() &&
+                    cache_rope->style() == rope_.style(),
+                "LlamaRunner: the cache codes keys before a RoPE (theta ", cache_rope->theta(), ", ",
+                to_string(cache_rope->style()), ") that is not the model's (theta ", rope_.theta(), ", ",
+                to_string(rope_.style()), ")");
+        ws.unrotated_keys = keys;
+      }
       rotate(ws, 0, c.heads);
       rotate(ws, q_width, c.kv_heads);
       if (observer_ && !observe_before_rope_) observer_(l, keys, values);
+      const KeyForm form = cache_rope ? KeyForm::unrotated : KeyForm::rotated;
+      const ConstRowsRef cache_keys = cache_rope ? ConstRowsRef(ws.unrotated_keys) : ConstRowsRef(keys);
       if (T == 1) {
         const Eigen::Map<const RowMatrix> q(ws.qkv.data(), c.heads, c.head_dim);
         Eigen::Map<RowMatrix> out(ws.att.data(), c.heads, c.head_dim);
-        cache.decode(l, keys.data(), values.data(), q, out);
+        cache.append(l, start, cache_keys, values, form);
+        cache.attend(l, q, out);
       } else {
-        cache.prefill(l, keys, values, queries, ws.att);
+        cache.prefill(l, start, cache_keys, values, queries, ws.att, form);
       }
       detail::linear(ws.att, layer.wo, ws.x, true);
 
