@@ -8,9 +8,9 @@
 //
 //   LEXICO_DICT=dicts/proxy-lm-hd128 build/bench/bench_code_space --benchmark_repetitions=3
 
-#include <lexico/code_space.hpp>
-#include <lexico/dictionary_set.hpp>
-#include <lexico/kv_collect.hpp>
+#include <lexico/coding/code_space.hpp>
+#include <lexico/coding/dictionary_set.hpp>
+#include <lexico/training/kv_collect.hpp>
 
 #include <benchmark/benchmark.h>
 

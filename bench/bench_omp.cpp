@@ -13,7 +13,7 @@
 // coefficients.f32 (s x B), counts.u8 (B) and lexico.txt (key value lines: shape,
 // best-of-5 throughput with 1 and 2 threads, mean relative error).
 
-#include <lexico/omp.hpp>
+#include <lexico/coding/omp.hpp>
 
 #include <benchmark/benchmark.h>
 

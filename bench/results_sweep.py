@@ -1250,7 +1250,7 @@ def write_report(quiet=False):
                "`lexico-train --keys-before-rope`; the cache undoes each key's rotation before coding and redoes "
                "it when scoring, which costs decode speed, see BENCHMARKS.md), with or without pooled atoms (`pool=2`) or atoms shared across layers by their "
                "dictionaries' dev errors (`layers=auto`: s on average, more in the layers that code worse; "
-               "`layer_s=auto`, include/lexico/layer_sparsity.hpp).", ""]
+               "`layer_s=auto`, include/lexico/coding/layer_sparsity.hpp).", ""]
         def claim_table(metric, name, test, variants, verdict):
             return markdown_table(["model", "protocol", "windows (scored tokens)", "Lexico variant", "KIVI-2 KV %",
                                    f"KIVI-2 {name}", f"smallest Lexico with {name.removesuffix(' %')} {test} KIVI-2", "KV %", name,

@@ -17,7 +17,7 @@
 
 #include <unistd.h>
 
-#include <lexico/kv_collect.hpp>
+#include <lexico/training/kv_collect.hpp>
 #include <lexico/model/llama.hpp>
 #include <lexico/model/tokenizer.hpp>
 

@@ -21,10 +21,10 @@
 #include <string>
 #include <vector>
 
-#include <lexico/dictionary_set.hpp>
-#include <lexico/kv_collect.hpp>
+#include <lexico/coding/dictionary_set.hpp>
+#include <lexico/training/kv_collect.hpp>
 #include <lexico/model/llama.hpp>
-#include <lexico/train.hpp>
+#include <lexico/training/train.hpp>
 
 #include "cli.hpp"
 

@@ -9,7 +9,7 @@
 #include <random>
 #include <vector>
 
-#include <lexico/atom_budget.hpp>
+#include <lexico/coding/atom_budget.hpp>
 
 #include "test_util.hpp"
 

@@ -1,6 +1,6 @@
 // CodeStore: packed atom indices read back exactly at every width, rows dropped from
 // the front keep the rest intact, and indices that do not fit are refused.
-#include <lexico/codes.hpp>
+#include <lexico/coding/codes.hpp>
 
 #include <random>
 #include <vector>

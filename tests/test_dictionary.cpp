@@ -1,5 +1,5 @@
-#include <lexico/code_book.hpp>
-#include <lexico/dictionary.hpp>
+#include <lexico/coding/code_book.hpp>
+#include <lexico/coding/dictionary.hpp>
 
 #include <cstdio>
 #include <filesystem>

@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include <lexico/io/json.hpp>
+#include <lexico/base/json.hpp>
 
 namespace {
 

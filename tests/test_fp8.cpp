@@ -1,4 +1,4 @@
-#include <lexico/fp8.hpp>
+#include <lexico/base/fp8.hpp>
 
 #include <cmath>
 #include <limits>

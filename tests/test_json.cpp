@@ -4,7 +4,7 @@
 
 #include <string>
 
-#include <lexico/io/json.hpp>
+#include <lexico/base/json.hpp>
 
 namespace {
 

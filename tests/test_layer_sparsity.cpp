@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include <lexico/layer_sparsity.hpp>
+#include <lexico/coding/layer_sparsity.hpp>
 
 #include "test_util.hpp"
 

@@ -17,8 +17,8 @@
 #include <vector>
 
 #include <lexico/cache/dense.hpp>
-#include <lexico/io/json.hpp>
-#include <lexico/io/safetensors.hpp>
+#include <lexico/base/json.hpp>
+#include <lexico/model/safetensors.hpp>
 #include <lexico/model/llama.hpp>
 #include <lexico/model/tokenizer.hpp>
 

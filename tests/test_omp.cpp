@@ -1,8 +1,8 @@
 // Tests of the batched OMP encoder against a naive OMP that solves the least-squares
 // problem on the chosen atoms from scratch at every step, in double precision.
 
-#include <lexico/io/safetensors.hpp>
-#include <lexico/omp.hpp>
+#include <lexico/model/safetensors.hpp>
+#include <lexico/coding/omp.hpp>
 
 #include <gtest/gtest.h>
 

@@ -1,7 +1,7 @@
 // RoPE: the inverse rotation undoes the rotation in both layouts, a rotation keeps the
 // norm of every pair, and the consecutive-position angles agree with angles computed
 // directly in double at every position.
-#include <lexico/rope.hpp>
+#include <lexico/base/rope.hpp>
 
 #include <cmath>
 #include <random>

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include <lexico/io/safetensors.hpp>
+#include <lexico/model/safetensors.hpp>
 
 namespace {
 

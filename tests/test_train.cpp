@@ -14,9 +14,9 @@
 #include <vector>
 
 #include <lexico/cache/lexico_cache.hpp>
-#include <lexico/dictionary_set.hpp>
-#include <lexico/kv_collect.hpp>
-#include <lexico/train.hpp>
+#include <lexico/coding/dictionary_set.hpp>
+#include <lexico/training/kv_collect.hpp>
+#include <lexico/training/train.hpp>
 
 namespace {
 

@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include <lexico/error.hpp>
+#include <lexico/base/error.hpp>
 
 namespace lexico_test {
 

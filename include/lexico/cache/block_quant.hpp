@@ -28,8 +28,8 @@
 
 #include <Eigen/Core>
 
-#include "../attention.hpp"
-#include "../error.hpp"
+#include "attention.hpp"
+#include "../base/error.hpp"
 
 namespace lexico {
 

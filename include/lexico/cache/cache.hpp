@@ -15,9 +15,9 @@
 
 #include <Eigen/Core>
 
-#include "../attention.hpp"
-#include "../error.hpp"
-#include "../rope.hpp"
+#include "attention.hpp"
+#include "../base/error.hpp"
+#include "../base/rope.hpp"
 
 namespace lexico {
 

@@ -21,7 +21,7 @@
 
 #include <Eigen/Core>
 
-#include "../attention.hpp"
+#include "attention.hpp"
 #include "token_store.hpp"
 
 namespace lexico {

@@ -19,8 +19,8 @@
 #include <utility>
 #include <vector>
 
-#include "../dictionary_set.hpp"
-#include "../layer_sparsity.hpp"
+#include "../coding/dictionary_set.hpp"
+#include "../coding/layer_sparsity.hpp"
 #include "cache.hpp"
 #include "dense.hpp"
 #include "fp8_cache.hpp"

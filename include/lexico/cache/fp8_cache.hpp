@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <string>
 
-#include "../fp8.hpp"
+#include "../base/fp8.hpp"
 #include "token_quant.hpp"
 
 namespace lexico {

@@ -31,12 +31,13 @@
 #include <utility>
 #include <vector>
 
-#include "../atom_budget.hpp"
-#include "../code_space.hpp"
-#include "../codes.hpp"
-#include "../dictionary.hpp"
-#include "../omp.hpp"
-#include "../rope.hpp"
+#include "../coding/atom_budget.hpp"
+#include "../coding/code_space.hpp"
+#include "../coding/code_attention.hpp"
+#include "../coding/codes.hpp"
+#include "../coding/dictionary.hpp"
+#include "../coding/omp.hpp"
+#include "../base/rope.hpp"
 #include "cache.hpp"
 #include "token_store.hpp"
 

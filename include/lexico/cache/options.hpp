@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "../error.hpp"
+#include "../base/error.hpp"
 
 namespace lexico {
 

@@ -14,10 +14,10 @@
 
 #include <Eigen/Core>
 
-#include "../attention.hpp"
-#include "../error.hpp"
-#include "../half.hpp"
-#include "../kernels.hpp"
+#include "attention.hpp"
+#include "../base/error.hpp"
+#include "../base/half.hpp"
+#include "../base/kernels.hpp"
 
 namespace lexico {
 

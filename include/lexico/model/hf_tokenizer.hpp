@@ -20,8 +20,8 @@
 #include <utility>
 #include <vector>
 
-#include "../error.hpp"
-#include "../io/json.hpp"
+#include "../base/error.hpp"
+#include "../base/json.hpp"
 #include "bpe.hpp"
 #include "unicode.hpp"
 

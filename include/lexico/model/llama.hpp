@@ -21,12 +21,12 @@
 
 #include <Eigen/Core>
 
-#include "../attention.hpp"
+#include "../cache/attention.hpp"
 #include "../cache/cache.hpp"
-#include "../error.hpp"
-#include "../io/json.hpp"
-#include "../io/safetensors.hpp"
-#include "../rope.hpp"
+#include "../base/error.hpp"
+#include "../base/json.hpp"
+#include "safetensors.hpp"
+#include "../base/rope.hpp"
 
 namespace lexico {
 

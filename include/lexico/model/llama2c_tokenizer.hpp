@@ -19,7 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "../error.hpp"
+#include "../base/error.hpp"
 #include "bpe.hpp"
 #include "unicode.hpp"
 

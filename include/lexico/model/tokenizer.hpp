@@ -6,7 +6,7 @@
 #include <memory>
 #include <string>
 
-#include "../error.hpp"
+#include "../base/error.hpp"
 #include "bpe.hpp"
 #include "hf_tokenizer.hpp"
 #include "llama2c_tokenizer.hpp"

@@ -1,171 +1,24 @@
 #pragma once
-// Attention kernels shared by every cache: the exact causal block (prefill and the
-// reference for tests) and the grouped decode step, in which the query heads of one
-// GQA group share a single pass over their KV head's tokens.
+// Attention on sparse codes (Lexico): u = Dᵀq for many queries in one product, scores of
+// coded keys gathered from it, values accumulated in atom space and combined by one
+// product, and the decoding of stored codes (for keys coded before RoPE, which must be
+// rotated to their positions before a query can score them).
 
 #include <algorithm>
-#include <cmath>
+#include <cstdint>
 #include <cstring>
-#include <limits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
 
-#include "error.hpp"
-#include "kernels.hpp"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-namespace lexico {
-
-using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-// Most query heads that may share one KV head (GQA group); sizes stack buffers.
-inline constexpr int max_gqa_group = 64;
-using ConstRowsRef = Eigen::Ref<const RowMatrix>;
-using RowsRef = Eigen::Ref<RowMatrix>;
-
-// Softmax of scale * scores along each row, in place, computed stably in fp32; with
-// `log_sum_exp`, row r's log Σ_t exp(scale * score_t) goes to log_sum_exp[r].
-inline void softmax_rows(float* scores, int rows, Eigen::Index cols, Eigen::Index ld, float scale,
-                         float* log_sum_exp = nullptr) {
-  for (int r = 0; r < rows; ++r) {
-    float* row = scores + r * ld;
-    float top = -std::numeric_limits<float>::infinity();
-    for (Eigen::Index t = 0; t < cols; ++t) top = std::max(top, row[t]);
-    for (Eigen::Index t = 0; t < cols; ++t) row[t] = (row[t] - top) * scale;
-    detail::exp_nonpositive(row, cols);
-    float partial[detail::lanes] = {};
-    Eigen::Index t = 0;
-    for (; t + detail::lanes <= cols; t += detail::lanes)
-      for (int l = 0; l < detail::lanes; ++l) partial[l] += row[t + l];
-    float sum = 0.0f;
-    for (; t < cols; ++t) sum += row[t];
-    for (int l = 0; l < detail::lanes; ++l) sum += partial[l];
-    const float inverse = 1.0f / sum;
-    for (Eigen::Index t = 0; t < cols; ++t) row[t] *= inverse;
-    if (log_sum_exp) log_sum_exp[r] = top * scale + std::log(sum);
-  }
-}
-
-// OpenMP threads for a call: the caller's budget, or the OpenMP default when it is 0.
-inline int thread_budget(int threads) {
-#ifdef _OPENMP
-  return threads > 0 ? threads : omp_get_max_threads();
-#else
-  (void)threads;
-  return 1;
-#endif
-}
-
-// Eigen runs a large product on omp_get_max_threads() threads of its own whenever it is
-// not inside a team of several threads, with a blocking (and so rounding) that depends on
-// that count. Kernels that parallelise themselves call this first in their parallel
-// region: it sets the nthreads ICV of the calling implicit task only (never the caller's),
-// so Eigen stays serial there and results do not depend on the threads a call was given.
-inline void serial_eigen_products() {
-#ifdef _OPENMP
-  omp_set_num_threads(1);
-#endif
-}
-
-// Exact causal attention: queries T x (q_heads * d), keys and values S x (kv_heads * d)
-// with S >= offset + T, out T x (q_heads * d). Query row t sits at key row offset + t and
-// sees key rows 0..offset + t; query head h reads KV head h / (q_heads / kv_heads). Runs
-// in tiles of 64 queries, so it holds 64 x S scores per thread, never T x S. With
-// `log_sum_exp` (T x q_heads, row-major) it also gives the softmax denominators.
-inline void causal_attention(ConstRowsRef queries, ConstRowsRef keys, ConstRowsRef values, int head_dim,
-                             RowsRef out, float* log_sum_exp = nullptr, Eigen::Index offset = 0, int threads = 0) {
-  const Eigen::Index tokens = queries.rows();
-  require(head_dim > 0 && queries.cols() % head_dim == 0 && keys.cols() % head_dim == 0, "causal_attention: ",
-          "widths ", queries.cols(), " and ", keys.cols(), " are not multiples of head_dim ", head_dim);
-  const int q_heads = static_cast<int>(queries.cols() / head_dim);
-  const int kv_heads = static_cast<int>(keys.cols() / head_dim);
-  require(kv_heads > 0 && q_heads % kv_heads == 0 && offset >= 0 && keys.rows() >= offset + tokens &&
-              values.rows() == keys.rows() && values.cols() == keys.cols() && out.rows() == tokens &&
-              out.cols() == queries.cols(),
-          "causal_attention: inconsistent shapes");
-  const int group = q_heads / kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  constexpr Eigen::Index tile = 64;
-  const Eigen::Index tiles = (tokens + tile - 1) / tile;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(thread_budget(threads)) if (tokens > 32)
-  for (int h = 0; h < q_heads; ++h)
-    for (Eigen::Index first = 0; first < tiles * tile; first += tile) {
-      serial_eigen_products();
-      const int kv = h / group;
-      const Eigen::Index count = std::min(tile, tokens - first), visible = offset + first + count;
-      RowMatrix scores = queries.block(first, h * head_dim, count, head_dim) *
-                         keys.block(0, kv * head_dim, visible, head_dim).transpose();
-      for (Eigen::Index t = 0; t < count; ++t) {
-        const Eigen::Index seen = offset + first + t + 1;
-        float lse = 0.0f;
-        softmax_rows(scores.row(t).data(), 1, seen, visible, scale, &lse);
-        scores.row(t).tail(visible - seen).setZero();  // the future is masked out
-        if (log_sum_exp) log_sum_exp[(first + t) * q_heads + h] = lse;
-      }
-      out.block(first, h * head_dim, count, head_dim).noalias() =
-          scores * values.block(0, kv * head_dim, visible, head_dim);
-    }
-}
-
-// One decode step: for every KV head, the group of query heads that reads it gets
-// score(kv_head, queries, group, scores, ld) to fill group x tokens raw dot products,
-// the softmax, then accumulate(kv_head, probabilities, ld, group, out) to add
-// Σ_t p_t v_t into out (group x head_dim, zeroed before). Heads run in parallel for
-// long contexts, on at most `threads` threads (0: the OpenMP default); the callbacks
-// must only touch their own head's state. With `log_sum_exp`, query row r's softmax
-// denominator (as softmax_rows gives it) goes to log_sum_exp[r].
-template <typename ScoreFn, typename AccumulateFn>
-void grouped_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index tokens, RowsRef out,
-                              ScoreFn&& score, AccumulateFn&& accumulate, float* log_sum_exp = nullptr,
-                              int threads = 0) {
-  const int q_heads = static_cast<int>(queries.rows());
-  const int head_dim = static_cast<int>(queries.cols());
-  const int group = q_heads / kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  out.setZero();
-#pragma omp parallel for schedule(static) num_threads(thread_budget(threads)) if (tokens * kv_heads >= 4096)
-  for (int h = 0; h < kv_heads; ++h) {
-    serial_eigen_products();
-    thread_local std::vector<float> scores;
-    thread_local std::vector<float> query_rows, out_rows;
-    scores.resize(static_cast<std::size_t>(group * tokens));
-    query_rows.resize(static_cast<std::size_t>(group * head_dim));
-    out_rows.assign(static_cast<std::size_t>(group * head_dim), 0.0f);
-    for (int g = 0; g < group; ++g)
-      for (int i = 0; i < head_dim; ++i) query_rows[static_cast<std::size_t>(g * head_dim + i)] = queries(h * group + g, i);
-    score(h, query_rows.data(), group, scores.data(), tokens);
-    softmax_rows(scores.data(), group, tokens, tokens, scale, log_sum_exp ? log_sum_exp + h * group : nullptr);
-    accumulate(h, static_cast<const float*>(scores.data()), tokens, group, out_rows.data());
-    for (int g = 0; g < group; ++g)
-      for (int i = 0; i < head_dim; ++i) out(h * group + g, i) = out_rows[static_cast<std::size_t>(g * head_dim + i)];
-  }
-}
-
-}  // namespace lexico
-
+#include "../base/error.hpp"
+#include "../base/fp8.hpp"
+#include "../base/parallel.hpp"
+#include "../base/rope.hpp"
+#include "../base/rows.hpp"
 #include "codes.hpp"
 #include "dictionary.hpp"
-#include "rope.hpp"
-
-namespace lexico::detail {
-
-// Decode attention over a key store and a value store with TokenStore's interface
-// (scores, accumulate), `tokens` tokens in every head.
-template <typename KeyStore, typename ValueStore>
-void attend_stores(const KeyStore& keys, const ValueStore& values, Eigen::Index tokens, ConstRowsRef queries,
-                   RowsRef out, float* log_sum_exp, int threads) {
-  grouped_decode_attention(
-      queries, keys.heads(), tokens, out,
-      [&](int h, const float* q, int group, float* scores, Eigen::Index ld) { keys.scores(h, q, group, scores, ld); },
-      [&](int h, const float* p, Eigen::Index ld, int group, float* o) { values.accumulate(h, p, ld, group, o); },
-      log_sum_exp, threads);
-}
-
-}  // namespace lexico::detail
 
 namespace lexico {
 

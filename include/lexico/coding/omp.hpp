@@ -53,17 +53,15 @@
 
 #include <Eigen/Core>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #include "code_book.hpp"
 #include "dictionary.hpp"
-#include "error.hpp"
-#include "fp8.hpp"
+#include "../base/error.hpp"
+#include "../base/fp8.hpp"
+#include "../base/parallel.hpp"
 
 // GCC 12 warns that the deliberately undefined pass-through operand inside its own
 // AVX-512 intrinsics is uninitialised (GCC bug 105593); the warning is spurious.
@@ -284,23 +282,6 @@ inline Band correlation_band(const PassInputs& in, float margin, const char* pre
 #else
   (void)prefetch;
   return correlation_band_portable(in, margin, scratch, out, cap);
-#endif
-}
-
-inline int omp_thread_count(int requested) {
-#ifdef _OPENMP
-  return requested > 0 ? requested : omp_get_max_threads();
-#else
-  (void)requested;
-  return 1;
-#endif
-}
-
-inline int omp_thread_index() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
 #endif
 }
 
@@ -532,7 +513,7 @@ class OmpEncoder {
     if (count == 0) return;
 
     const Eigen::Index chunks = (count + chunk_ - 1) / chunk_;
-    const int threads = static_cast<int>(std::min<Eigen::Index>(detail::omp_thread_count(options_.threads), chunks));
+    const int threads = static_cast<int>(std::min<Eigen::Index>(thread_budget(options_.threads), chunks));
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
       const OmpWorkspacePool::Lease lease = pool_->acquire();

@@ -23,8 +23,8 @@
 
 #include "code_space.hpp"
 #include "dictionary.hpp"
-#include "error.hpp"
-#include "io/json.hpp"
+#include "../base/error.hpp"
+#include "../base/json.hpp"
 
 namespace lexico {
 

@@ -17,8 +17,8 @@
 #include <utility>
 #include <vector>
 
-#include "dictionary_set.hpp"
-#include "error.hpp"
+#include "code_space.hpp"
+#include "../base/error.hpp"
 
 namespace lexico {
 

@@ -15,8 +15,8 @@
 #include <cstring>
 #include <vector>
 
-#include "error.hpp"
-#include "fp8.hpp"
+#include "../base/error.hpp"
+#include "../base/fp8.hpp"
 
 namespace lexico {
 

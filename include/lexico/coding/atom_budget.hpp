@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "dictionary.hpp"
-#include "error.hpp"
+#include "../base/error.hpp"
 #include "omp.hpp"
 
 namespace lexico {

@@ -25,9 +25,9 @@
 
 #include <Eigen/Core>
 
-#include "cache/dense.hpp"
-#include "error.hpp"
-#include "model/llama.hpp"
+#include "../cache/dense.hpp"
+#include "../base/error.hpp"
+#include "../model/llama.hpp"
 #include "train.hpp"
 
 namespace lexico {

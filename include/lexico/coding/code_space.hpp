@@ -21,9 +21,9 @@
 
 #include "code_book.hpp"
 #include "dictionary.hpp"
-#include "error.hpp"
+#include "../base/error.hpp"
 #include "omp.hpp"
-#include "rope.hpp"
+#include "../base/rope.hpp"
 
 namespace lexico {
 

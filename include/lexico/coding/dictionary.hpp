@@ -21,7 +21,7 @@
 
 #include <Eigen/Core>
 
-#include "error.hpp"
+#include "../base/error.hpp"
 
 namespace lexico {
 

@@ -33,7 +33,7 @@
 #endif
 
 #include "dictionary.hpp"
-#include "error.hpp"
+#include "../base/error.hpp"
 
 // GCC 12 warns that the deliberately undefined pass-through operand inside its own
 // AVX-512 intrinsics is uninitialised (GCC bug 105593); the warning is spurious.

@@ -38,9 +38,9 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 
-#include "dictionary.hpp"
-#include "error.hpp"
-#include "omp.hpp"
+#include "../coding/dictionary.hpp"
+#include "../base/error.hpp"
+#include "../coding/omp.hpp"
 
 namespace lexico {
 

@@ -24,9 +24,9 @@
 
 #include <Eigen/Core>
 
-#include "../error.hpp"
-#include "../half.hpp"
-#include "json.hpp"
+#include "../base/error.hpp"
+#include "../base/half.hpp"
+#include "../base/json.hpp"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "lexico/io/safetensors.hpp reads little-endian data in place and needs a little-endian host"
