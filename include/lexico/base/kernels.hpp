@@ -65,53 +65,6 @@ inline void exp_nonpositive16(float* values) {
   std::memcpy(values, &x, sizeof x);
 }
 
-inline float horizontal_sum(const float16v& v) {
-  float sum = 0.0f;
-  for (int j = 0; j < 16; ++j) sum += v[j];
-  return sum;
-}
-
-// table[a * Group + g] = <atom a, query g> for N atoms of dimension d stored one
-// after another (a column-major d x N matrix) and Group queries of length d: each
-// atom is read once for the whole group.
-template <int Group>
-void atom_dots(const float* atoms, int count, int d, const float* queries, float* table) {
-  const int whole = d - d % 16;
-  for (int a = 0; a < count; ++a) {
-    const float* x = atoms + static_cast<long>(a) * d;
-    float16v acc[Group] = {};
-    for (int i = 0; i < whole; i += 16) {
-      float16v chunk;
-      std::memcpy(&chunk, x + i, sizeof chunk);
-      for (int g = 0; g < Group; ++g) {
-        float16v q;
-        std::memcpy(&q, queries + g * d + i, sizeof q);
-        acc[g] += chunk * q;
-      }
-    }
-    for (int g = 0; g < Group; ++g) {
-      float sum = horizontal_sum(acc[g]);
-      for (int i = whole; i < d; ++i) sum += x[i] * queries[g * d + i];
-      table[a * Group + g] = sum;
-    }
-  }
-}
-
-// out[g * d + i] += Σ_a weights[a * Group + g] · D(i, a): the transpose of atom_dots,
-// skipping atoms that no token used.
-template <int Group>
-void atom_combination(const float* atoms, int count, int d, const float* weights, float* out) {
-  for (int a = 0; a < count; ++a) {
-    const float* w = weights + a * Group;
-    bool used = false;
-    for (int g = 0; g < Group; ++g) used = used || w[g] != 0.0f;
-    if (!used) continue;
-    const float* x = atoms + static_cast<long>(a) * d;
-    for (int g = 0; g < Group; ++g)
-      for (int i = 0; i < d; ++i) out[g * d + i] += w[g] * x[i];
-  }
-}
-
 // values[i] = exp(values[i]) for n values <= 0.
 inline void exp_nonpositive(float* values, long n) {
   long i = 0;

@@ -77,6 +77,19 @@ class Rope {
       }
   }
 
+  // Rotates (or with `inverse` un-rotates) `count` rows at positions first, first + 1, ...
+  // (consecutive_angles), row r at rows + r * stride holding `heads` head vectors.
+  void rotate_rows(std::int64_t first, float* rows, std::int64_t count, std::int64_t stride, int heads,
+                   bool inverse = false) const {
+    const int n = pairs();
+    thread_local std::vector<float> cos, sin;
+    cos.resize(static_cast<std::size_t>(count * n));
+    sin.resize(cos.size());
+    consecutive_angles(first, count, cos.data(), sin.data());
+    for (std::int64_t r = 0; r < count; ++r)
+      for (int h = 0; h < heads; ++h) rotate(rows + r * stride + h * head_dim_, cos.data() + r * n, sin.data() + r * n, inverse);
+  }
+
   // Rotates one head vector by the angles whose cos and sin are given, or by their
   // negatives (`inverse`), which undoes the rotation.
   void rotate(float* v, const float* cos, const float* sin, bool inverse = false) const {

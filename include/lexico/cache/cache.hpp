@@ -146,9 +146,9 @@ class KVCache {
     if (tokens == 0) return;
     // Attention needs keys after RoPE.
     RowMatrix rotated;
-    if (form == KeyForm::unrotated) {
+    if (const Rope* rope = key_rope(); rope && form == KeyForm::unrotated) {  // check_block: rope is set then
       rotated = keys;
-      rotate_keys(*key_rope(), position, rotated, false);
+      rope->rotate_rows(position, rotated.data(), rotated.rows(), rotated.cols(), shape_.kv_heads);
     }
     const ConstRowsRef attention_keys = form == KeyForm::unrotated ? ConstRowsRef(rotated) : keys;
     if (seen_[l] == 0) {
@@ -291,17 +291,6 @@ class KVCache {
     require(layer >= 0 && layer < shape_.layers, name(), ": layer ", layer, " out of range [0, ", shape_.layers,
             ")");
     return layer;
-  }
-
-  // Rotates (or with `inverse` un-rotates) the keys of T tokens (T x kv_width, every KV
-  // head) at positions first, first + 1, ...
-  static void rotate_keys(const Rope& rope, std::int64_t first, RowMatrix& keys, bool inverse) {
-    const int pairs = rope.pairs(), d = rope.head_dim();
-    std::vector<float> cos(static_cast<std::size_t>(keys.rows() * pairs)), sin(cos.size());
-    rope.consecutive_angles(first, keys.rows(), cos.data(), sin.data());
-    for (Eigen::Index t = 0; t < keys.rows(); ++t)
-      for (Eigen::Index h = 0; h < keys.cols() / d; ++h)
-        rope.rotate(keys.row(t).data() + h * d, cos.data() + t * pairs, sin.data() + t * pairs, inverse);
   }
 
  private:

@@ -271,14 +271,7 @@ class LexicoCache final : public KVCache {
   }
 
   void attend_tokens(int layer, ConstRowsRef queries, RowsRef out, float* log_sum_exp) override {
-    thread_local RowMatrix table, weights;
-    const Layer& state = layers_[static_cast<std::size_t>(layer)];
-    if (state.coded > 0) {
-      if (!key_rope()) atom_table(space_->keys(layer).dictionary(), queries, table, threads());
-      weights.setZero(space_->values(layer).size(), queries.rows());
-    }
-    attend_codes(layer, queries, out, log_sum_exp, table.data(), table.cols(), weights.data(), weights.cols());
-    if (state.coded > 0) add_atom_combination(space_->values(layer).dictionary(), weights, out, threads());
+    attend_group(layer, {AttendRequest{this, queries, out}}, {0}, threads(), log_sum_exp);
   }
 
   CacheBytes layer_bytes(int layer) const override {
@@ -484,10 +477,11 @@ class LexicoCache final : public KVCache {
   // Keys as the cache holds them: as given, or un-rotated at positions first, first + 1, ...
   // when the space codes keys before RoPE and they came rotated.
   ConstRowsRef unrotated(ConstRowsRef keys, KeyForm form, std::int64_t first) const {
-    if (!key_rope() || form == KeyForm::unrotated) return keys;
+    const Rope* rope = key_rope();
+    if (!rope || form == KeyForm::unrotated) return keys;
     thread_local RowMatrix rows;
     rows = keys;
-    rotate_keys(*key_rope(), first, rows, true);
+    rope->rotate_rows(first, rows.data(), rows.rows(), rows.cols(), shape().kv_heads, true);
     return rows;
   }
 
@@ -544,14 +538,16 @@ class LexicoCache final : public KVCache {
     rotated_scores(*rope, first, keys, q, group, scores, ld);
   }
 
-  // A batch of Lexico caches on one CodeSpace: one table and one weight matrix for all
-  // of their queries.
+  // Lexico caches on one CodeSpace (one cache for attend(), a chunk of a batch for
+  // attend_batch()): one product u = Dᵀq for all their queries and one D_v · w, each cache's
+  // token loop in between. `log_sum_exp` is for a single cache (chunked prefill).
   static void attend_group(int layer, const std::vector<AttendRequest>& requests,
-                           const std::vector<std::size_t>& members, int threads) {
-    auto* first = static_cast<LexicoCache*>(requests[members.front()].cache);
-    const CodeSpace& space = *first->space_;
+                           const std::vector<std::size_t>& members, int threads, float* log_sum_exp = nullptr) {
+    const CodeSpace& space = *static_cast<LexicoCache*>(requests[members.front()].cache)->space_;
     const int d = space.dim();
+    const bool single = members.size() == 1;
     Eigen::Index rows = 0;
+    bool coded = false;
     std::vector<Eigen::Index> offsets;
     for (std::size_t i : members) {
       auto* cache = static_cast<LexicoCache*>(requests[i].cache);
@@ -560,36 +556,51 @@ class LexicoCache final : public KVCache {
       require(requests[i].queries.cols() == d && requests[i].out.rows() == requests[i].queries.rows() &&
                   requests[i].out.cols() == d && requests[i].queries.rows() % cache->shape().kv_heads == 0,
               "LexicoCache::attend_batch: queries and out must be q_heads x ", d);
+      coded = coded || cache->layers_[static_cast<std::size_t>(l)].coded > 0;
       offsets.push_back(rows);
       rows += requests[i].queries.rows();
     }
-    // One product for every query. Each sequence then works in its own contiguous copy of
-    // its table columns and its own weights (N x its query heads, 512 KiB at 32 heads),
-    // which stay in L2 while its tokens gather and scatter: in the shared N x (all
-    // queries) matrices an atom's row would be 4 KiB wide at 32 sequences of 32 heads, and
-    // the gathers, which dominate, would miss L2.
-    thread_local RowMatrix queries, table, weights, combined;
+    // One product for every query. In a batch each sequence then works in its own
+    // contiguous copy of its table columns and its own weights (N x its query heads, 512 KiB
+    // at 32 heads), which stay in L2 while its tokens gather and scatter: in the shared
+    // N x (all queries) matrices an atom's row would be 4 KiB wide at 32 sequences of 32
+    // heads, and the gathers, which dominate, would miss L2.
+    thread_local RowMatrix stacked, table, weights, combined;
     thread_local std::vector<float> block_table, block_weights;
-    queries.resize(rows, d);
-    for (std::size_t m = 0; m < members.size(); ++m)
-      queries.middleRows(offsets[m], requests[members[m]].queries.rows()) = requests[members[m]].queries;
-    require(queries.allFinite(), "LexicoCache::attend_batch: the queries hold a NaN or Inf");
+    if (!single) {
+      stacked.resize(rows, d);
+      for (std::size_t m = 0; m < members.size(); ++m)
+        stacked.middleRows(offsets[m], requests[members[m]].queries.rows()) = requests[members[m]].queries;
+      require(stacked.allFinite(), "LexicoCache::attend_batch: the queries hold a NaN or Inf");
+    }
+    const ConstRowsRef queries = single ? requests[members.front()].queries : ConstRowsRef(stacked);
     const Eigen::Index n_keys = space.keys(layer).size(), n_values = space.values(layer).size();
-    if (!space.key_rope()) atom_table(space.keys(layer).dictionary(), queries, table, threads);
-    weights.resize(n_values, rows);
+    if (coded && !space.key_rope()) atom_table(space.keys(layer).dictionary(), queries, table, threads);
+    if (coded) weights.setZero(n_values, rows);
     for (std::size_t m = 0; m < members.size(); ++m) {
       const AttendRequest& request = requests[members[m]];
       const Eigen::Index heads = request.queries.rows();
-      if (!space.key_rope()) {
-        block_table.resize(static_cast<std::size_t>(n_keys * heads));
-        Eigen::Map<RowMatrix>(block_table.data(), n_keys, heads) = table.middleCols(offsets[m], heads);
+      const float* member_table = nullptr;
+      float* member_weights = nullptr;
+      if (coded && single) {
+        member_table = table.data();
+        member_weights = weights.data();
+      } else if (coded) {
+        if (!space.key_rope()) {
+          block_table.resize(static_cast<std::size_t>(n_keys * heads));
+          Eigen::Map<RowMatrix>(block_table.data(), n_keys, heads) = table.middleCols(offsets[m], heads);
+          member_table = block_table.data();
+        }
+        block_weights.assign(static_cast<std::size_t>(n_values * heads), 0.0f);
+        member_weights = block_weights.data();
       }
-      block_weights.assign(static_cast<std::size_t>(n_values * heads), 0.0f);
       static_cast<LexicoCache*>(request.cache)
-          ->attend_codes(layer, request.queries, request.out, nullptr, space.key_rope() ? nullptr : block_table.data(),
-                         heads, block_weights.data(), heads);
-      weights.middleCols(offsets[m], heads) = Eigen::Map<const RowMatrix>(block_weights.data(), n_values, heads);
+          ->attend_codes(layer, request.queries, request.out, log_sum_exp, member_table, heads, member_weights, heads);
+      if (coded && !single)
+        weights.middleCols(offsets[m], heads) = Eigen::Map<const RowMatrix>(block_weights.data(), n_values, heads);
     }
+    if (!coded) return;
+    if (single) return add_atom_combination(space.values(layer).dictionary(), weights, requests[members.front()].out, threads);
     combined.setZero(rows, d);
     add_atom_combination(space.values(layer).dictionary(), weights, combined, threads);
     for (std::size_t m = 0; m < members.size(); ++m) {

@@ -220,13 +220,7 @@ inline void decode_codes(const CodeStore& codes, const Dictionary& dictionary, s
 // row-major, rotated here in place) at positions first, first + 1, ...
 inline void rotated_scores(const Rope& rope, std::int64_t first, Eigen::Ref<RowMatrix> keys, const float* queries,
                            int group, float* scores, Eigen::Index ld) {
-  const int pairs = rope.pairs();
-  thread_local std::vector<float> cos, sin;
-  cos.resize(static_cast<std::size_t>(keys.rows() * pairs));
-  sin.resize(cos.size());
-  rope.consecutive_angles(first, keys.rows(), cos.data(), sin.data());
-  for (Eigen::Index t = 0; t < keys.rows(); ++t)
-    rope.rotate(keys.row(t).data(), cos.data() + t * pairs, sin.data() + t * pairs);
+  rope.rotate_rows(first, keys.data(), keys.rows(), keys.outerStride(), 1);
   const Eigen::Map<const RowMatrix> q(queries, group, keys.cols());
   Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>> out(scores, group, keys.rows(), Eigen::OuterStride<>(ld));
   out.noalias() = q * keys.transpose();
