@@ -1,6 +1,6 @@
 // Decode-step attention of one layer (d = 128, 8 query heads over 2 KV heads) on the
 // Lexico cache (N = 4096, s = 8, codes only: the buffer is empty at measurement; keys
-// coded after RoPE with 12- or 16-bit indices, or before RoPE) and on dense fp32 / fp16 caches, for contexts of 1k to 64k tokens; and the cost of
+// coded after RoPE with 12- or 16-bit indices, or before RoPE at s = 8 and s = 4) and on dense fp32 / fp16 caches, for contexts of 1k to 64k tokens; and the cost of
 // appending a token (OMP amortised over flushes of n_a tokens).
 //
 //   ./build/bench/bench_attention --benchmark_min_time=0.2
@@ -10,6 +10,7 @@
 #include <benchmark/benchmark.h>
 
 #include <memory>
+#include <vector>
 #include <random>
 
 namespace {
@@ -52,11 +53,13 @@ std::unique_ptr<lexico::KVCache> make(int kind, int buffer, int flush, float ato
   switch (kind) {
     case 0:
     case 3:    // 3: indices kept at 16 bits, as in the paper
-    case 4: {  // 4: keys coded before RoPE
+    case 4:    // 4: keys coded before RoPE
+    case 5: {  // 5: keys coded before RoPE, s = 4 (RESULTS.md's quality setting's sparsity)
       lexico::LexicoOptions options = lexico_options(buffer, flush, atom_pool);
       options.pack_indices = kind != 3;
+      if (kind == 5) options.key_sparsity = options.value_sparsity = 4;
       lexico::CodeSpaceOptions space;
-      if (kind == 4) space.key_rope = lexico::Rope(head_dim, 10000.0f, lexico::RopeStyle::rotate_half);
+      if (kind >= 4) space.key_rope = lexico::Rope(head_dim, 10000.0f, lexico::RopeStyle::rotate_half);
       return std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options, space);
     }
     case 1: return std::make_unique<lexico::DenseCache<float>>(shape);
@@ -83,8 +86,27 @@ void BM_DecodeAttention(benchmark::State& state) {
 }
 BENCHMARK(BM_DecodeAttention)
     ->ArgNames({"cache", "T"})
-    ->ArgsProduct({{0, 3, 4, 1, 2}, {1024, 4096, 16384, 65536}})
+    ->ArgsProduct({{0, 3, 4, 5, 1, 2}, {1024, 4096, 16384, 65536}})
     ->Unit(benchmark::kMicrosecond);
+
+// What the machine streams: a sum over as many bytes as a dense fp16 cache's K and V
+// for T tokens of this layer (T x 2 KV heads x 128 x 2 bytes x 2), read the same way as
+// decode attention reads them (every call, all threads of the OpenMP default), so a
+// kernel's bytes / time can be set against bytes_per_second here.
+void BM_ReadBandwidth(benchmark::State& state) {
+  const Eigen::Index tokens = state.range(0);
+  const std::size_t floats = static_cast<std::size_t>(tokens) * kv_heads * head_dim;  // fp16 K + V bytes / 4
+  std::vector<float> data(floats, 1.0f);
+  for (auto _ : state) {
+    float total = 0.0f;
+    const float* p = data.data();
+#pragma omp parallel for simd reduction(+ : total) schedule(static)
+    for (std::size_t i = 0; i < floats; ++i) total += p[i];
+    benchmark::DoNotOptimize(total);
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations()) * static_cast<std::int64_t>(floats * sizeof(float)));
+}
+BENCHMARK(BM_ReadBandwidth)->ArgName("T")->Arg(16384)->Arg(65536)->Unit(benchmark::kMicrosecond);
 
 // Per-token append of one layer with the buffer full: n_a = 1 codes a token every
 // step, n_a = 32 codes 32 tokens every 32 steps; pool = 2 codes at 2s and shares s

@@ -226,3 +226,38 @@ TEST(DenseCache, BadShapesRaise) {
 }
 
 }  // namespace
+
+// The fp16 decode kernels against a naive double loop: every row count around the
+// 16-row blocks, every GQA group up to 8, head sizes 16 to 256.
+TEST(TokenStore, Fp16KernelsMatchNaive) {
+  std::mt19937 rng(31);
+  std::normal_distribution<float> normal;
+  for (int d : {16, 64, 128, 256})
+    for (int group : {1, 2, 3, 4, 8})
+      for (long count : {1L, 15L, 16L, 17L, 40L}) {
+        std::vector<Eigen::half> rows(static_cast<std::size_t>(count * d));
+        for (auto& x : rows) x = Eigen::half(normal(rng));
+        std::vector<float> queries(static_cast<std::size_t>(group * d)), p(static_cast<std::size_t>(group * (count + 3)));
+        for (auto& x : queries) x = normal(rng);
+        for (auto& x : p) x = std::fabs(normal(rng));
+        const long ld = count + 3;
+        std::vector<float> scores(static_cast<std::size_t>(group * ld), -1.0f), out(static_cast<std::size_t>(group * d));
+        for (auto& x : out) x = normal(rng);
+        const std::vector<float> out_before = out;
+        const auto* raw = reinterpret_cast<const std::uint16_t*>(rows.data());
+        if (!lexico::detail::fp16_scores(raw, count, d, queries.data(), group, scores.data(), ld)) GTEST_SKIP() << "no AVX-512";
+        ASSERT_TRUE(lexico::detail::fp16_accumulate(raw, count, d, p.data(), ld, group, out.data()));
+        for (int g = 0; g < group; ++g) {
+          for (long t = 0; t < count; ++t) {
+            double want = 0;
+            for (int i = 0; i < d; ++i) want += static_cast<double>(rows[t * d + i]) * queries[g * d + i];
+            ASSERT_NEAR(scores[g * ld + t], want, 1e-4 * (1 + std::fabs(want))) << d << " " << group << " " << count;
+          }
+          for (int i = 0; i < d; ++i) {
+            double want = out_before[g * d + i];
+            for (long t = 0; t < count; ++t) want += static_cast<double>(p[g * ld + t]) * static_cast<double>(rows[t * d + i]);
+            ASSERT_NEAR(out[g * d + i], want, 1e-4 * (1 + std::fabs(want))) << d << " " << group << " " << count;
+          }
+        }
+      }
+}

@@ -111,6 +111,17 @@ RowMatrix reference_attention(const lexico::LexicoCache& cache, const std::optio
       values.conservativeResize(values.rows() + v.rows(), Eigen::NoChange);
       values.bottomRows(v.rows()) = v;
     }
+    if (const auto* recent = cache.recent_keys(layer)) {  // the quantized tier, dequantized
+      RowMatrix k(recent->tokens(), shape.head_dim), v(recent->tokens(), shape.head_dim);
+      lexico::detail::copy_rows(*recent, h, recent->tokens(), k, 0);
+      lexico::detail::copy_rows(*cache.recent_values(layer), h, recent->tokens(), v, 0);
+      Eigen::MatrixXd kd = k.cast<double>();
+      if (rope) rotate_rows(kd, *rope, keys.rows());
+      keys.conservativeResize(keys.rows() + kd.rows(), Eigen::NoChange);
+      keys.bottomRows(kd.rows()) = kd;
+      values.conservativeResize(values.rows() + v.rows(), Eigen::NoChange);
+      values.bottomRows(v.rows()) = v.cast<double>();
+    }
     append_held_keys(keys, key_buffer, h, shape.head_dim, rope);
     append_fp16(values, value_buffer, h, shape.head_dim);
     for (int g = 0; g < group; ++g) {
@@ -136,6 +147,7 @@ struct Sequence {
 struct Config {
   lexico::LexicoOptions options;
   std::optional<lexico::Rope> rope;
+  int head_dim = 16;
 };
 
 lexico::CodeSpaceOptions space_options(const Config& config) {
@@ -155,7 +167,7 @@ RowMatrix query_at(const Sequence& s, Eigen::Index t, int q_heads, int d) {
 }
 
 void check_against_reconstruction(int kv_heads, int q_heads, int layers, Config config = {}) {
-  const int d = 16, n = 64, tokens = 70;
+  const int d = config.head_dim, n = 64, tokens = 70;
   lexico::LexicoOptions& options = config.options;
   options.key_sparsity = 4;
   options.value_sparsity = 6;
@@ -175,6 +187,7 @@ void check_against_reconstruction(int kv_heads, int q_heads, int layers, Config 
       ASSERT_LE(buffered, options.buffer);
       for (int tier = 1; tier < cache.code_tiers(); ++tier)
         ASSERT_LE(static_cast<int>(cache.key_codes(l, 0, tier).rows()), options.tiers[static_cast<std::size_t>(cache.code_tiers() - 1 - tier)].tokens);
+      if (const auto* recent = cache.recent_keys(l)) ASSERT_LE(recent->tokens(), options.tiers.front().tokens);
       const RowMatrix want = reference_attention(cache, config.rope, l, query_at(s, t, q_heads, d), s.keys.topRows(sinks),
                                                  s.values.topRows(sinks), s.keys.middleRows(sinks + coded, buffered),
                                                  s.values.middleRows(sinks + coded, buffered));
@@ -201,7 +214,7 @@ TEST(LexicoCache, EqualsAttentionOverReconstructedKV_SinksAndTiers) {
 }
 
 Config keys_before_rope(Config config, lexico::RopeStyle style) {
-  config.rope = lexico::Rope(16, 10000.0f, style);
+  config.rope = lexico::Rope(config.head_dim, 10000.0f, style);
   return config;
 }
 
@@ -331,9 +344,121 @@ void check_prefill_then_decode(Config config) {
 }
 
 TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken) { check_prefill_then_decode({}); }
-TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_SinksAndTiers) { check_prefill_then_decode(with_sinks_and_tiers()); }
+Config with_sinks() {
+  Config config;
+  config.options.sinks = 3;
+  return config;
+}
+
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_Sinks) { check_prefill_then_decode(with_sinks()); }
 TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_KeysBeforeRope) {
-  check_prefill_then_decode(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half));
+  check_prefill_then_decode(keys_before_rope(with_sinks(), lexico::RopeStyle::rotate_half));
+}
+
+// Every row of a code store: its atom indices and stored coefficient bytes.
+std::vector<std::vector<int>> rows_of(const lexico::CodeStore& codes, std::size_t count) {
+  std::vector<std::vector<int>> rows;
+  codes.for_each_row([&](std::size_t r, lexico::CodeStore::Indices index, const std::uint8_t* coefficient, int entries,
+                         float scale) {
+    if (r >= count) return;
+    std::vector<int> row{entries, static_cast<int>(scale * 1024)};
+    for (int i = 0; i < entries; ++i) row.insert(row.end(), {static_cast<int>(index[i]), coefficient[i]});
+    rows.push_back(row);
+  });
+  return rows;
+}
+
+// With recent tiers a prefill puts each token that leaves the buffer straight into the
+// tier its age gives it: the newest fill the recent tiers, the oldest are coded once at
+// s, exactly as a cache without tiers codes them (no token goes through a tier first).
+void check_prefill_places_tokens_by_age(Config config) {
+  const int d = config.head_dim, kv = 2, q = 4, prompt = 50;
+  lexico::LexicoOptions& options = config.options;
+  options.buffer = 12;
+  options.flush = 1;
+  lexico::LexicoOptions plain_options = options;
+  plain_options.tiers.clear();
+  const auto dicts = random_dictionaries(1, d, 48, 5);
+  lexico::LexicoCache tiered({1, kv, d}, dicts, options, space_options(config)),
+      plain({1, kv, d}, dicts, plain_options, space_options(config));
+  const Sequence s = random_sequence(prompt, kv, q, d, 6);
+  RowMatrix out(prompt, q * d);
+  tiered.prefill(0, s.keys, s.values, s.queries, out);
+  plain.prefill(0, s.keys, s.values, s.queries, out);
+  const Eigen::Index leaving = prompt - options.sinks - options.buffer;
+  ASSERT_EQ(tiered.coded_tokens(0), leaving);
+  Eigen::Index recent = 0;
+  if (const auto* rows = tiered.recent_keys(0)) {
+    EXPECT_EQ(rows->tokens(), std::min<Eigen::Index>(leaving, options.tiers.front().tokens));
+    recent = rows->tokens();
+    // Quantized from the tokens as fp16 holds them: within the format's error of them.
+    RowMatrix got(recent, d);
+    lexico::detail::copy_rows(*rows, 1, recent, got, 0);
+    const RowMatrix want = s.keys.block(prompt - options.buffer - recent, d, recent, d);
+    EXPECT_LT((got - want).norm() / want.norm(), 0.2);
+  }
+  for (int tier = 1; tier < tiered.code_tiers(); ++tier) {
+    const int capacity = options.tiers[static_cast<std::size_t>(tiered.code_tiers() - 1 - tier)].tokens;
+    EXPECT_EQ(static_cast<Eigen::Index>(tiered.key_codes(0, 0, tier).rows()), std::min<Eigen::Index>(capacity, leaving - recent));
+    recent += static_cast<Eigen::Index>(tiered.key_codes(0, 0, tier).rows());
+  }
+  const std::size_t oldest = static_cast<std::size_t>(leaving - recent);
+  ASSERT_GT(oldest, 0u);
+  for (int h = 0; h < kv; ++h) {
+    ASSERT_EQ(tiered.key_codes(0, h, 0).rows(), oldest);
+    EXPECT_EQ(rows_of(tiered.key_codes(0, h, 0), oldest), rows_of(plain.key_codes(0, h, 0), oldest)) << "head " << h;
+    EXPECT_EQ(rows_of(tiered.value_codes(0, h, 0), oldest), rows_of(plain.value_codes(0, h, 0), oldest)) << "head " << h;
+  }
+}
+
+TEST(LexicoCache, PrefillPlacesTokensByAge_SinksAndTiers) { check_prefill_places_tokens_by_age(with_sinks_and_tiers()); }
+TEST(LexicoCache, PrefillPlacesTokensByAge_KeysBeforeRope) {
+  check_prefill_places_tokens_by_age(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half));
+}
+
+Config quantized_tier(lexico::LexicoOptions::RecentFormat format) {
+  Config config = with_sinks();
+  config.options.tiers = {{10, 0, 0}};
+  config.options.recent_format = format;
+  config.head_dim = 32;
+  return config;
+}
+
+TEST(LexicoCache, PrefillPlacesTokensByAge_QuantizedTier) {
+  check_prefill_places_tokens_by_age(quantized_tier(lexico::LexicoOptions::RecentFormat::q8_0));
+  check_prefill_places_tokens_by_age(quantized_tier(lexico::LexicoOptions::RecentFormat::q4_0));
+}
+
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_QuantizedTier) {
+  for (auto format : {lexico::LexicoOptions::RecentFormat::q8_0, lexico::LexicoOptions::RecentFormat::q4_0}) {
+    check_against_reconstruction(2, 8, 2, quantized_tier(format));
+    check_against_reconstruction(1, 5, 1, keys_before_rope(quantized_tier(format), lexico::RopeStyle::interleaved));
+  }
+}
+
+// A quantized tier: tokens leave it coded once at s, so its bytes are the format's and no
+// token carries more than s atoms.
+TEST(LexicoCache, QuantizedTierHoldsTheFormatsBytes) {
+  const int d = 32, kv = 2, tokens = 60;
+  Config config = quantized_tier(lexico::LexicoOptions::RecentFormat::q4_0);
+  config.options.key_sparsity = config.options.value_sparsity = 3;
+  config.options.buffer = 8;
+  config.options.flush = 4;
+  lexico::LexicoCache cache({1, kv, d}, random_dictionaries(1, d, 64, 7), config.options);
+  const Sequence s = random_sequence(tokens, kv, 4, d, 8);
+  RowMatrix out(4, d);
+  for (Eigen::Index t = 0; t < tokens; ++t) cache.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, 4, d), out);
+  const auto* recent = cache.recent_keys(0);
+  ASSERT_NE(recent, nullptr);
+  EXPECT_GE(recent->tokens(), 10 - 3);
+  EXPECT_LE(recent->tokens(), 10);
+  EXPECT_EQ(cache.code_tiers(), 1);
+  EXPECT_EQ(cache.key_codes(0, 0, 0).rows() + static_cast<std::size_t>(recent->tokens() + cache.buffered_tokens(0) + 3),
+            static_cast<std::size_t>(tokens));
+  // q4_0: 32 channels in 16 bytes and one fp16 scale, per token, head, K and V.
+  EXPECT_EQ(recent->payload_bytes() + recent->metadata_bytes(), static_cast<std::size_t>(recent->tokens() * kv * 18));
+  EXPECT_EQ(cache.key_codes(0, 0, 0).sparsity(), 3);
+  EXPECT_THROW(lexico::LexicoCache({1, kv, 16}, random_dictionaries(1, 16, 64, 7), config.options), lexico::error);
 }
 
 Config pooled(Config config) {
@@ -346,9 +471,8 @@ TEST(LexicoCache, EqualsAttentionOverReconstructedKV_PooledAtoms) {
   check_against_reconstruction(1, 5, 1, pooled(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half)));
 }
 
-TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_PooledAtoms) {
-  check_prefill_then_decode(pooled(with_sinks_and_tiers()));
-}
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_PooledAtoms) { check_prefill_then_decode(pooled(with_sinks())); }
+TEST(LexicoCache, PrefillPlacesTokensByAge_PooledAtoms) { check_prefill_places_tokens_by_age(pooled(with_sinks_and_tiers())); }
 
 // Every flush's vectors hold s atoms each on average, some more, some fewer.
 TEST(LexicoCache, PooledAtomsKeepTheAverageSparsityPerFlush) {
@@ -394,8 +518,8 @@ TEST(LexicoCache, EqualsAttentionOverReconstructedKV_PooledLongTermOnly) {
                                pooled_long_term_only(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half)));
 }
 
-TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_PooledLongTermOnly) {
-  check_prefill_then_decode(pooled_long_term_only(with_sinks_and_tiers()));
+TEST(LexicoCache, PrefillPlacesTokensByAge_PooledLongTermOnly) {
+  check_prefill_places_tokens_by_age(pooled_long_term_only(with_sinks_and_tiers()));
 }
 
 // With pool_recent_tiers off, the recent tiers hold exactly their sparsity (fixed rows)

@@ -78,3 +78,109 @@ inline void exp_nonpositive(float* values, long n) {
 }
 
 }  // namespace lexico::detail
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace lexico::detail {
+
+#if defined(__AVX512F__)
+// Lane sums of 16 vectors: lane t of the result is Σ lanes of v[t]. A transposition tree
+// (unpack, then 128-bit lane shuffles): 45 instructions for 16 sums instead of 16
+// horizontal reductions of about 10 each.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // quads[i]: 128-bit lane L holds tokens 4i..4i+3 summed over the elements of lane L.
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __m512 load_fp16x16(const std::uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// Decode attention over fp16 rows (count x d, contiguous, d a multiple of 16), the
+// kernels that set a dense cache's pace: each row is read once for the whole GQA group.
+// Returns false (nothing done) where the CPU or the shape has no fast path.
+//
+// scores[g * ld + t] = <queries[g], row t>: 16 rows at a time, one vector of partial
+// sums per (row, query), reduced together by sum_lanes16.
+inline bool fp16_scores(const std::uint16_t* rows, long count, int d, const float* queries, int group, float* scores,
+                        long ld) {
+#if defined(__AVX512F__)
+  if (d % 16 != 0 || d > 256 || group > 8) return false;
+  const int chunks = d / 16;
+  __m512 partial[8][16];
+  long t0 = 0;
+  for (; t0 + 16 <= count; t0 += 16) {
+    for (int r = 0; r < 16; ++r) {
+      const std::uint16_t* row = rows + (t0 + r) * d;
+      __m512 key[16];
+      for (int c = 0; c < chunks; ++c) key[c] = load_fp16x16(row + 16 * c);
+      for (int g = 0; g < group; ++g) {
+        const float* q = queries + g * d;
+        __m512 sum = _mm512_mul_ps(key[0], _mm512_loadu_ps(q));
+        for (int c = 1; c < chunks; ++c) sum = _mm512_fmadd_ps(key[c], _mm512_loadu_ps(q + 16 * c), sum);
+        partial[g][r] = sum;
+      }
+    }
+    for (int g = 0; g < group; ++g) _mm512_storeu_ps(scores + g * ld + t0, sum_lanes16(partial[g]));
+  }
+  for (long t = t0; t < count; ++t)
+    for (int g = 0; g < group; ++g) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int c = 0; c < chunks; ++c)
+        sum = _mm512_fmadd_ps(load_fp16x16(rows + t * d + 16 * c), _mm512_loadu_ps(queries + g * d + 16 * c), sum);
+      scores[g * ld + t] = _mm512_reduce_add_ps(sum);
+    }
+  return true;
+#else
+  (void)rows, (void)count, (void)d, (void)queries, (void)group, (void)scores, (void)ld;
+  return false;
+#endif
+}
+
+// out[g] += Σ_t probabilities[g * ld + t] · row t, in passes over 64 columns so that a
+// pass keeps every query's sums in registers (4 vectors each).
+inline bool fp16_accumulate(const std::uint16_t* rows, long count, int d, const float* probabilities, long ld,
+                            int group, float* out) {
+#if defined(__AVX512F__)
+  if (d % 16 != 0 || d > 256 || group > 8) return false;
+  const int width = group > 4 ? 2 : 4;  // column chunks per pass: group x width sums in registers
+  for (int c0 = 0; c0 < d / 16; c0 += width) {
+    const int chunks = std::min(width, d / 16 - c0);
+    __m512 sum[8][4];
+    for (int g = 0; g < group; ++g)
+      for (int c = 0; c < chunks; ++c) sum[g][c] = _mm512_loadu_ps(out + g * d + 16 * (c0 + c));
+    for (long t = 0; t < count; ++t) {
+      const std::uint16_t* row = rows + t * d + 16 * c0;
+      __m512 value[4];
+      for (int c = 0; c < chunks; ++c) value[c] = load_fp16x16(row + 16 * c);
+      for (int g = 0; g < group; ++g) {
+        const __m512 p = _mm512_set1_ps(probabilities[g * ld + t]);
+        for (int c = 0; c < chunks; ++c) sum[g][c] = _mm512_fmadd_ps(p, value[c], sum[g][c]);
+      }
+    }
+    for (int g = 0; g < group; ++g)
+      for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(out + g * d + 16 * (c0 + c), sum[g][c]);
+  }
+  return true;
+#else
+  (void)rows, (void)count, (void)d, (void)probabilities, (void)ld, (void)group, (void)out;
+  return false;
+#endif
+}
+
+}  // namespace lexico::detail

@@ -36,12 +36,23 @@ class Rope {
     for (int j = 0; j < pairs(); ++j)
       inv_freq_[static_cast<std::size_t>(j)] =
           1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(head_dim));
+    step_cos_.resize(static_cast<std::size_t>(run_block * pairs()));
+    step_sin_.resize(step_cos_.size());
+    consecutive_angles(0, run_block, step_cos_.data(), step_sin_.data());
   }
+
+  // Positions per block of a RopeRun, and cos/sin of t steps for t < run_block (row t,
+  // one value per pair): the run turns a block's first angle by these.
+  static constexpr int run_block = 64;
+  const float* step_cos(int t) const { return step_cos_.data() + static_cast<std::size_t>(t) * pairs(); }
+  const float* step_sin(int t) const { return step_sin_.data() + static_cast<std::size_t>(t) * pairs(); }
 
   int head_dim() const { return head_dim_; }
   int pairs() const { return head_dim_ / 2; }
   float theta() const { return theta_; }
   RopeStyle style() const { return style_; }
+  // The angle step of pair j per position (θ^(-2j/d)).
+  double frequency(int j) const { return static_cast<double>(inv_freq_[static_cast<std::size_t>(j)]); }
 
   // cos and sin of every pair's angle at `position`, as the model computes them (the
   // angle is an fp32 product).
@@ -114,6 +125,62 @@ class Rope {
   float theta_;
   RopeStyle style_;
   std::vector<float> inv_freq_;
+  std::vector<float> step_cos_, step_sin_;  // run_block x pairs
+};
+
+// cos and sin of consecutive positions first, first + 1, ... for kernels that rotate
+// one token at a time: the angle at each block's first position comes from a rotation
+// recurrence in double (one exact sin/cos per pair at `first`), and a token's from one
+// fp32 complex product with the step powers of its block, so no error builds up along
+// a long run and the angles agree with consecutive_angles to a few fp32 ulps.
+class RopeRun {
+ public:
+  RopeRun(const Rope& rope, std::int64_t first)
+      : rope_(rope), pairs_(rope.pairs()), base_cos_(static_cast<std::size_t>(pairs_)), base_sin_(base_cos_.size()),
+        jump_cos_(base_cos_.size()), jump_sin_(base_cos_.size()), block_cos_(base_cos_.size()), block_sin_(base_cos_.size()) {
+    // Exact angle at `first` and the jump of one block, per pair, in double.
+    for (int j = 0; j < pairs_; ++j) {
+      const double step = rope.frequency(j);
+      base_cos_[j] = std::cos(static_cast<double>(first) * step);
+      base_sin_[j] = std::sin(static_cast<double>(first) * step);
+      jump_cos_[j] = std::cos(Rope::run_block * step);
+      jump_sin_[j] = std::sin(Rope::run_block * step);
+    }
+    load_block();
+  }
+
+  // cos and sin (pairs values each) of position first + t, for t = 0, 1, 2, ... in order.
+  void next(float* cos, float* sin) {
+    if (offset_ == Rope::run_block) {
+      for (int j = 0; j < pairs_; ++j) {
+        const double c = base_cos_[j] * jump_cos_[j] - base_sin_[j] * jump_sin_[j];
+        base_sin_[j] = base_sin_[j] * jump_cos_[j] + base_cos_[j] * jump_sin_[j];
+        base_cos_[j] = c;
+      }
+      load_block();
+    }
+    const float* pc = rope_.step_cos(offset_);
+    const float* ps = rope_.step_sin(offset_);
+    for (int j = 0; j < pairs_; ++j) {
+      cos[j] = block_cos_[j] * pc[j] - block_sin_[j] * ps[j];
+      sin[j] = block_sin_[j] * pc[j] + block_cos_[j] * ps[j];
+    }
+    ++offset_;
+  }
+
+ private:
+  void load_block() {
+    for (int j = 0; j < pairs_; ++j) {
+      block_cos_[j] = static_cast<float>(base_cos_[j]);
+      block_sin_[j] = static_cast<float>(base_sin_[j]);
+    }
+    offset_ = 0;
+  }
+
+  const Rope& rope_;
+  int pairs_, offset_ = 0;
+  std::vector<double> base_cos_, base_sin_, jump_cos_, jump_sin_;
+  std::vector<float> block_cos_, block_sin_;
 };
 
 }  // namespace lexico

@@ -39,6 +39,8 @@
 #include "../coding/omp.hpp"
 #include "../base/rope.hpp"
 #include "cache.hpp"
+#include "coded_rows.hpp"
+#include "token_quant.hpp"
 #include "token_store.hpp"
 
 namespace lexico {
@@ -73,7 +75,30 @@ struct LexicoOptions {
     int tokens, key_sparsity, value_sparsity;
   };
   std::vector<Tier> tiers;
+  // How a recent tier holds its tokens. `codes`: at the tier's sparsities, re-coded from
+  // the reconstruction as they age. `q8_0` / `q4_0`: quantized per token (llama.cpp's
+  // blocks of 32 channels with one fp16 scale: 8.5 or 4.5 bits per element) and coded
+  // once, at the layer's sparsity, as they leave the tier; appending then costs what the
+  // tierless cache's appending does, since no token runs OMP at many atoms or twice.
+  // A quantized tier is a single one (tiers[0]; its sparsities are not used).
+  enum class RecentFormat { codes, q8_0, q4_0 };
+  RecentFormat recent_format = RecentFormat::codes;
 };
+
+inline std::string to_string(LexicoOptions::RecentFormat format) {
+  switch (format) {
+    case LexicoOptions::RecentFormat::q8_0: return "q8_0";
+    case LexicoOptions::RecentFormat::q4_0: return "q4_0";
+    default: return "codes";
+  }
+}
+
+inline LexicoOptions::RecentFormat parse_recent_format(const std::string& name) {
+  for (auto format : {LexicoOptions::RecentFormat::codes, LexicoOptions::RecentFormat::q8_0,
+                      LexicoOptions::RecentFormat::q4_0})
+    if (name == to_string(format)) return format;
+  throw error("recent tier format '" + name + "' is none of codes, q8_0, q4_0");
+}
 
 // One decode-attention request of a batch (attend_batch): a cache and its queries.
 struct AttendRequest {
@@ -100,6 +125,11 @@ class LexicoCache final : public KVCache {
             "LexicoCache: atom_pool = ", options_.atom_pool, " must be 0 (off) or in [1, 255]");
     for (const LexicoOptions::Tier& tier : options_.tiers)
       require(tier.tokens >= 1, "LexicoCache: a recent tier must hold at least one token (got ", tier.tokens, ")");
+    require(!quantized_recent() || options_.tiers.size() == 1, "LexicoCache: a ", to_string(options_.recent_format),
+            " recent tier is a single tier (", options_.tiers.size(), " given)");
+    require(!quantized_recent() || shape.head_dim % llama_block == 0, "LexicoCache: a ",
+            to_string(options_.recent_format), " recent tier needs head_dim a multiple of ", llama_block, " (got ",
+            shape.head_dim, ")");
     for (const auto& [layer, sparsity] : options_.layer_sparsity)
       require(layer >= 0 && layer < shape.layers, "LexicoCache: sparsity override for layer ", layer,
               " outside [0, ", shape.layers, ")");
@@ -107,7 +137,7 @@ class LexicoCache final : public KVCache {
       const auto [key_s, value_s] = sparsity(l);
       // Oldest first; the first, the layer's own sparsity, is unbounded (0 tokens).
       std::vector<LexicoOptions::Tier> tiers = {{0, key_s, value_s}};
-      tiers.insert(tiers.end(), options_.tiers.rbegin(), options_.tiers.rend());
+      if (!quantized_recent()) tiers.insert(tiers.end(), options_.tiers.rbegin(), options_.tiers.rend());
       layers_.emplace_back(shape, *space_, l, tiers, options_);
     }
   }
@@ -128,7 +158,8 @@ class LexicoCache final : public KVCache {
     if (!options_.pack_indices) out << " index_bits=16";
     if (space_->key_rope()) out << " keys=before_rope";
     for (const LexicoOptions::Tier& tier : options_.tiers)
-      out << " tier=" << tier.tokens << ":" << tier.key_sparsity << ":" << tier.value_sparsity;
+      if (quantized_recent()) out << " tier=" << tier.tokens << ":" << to_string(options_.recent_format);
+      else out << " tier=" << tier.tokens << ":" << tier.key_sparsity << ":" << tier.value_sparsity;
     if (options_.key_tolerance > 0 || options_.value_tolerance > 0)
       out << " tol_k=" << options_.key_tolerance << " tol_v=" << options_.value_tolerance;
     if (options_.atom_pool > 0) out << " atom_pool=" << options_.atom_pool;
@@ -144,10 +175,14 @@ class LexicoCache final : public KVCache {
   Eigen::Index sink_tokens(int layer) const { return at(layer).keys.sinks.tokens(); }
   Eigen::Index coded_tokens(int layer) const { return at(layer).coded; }
   Eigen::Index buffered_tokens(int layer) const { return at(layer).keys.buffer.tokens(); }
+  // The quantized recent tier of a layer (RecentFormat q8_0 / q4_0; null otherwise): rows
+  // of every KV head, oldest first, right after the codes and before the buffer.
+  const CodedRows<BlockCodec>* recent_keys(int layer) const { return at(layer).keys.recent.get(); }
+  const CodedRows<BlockCodec>* recent_values(int layer) const { return at(layer).values.recent.get(); }
   // The coded keys or values of one KV head of a layer in token order, tier by tier:
   // tier 0 holds the oldest tokens at key_sparsity / value_sparsity, the last tier the
   // newest (tier i > 0 is options.tiers[tiers - 1 - i]).
-  int code_tiers() const { return static_cast<int>(options_.tiers.size()) + 1; }
+  int code_tiers() const { return quantized_recent() ? 1 : static_cast<int>(options_.tiers.size()) + 1; }
   const CodeStore& key_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, true); }
   const CodeStore& value_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, false); }
   const Dictionary& key_dictionary(int layer) const { return space_->keys(checked_layer(layer)).dictionary(); }
@@ -161,6 +196,7 @@ class LexicoCache final : public KVCache {
     const int heads = shape().kv_heads;
     bool recent = false;
     for (std::size_t i = 1; i < state.keys.tiers.size(); ++i) recent = recent || state.keys.tiers[i].tokens() > 0;
+    recent = recent || state.keys.recent_tokens() > 0;
     require(state.keys.buffer.tokens() == 0 && state.keys.sinks.tokens() == 0 && !recent,
             "LexicoCache::append_codes: layer ", layer, " holds buffered tokens, sinks or recent-tier codes");
     require(keys.vectors() == values.vectors() && keys.vectors() % heads == 0, "LexicoCache::append_codes: ",
@@ -207,6 +243,7 @@ class LexicoCache final : public KVCache {
     for (const Layer& layer : layers_)
       for (const Part* part : {&layer.keys, &layer.values}) {
         total += part->tiers.size() * sizeof(Tier) + part->buffer.overhead_bytes() + part->sinks.overhead_bytes();
+        if (part->recent) total += sizeof(*part->recent) + part->recent->overhead_bytes();
         for (const Tier& tier : part->tiers)
           for (const CodeStore& codes : tier.heads) total += sizeof(CodeStore) + codes.spare_bytes();
       }
@@ -258,10 +295,9 @@ class LexicoCache final : public KVCache {
     }
     const Eigen::Index coded = std::max<Eigen::Index>(0, keys.rows() - sinks - options_.buffer);
     if (coded > 0) {
-      state.keys.code(stored_keys.middleRows(sinks, coded));
-      state.values.code(values.middleRows(sinks, coded));
+      state.keys.store_aged(stored_keys.middleRows(sinks, coded));
+      state.values.store_aged(values.middleRows(sinks, coded));
       state.coded += coded;
-      state.age_tiers(options_.flush);
       state.frozen = seen(layer) + keys.rows();
     }
     for (Eigen::Index t = sinks + coded; t < keys.rows(); ++t) {
@@ -283,6 +319,10 @@ class LexicoCache final : public KVCache {
           bytes.payload += codes.payload_bytes();
           bytes.metadata += codes.metadata_bytes();
         }
+      if (part->recent) {
+        bytes.payload += part->recent->payload_bytes();
+        bytes.metadata += part->recent->metadata_bytes();
+      }
       bytes.buffer += part->buffer.bytes() + part->sinks.bytes();
     }
     return bytes;
@@ -293,6 +333,7 @@ class LexicoCache final : public KVCache {
     for (Part* part : {&state.keys, &state.values}) {
       for (Tier& tier : part->tiers)
         for (CodeStore& codes : tier.heads) codes.clear();
+      if (part->recent) part->recent->clear();
       part->buffer.clear();
       part->sinks.clear();
     }
@@ -359,6 +400,11 @@ class LexicoCache final : public KVCache {
         : dictionary(&(keys ? space.keys(layer) : space.values(layer)).dictionary()),
           pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
           buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
+      if (options.recent_format != LexicoOptions::RecentFormat::codes && !options.tiers.empty()) {
+        const BlockCodec codec = options.recent_format == LexicoOptions::RecentFormat::q8_0 ? q8_0_codec() : q4_0_codec();
+        recent = std::make_unique<CodedRows<BlockCodec>>(shape.kv_heads, shape.head_dim, codec);
+        recent_capacity = options.tiers.front().tokens;
+      }
       const int index_bits =
           options.pack_indices ? CodeStore::bits_for(static_cast<std::size_t>(dictionary->size())) : 16;
       const float tolerance = keys ? options.key_tolerance : options.value_tolerance;
@@ -368,27 +414,64 @@ class LexicoCache final : public KVCache {
                            index_bits, spec.tokens);
     }
 
-    // Codes T tokens (rows of kv_heads x head_dim) into the newest tier, as fp16 holds them,
-    // so a token codes the same whether it came straight from a prefill or through the buffer.
-    void code(ConstRowsRef rows) {
+    Eigen::Index recent_tokens() const { return recent ? recent->tokens() : 0; }
+
+    // A prompt's tokens that leave the buffer at once (T rows of kv_heads x head_dim, as
+    // fp16 holds them): each goes straight to the tier its age puts it in, the newest to
+    // the recent tier(s), the rest coded once at the layer's sparsity (one batch per tier).
+    void store_aged(ConstRowsRef rows) {
       const int heads = buffer.heads(), dim = buffer.head_dim();
-      Eigen::MatrixXf& vectors = scratch().vectors;
-      vectors.resize(dim, rows.rows() * heads);
-      for (Eigen::Index t = 0; t < rows.rows(); ++t)
-        for (Eigen::Index i = 0; i < rows.cols(); ++i)
-          vectors(i % dim, t * heads + i / dim) = static_cast<float>(Eigen::half(rows(t, i)));
-      encode_into(tiers.back());
+      thread_local RowMatrix held;
+      held = rows.unaryExpr([](float x) { return static_cast<float>(Eigen::half(x)); });
+      Eigen::Index end = held.rows();
+      if (recent) {
+        const Eigen::Index take = std::min(recent_capacity, end);
+        for (Eigen::Index t = end - take; t < end; ++t) recent->append(held.row(t).data());
+        end -= take;
+      }
+      for (std::size_t i = tiers.size(); i-- > 0;) {
+        const Eigen::Index take = i == 0 ? end : std::min(tiers[i].capacity, end);
+        if (take == 0) continue;
+        Eigen::MatrixXf& vectors = scratch().vectors;
+        vectors.resize(dim, take * heads);
+        for (Eigen::Index t = 0; t < take; ++t)
+          for (int h = 0; h < heads; ++h) vectors.col(t * heads + h) = held.block(end - take + t, h * dim, 1, dim).transpose();
+        encode_into(tiers[i]);
+        end -= take;
+      }
     }
 
-    // Codes the oldest `count` buffered tokens into the newest tier and drops them.
+    // Moves the oldest `count` buffered tokens into the recent tier: quantized, or coded
+    // at the newest tier's sparsity.
     void code_buffered(Eigen::Index count) {
       const int heads = buffer.heads(), dim = buffer.head_dim();
+      if (recent) {
+        thread_local std::vector<float> token;
+        token.resize(static_cast<std::size_t>(heads * dim));
+        for (Eigen::Index t = 0; t < count; ++t) {
+          for (int h = 0; h < heads; ++h) buffer.row(h, t, token.data() + h * dim);
+          recent->append(token.data());
+        }
+        buffer.erase_front(count);
+        return;
+      }
       Eigen::MatrixXf& vectors = scratch().vectors;
       vectors.resize(dim, count * heads);
       for (Eigen::Index t = 0; t < count; ++t)
         for (int h = 0; h < heads; ++h) buffer.row(h, t, vectors.col(t * heads + h).data());
       buffer.erase_front(count);
       encode_into(tiers.back());
+    }
+
+    // Codes the oldest `count` tokens of the quantized recent tier at the layer's sparsity.
+    void code_recent(Eigen::Index count) {
+      const int heads = buffer.heads();
+      Eigen::MatrixXf& vectors = scratch().vectors;
+      vectors.resize(buffer.head_dim(), count * heads);
+      for (Eigen::Index t = 0; t < count; ++t)
+        for (int h = 0; h < heads; ++h) recent->row(h, t, vectors.col(t * heads + h).data());
+      recent->erase_front(count);
+      encode_into(tiers.front());
     }
 
     // Moves the oldest `count` tokens of tier i into tier i - 1, re-coding their
@@ -434,6 +517,8 @@ class LexicoCache final : public KVCache {
     const Dictionary* dictionary;  // the CodeSpace's
     Eigen::Index pool_columns;     // columns that share an atom budget: one flush
     std::vector<Tier> tiers;       // oldest first; tiers[0] is unbounded
+    std::unique_ptr<CodedRows<BlockCodec>> recent;  // the quantized recent tier, if any
+    Eigen::Index recent_capacity = 0;
     TokenStore<Eigen::half> buffer, sinks;
   };
 
@@ -445,6 +530,11 @@ class LexicoCache final : public KVCache {
     // Re-codes, newest tier first, whatever overflows a tier: at least `flush` tokens at
     // once, so a token is re-coded once per tier however it arrived.
     void age_tiers(int flush) {
+      if (const Eigen::Index excess = keys.recent_tokens() - keys.recent_capacity; keys.recent && excess > 0) {
+        const Eigen::Index count = std::min(keys.recent_tokens(), std::max<Eigen::Index>(flush, excess));
+        keys.code_recent(count);
+        values.code_recent(count);
+      }
       for (std::size_t i = keys.tiers.size() - 1; i > 0; --i) {
         const Eigen::Index excess = keys.tiers[i].tokens() - keys.tiers[i].capacity;
         if (excess <= 0) continue;
@@ -511,6 +601,7 @@ class LexicoCache final : public KVCache {
               code_scores(codes, table + h * group, table_ld, g, scores + column, ld);
             column += static_cast<Eigen::Index>(codes.rows());
           }
+          if (state.keys.recent) held_scores(*state.keys.recent, rope, first + column, h, q, g, scores + column, ld);
           held_scores(state.keys.buffer, rope, first + sinks + coded, h, q, g, scores + sinks + coded, ld);
         },
         [&](int h, const float* p, Eigen::Index ld, int g, float* o) {
@@ -522,15 +613,17 @@ class LexicoCache final : public KVCache {
             code_accumulate(codes, p + column, ld, g, weights + h * group, weights_ld);
             column += static_cast<Eigen::Index>(codes.rows());
           }
+          if (state.values.recent) state.values.recent->accumulate(h, p + column, ld, g, o);
           state.values.buffer.accumulate(h, p + sinks + coded, ld, g, o);
         },
         log_sum_exp, threads());
   }
 
-  // Scores of fp16 tokens (sinks or buffer) at positions first, first + 1, ...: rotated
-  // here when they are held before RoPE.
-  static void held_scores(const TokenStore<Eigen::half>& store, const Rope* rope, std::int64_t first, int h,
-                          const float* q, int group, float* scores, Eigen::Index ld) {
+  // Scores of uncoded tokens (sinks, buffer, quantized recent tier) at positions first,
+  // first + 1, ...: rotated here when they are held before RoPE.
+  template <typename Store>
+  static void held_scores(const Store& store, const Rope* rope, std::int64_t first, int h, const float* q, int group,
+                          float* scores, Eigen::Index ld) {
     if (!rope) return store.scores(h, q, group, scores, ld);
     thread_local RowMatrix keys;
     keys.resize(store.tokens(), store.head_dim());
@@ -575,7 +668,7 @@ class LexicoCache final : public KVCache {
     }
     const ConstRowsRef queries = single ? requests[members.front()].queries : ConstRowsRef(stacked);
     const Eigen::Index n_keys = space.keys(layer).size(), n_values = space.values(layer).size();
-    if (coded && !space.key_rope()) atom_table(space.keys(layer).dictionary(), queries, table, threads);
+    if (coded && !space.key_rope()) atom_table(space.keys(layer), queries, table, threads);
     if (coded) weights.setZero(n_values, rows);
     for (std::size_t m = 0; m < members.size(); ++m) {
       const AttendRequest& request = requests[members[m]];
@@ -613,6 +706,10 @@ class LexicoCache final : public KVCache {
     const auto found = options_.layer_sparsity.find(layer);
     return found != options_.layer_sparsity.end() ? found->second
                                                   : std::make_pair(options_.key_sparsity, options_.value_sparsity);
+  }
+
+  bool quantized_recent() const {
+    return options_.recent_format != LexicoOptions::RecentFormat::codes && !options_.tiers.empty();
   }
 
   const Layer& at(int layer) const { return layers_[static_cast<std::size_t>(checked_layer(layer))]; }

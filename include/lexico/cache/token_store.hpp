@@ -106,6 +106,10 @@ class TokenStore {
   void scores(int head, const float* queries, int group, float* scores, Eigen::Index ld) const {
     float key[max_head_dim], dots[max_gqa_group];
     const Eigen::Index count = head_tokens(head);
+    if constexpr (std::is_same_v<Scalar, Eigen::half>)
+      if (count > 0 && detail::fp16_scores(reinterpret_cast<const std::uint16_t*>(data(head, 0)), count, head_dim_,
+                                           queries, group, scores, ld))
+        return;
     for (Eigen::Index t = 0; t < count; ++t) {
       detail::dot_group(as_float(head, t, key), queries, group, head_dim_, dots);
       for (int g = 0; g < group; ++g) scores[g * ld + t] = dots[g];
@@ -116,6 +120,10 @@ class TokenStore {
   void accumulate(int head, const float* probabilities, Eigen::Index ld, int group, float* out) const {
     float value[max_head_dim], weights[max_gqa_group];
     const Eigen::Index count = head_tokens(head);
+    if constexpr (std::is_same_v<Scalar, Eigen::half>)
+      if (count > 0 && detail::fp16_accumulate(reinterpret_cast<const std::uint16_t*>(data(head, 0)), count,
+                                               head_dim_, probabilities, ld, group, out))
+        return;
     for (Eigen::Index t = 0; t < count; ++t) {
       for (int g = 0; g < group; ++g) weights[g] = probabilities[g * ld + t];
       detail::axpy_group(as_float(head, t, value), weights, group, head_dim_, out);

@@ -14,9 +14,11 @@
 
 #include "../base/error.hpp"
 #include "../base/fp8.hpp"
+#include "../base/kernels.hpp"
 #include "../base/parallel.hpp"
 #include "../base/rope.hpp"
 #include "../base/rows.hpp"
+#include "code_book.hpp"
 #include "codes.hpp"
 #include "dictionary.hpp"
 
@@ -146,12 +148,26 @@ struct CodeAccumulate {
 
 }  // namespace detail
 
+// Queries up to which atom_table and add_atom_combination take a path of their own
+// rather than a matrix product, which would first repack the whole N x d dictionary.
+inline constexpr Eigen::Index small_combination = 16;
+
 // u = Dᵀq for M queries at once: table (N x M, row-major) = atomsᵀ · queriesᵀ, queries
 // M x d row-major. One matrix product streams the atoms once for every query (of every
 // head and, batched, of every sequence), in blocks of atoms over `threads` threads.
-inline void atom_table(const Dictionary& dictionary, ConstRowsRef queries, RowMatrix& table, int threads = 0) {
-  const Eigen::MatrixXf& atoms = dictionary.atoms();
+inline void atom_table(const CodeBook& book, ConstRowsRef queries, RowMatrix& table, int threads = 0) {
+  const Eigen::MatrixXf& atoms = book.dictionary().atoms();
   table.resize(atoms.cols(), queries.rows());
+  if (queries.rows() <= small_combination) {
+    // A few queries: the encoder's packed panels (no repacking of the dictionary per call).
+    thread_local Eigen::MatrixXf contiguous, projected;
+    contiguous = queries.transpose();
+    projected.resize(detail::padded_atoms(book.size()), queries.rows());
+    book.packed().project(contiguous.data(), contiguous.outerStride(), static_cast<int>(queries.rows()),
+                          projected.data(), projected.outerStride());
+    table = projected.topRows(atoms.cols());
+    return;
+  }
   constexpr Eigen::Index block = 256;
   const Eigen::Index blocks = (atoms.cols() + block - 1) / block;
 #pragma omp parallel for schedule(static) num_threads(thread_budget(threads)) if (blocks > 1 && queries.rows() >= 16)
@@ -166,6 +182,27 @@ inline void atom_table(const Dictionary& dictionary, ConstRowsRef queries, RowMa
 inline void add_atom_combination(const Dictionary& dictionary, const RowMatrix& weights, RowsRef out,
                                  int threads = 0) {
   const Eigen::MatrixXf& atoms = dictionary.atoms();
+  if (weights.cols() <= small_combination) {
+    // A few queries (one sequence's decode step): one pass over the atoms that carry any
+    // weight, each added to every query's output; a matrix product would first repack the
+    // whole N x d dictionary, which costs more than this pass.
+    const int d = dictionary.dim(), m = static_cast<int>(weights.cols());
+    thread_local std::vector<float> sum;
+    sum.assign(static_cast<std::size_t>(m * d), 0.0f);
+    for (Eigen::Index a = 0; a < atoms.cols(); ++a) {
+      const float* w = weights.data() + a * m;
+      bool used = false;
+      for (int g = 0; g < m; ++g) used = used || w[g] != 0.0f;
+      if (!used) continue;
+      const float* atom = atoms.data() + a * d;
+      for (int g = 0; g < m; ++g) {
+        float* o = sum.data() + g * d;
+        for (int e = 0; e < d; ++e) o[e] += w[g] * atom[e];
+      }
+    }
+    out += Eigen::Map<const RowMatrix>(sum.data(), m, d);
+    return;
+  }
   constexpr Eigen::Index block = 32;
   const Eigen::Index blocks = (weights.cols() + block - 1) / block;
 #pragma omp parallel for schedule(static) num_threads(thread_budget(threads)) if (blocks > 1)
@@ -227,29 +264,64 @@ inline void rotated_scores(const Rope& rope, std::int64_t first, Eigen::Ref<RowM
 }
 
 // Scores of keys coded before RoPE: row r of `codes` is the token at position first + r.
-// Each key is decoded, rotated to its position and dotted with the group's queries, 64
-// tokens at a time: O(s·d) per token instead of code_scores' O(s), the price of the lower
+// One pass over the tokens, each key decoded once for the whole GQA group, rotated to its
+// position with angles from a RopeRun and dotted with the group's queries, all in
+// registers and L1: per token and KV head about (s + 3 + group) · d multiply-adds and no
+// trigonometry. O(s·d) per token instead of code_scores' O(s), the price of the lower
 // error of dictionaries trained on keys before RoPE.
 inline void rotated_code_scores(const CodeStore& codes, const Dictionary& dictionary, const Rope& rope,
                                 std::int64_t first, const float* queries, int group, float* scores, Eigen::Index ld) {
   require(dictionary.dim() == rope.head_dim() && group >= 1 && group <= max_gqa_group,
           "rotated_code_scores: dictionary dimension ", dictionary.dim(), ", RoPE head_dim ", rope.head_dim(),
           " and GQA group ", group, " do not fit");
-  constexpr Eigen::Index block = 64;
-  thread_local RowMatrix keys;
-  keys.resize(block, dictionary.dim());
-  Eigen::Index filled = 0, done = 0;
-  const auto score_block = [&] {
-    rotated_scores(rope, first + done, keys.topRows(filled), queries, group, scores + done, ld);
-    done += filled;
-    filled = 0;
-  };
-  codes.for_each_row([&](std::size_t, CodeStore::Indices index, const std::uint8_t* coefficient, int entries,
+  const int d = dictionary.dim(), half = d / 2;
+  const bool interleaved = rope.style() == RopeStyle::interleaved;
+  // Element j of a pair's first half and its partner: j and j + d/2, or 2j and 2j + 1.
+  const auto first_of = [&](int j) { return interleaved ? 2 * j : j; };
+  const auto partner_of = [&](int j) { return interleaved ? 2 * j + 1 : j + half; };
+  // Queries and keys as [first elements of the pairs | partners], so the rotation is two
+  // contiguous halves whatever the style.
+  thread_local std::vector<float> split_queries, key, rotated, cos, sin;
+  split_queries.resize(static_cast<std::size_t>(group * d));
+  key.resize(static_cast<std::size_t>(d));
+  rotated.resize(key.size());
+  cos.resize(static_cast<std::size_t>(half));
+  sin.resize(cos.size());
+  for (int g = 0; g < group; ++g)
+    for (int j = 0; j < half; ++j) {
+      split_queries[static_cast<std::size_t>(g * d + j)] = queries[g * d + first_of(j)];
+      split_queries[static_cast<std::size_t>(g * d + half + j)] = queries[g * d + partner_of(j)];
+    }
+  const auto& fp8 = detail::fp8_e4m3_table();
+  const float* atoms = dictionary.atoms().data();
+  RopeRun run(rope, first);
+  float* k = key.data();
+  float* r = rotated.data();
+  float dots[max_gqa_group];
+  codes.for_each_row([&](std::size_t row, CodeStore::Indices index, const std::uint8_t* coefficient, int entries,
                          float scale) {
-    detail::decode_row(dictionary, index, coefficient, entries, scale, keys.row(filled).data());
-    if (++filled == block) score_block();
+    std::fill_n(k, d, 0.0f);
+    for (int i = 0; i < entries; ++i) {
+      const float c = fp8[coefficient[i]] * scale;
+      const float* atom = atoms + static_cast<std::ptrdiff_t>(index[i]) * d;
+      for (int e = 0; e < d; ++e) k[e] += c * atom[e];
+    }
+    run.next(cos.data(), sin.data());
+    if (interleaved) {
+      for (int j = 0; j < half; ++j) {
+        const float a = k[2 * j], b = k[2 * j + 1];
+        r[j] = a * cos[j] - b * sin[j];
+        r[half + j] = b * cos[j] + a * sin[j];
+      }
+    } else {
+      for (int j = 0; j < half; ++j) {
+        r[j] = k[j] * cos[j] - k[half + j] * sin[j];
+        r[half + j] = k[half + j] * cos[j] + k[j] * sin[j];
+      }
+    }
+    detail::dot_group(r, split_queries.data(), group, d, dots);
+    for (int g = 0; g < group; ++g) scores[g * ld + static_cast<Eigen::Index>(row)] = dots[g];
   });
-  if (filled > 0) score_block();
 }
 
 }  // namespace lexico
