@@ -141,6 +141,20 @@ void BM_LexicoAppendTier(benchmark::State& state) {
 }
 BENCHMARK(BM_LexicoAppendTier)->ArgName("pooled")->DenseRange(0, 2)->Unit(benchmark::kMicrosecond);
 
+// Append with RESULTS.md's quality setting's shape (s = 4, n_b = 32, n_a = 32): tier 0 none,
+// 1 the 128-token tier at 32 atoms, 2 and 3 the same tier held as q8_0 / q4_0 rows that
+// are coded once at s as they leave it.
+void BM_LexicoAppendQualityTier(benchmark::State& state) {
+  const int tier = static_cast<int>(state.range(0));
+  lexico::LexicoOptions options = lexico_options(32, 32, 0.0f);
+  options.key_sparsity = options.value_sparsity = 4;
+  if (tier > 0) options.tiers = {{128, 32, 32}};
+  if (tier == 2) options.recent_format = lexico::LexicoOptions::RecentFormat::q8_0;
+  if (tier == 3) options.recent_format = lexico::LexicoOptions::RecentFormat::q4_0;
+  time_appends(state, std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options));
+}
+BENCHMARK(BM_LexicoAppendQualityTier)->ArgName("tier")->DenseRange(0, 3)->Unit(benchmark::kMicrosecond);
+
 }  // namespace
 
 BENCHMARK_MAIN();

@@ -1392,6 +1392,7 @@ def write_report(quiet=False):
                                   "Pareto"], table))
         md.append("")
     md += shared_state_section()
+    md += tier_formats_section()
     REPORT_PATH.write_text("\n".join(md) + "\n")
     if not quiet:
         print(f"results_sweep: {len(runs)} runs -> {REPORT_PATH.relative_to(REPO)}, "
@@ -1429,6 +1430,57 @@ def cmd_shared(args):
                   f"peak RSS {runs[0]['peak_rss_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
     SHARED_STATE_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
     write_report()
+
+
+TIER_FORMATS_PATH = RESULTS_DIR / "recent_tier_formats.json"  # written by `tiers`
+
+
+def cmd_tiers(args):
+    """Runs RESULTS.md's quality setting with each recent-tier format on the tuning windows
+    (one lexico-eval process, so the formats see the same tokens), with per-token ΔNLL for
+    paired comparisons against the 32-atom tier."""
+    model = MODELS[args.model]
+    base = f"lexico:dict={args.dict},s=4,layer_s=auto,buffer=32,recent=128"
+    formats = [("codes (rs = 32)", base + ",rs=32"), ("q8_0", base + ",recent_format=q8_0"),
+               ("q4_0", base + ",recent_format=q4_0")]
+    cmd = [str(args.eval), "--model", str(model["path"]), "--tokens" if model["corpus"][0] == "tokens" else "--text",
+           str(model["corpus"][1]), "--window", str(args.window), "--windows", str(args.windows), "--skip",
+           str(TUNING_SKIP), "--prefill", str(args.window // 2), "--json", "--per-token"]
+    for _, cache in formats:
+        cmd += ["--cache", cache]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    records = json.loads(TIER_FORMATS_PATH.read_text()) if TIER_FORMATS_PATH.exists() else {}
+    records[args.model] = {
+        "command": " ".join(relative(c) if "/" in c else c for c in cmd),
+        "runs": [{"format": name, "kv": r["kv_size_fraction"], "delta": r["delta_nll"], "delta_se": r["delta_nll_se"],
+                  "kl": r["mean_kl"], "top1": r["top1_agreement"], "decode": r["tokens_per_second"],
+                  "prefill": r["prefill_tokens_per_second"], "tokens": r.get("token_delta_nll"),
+                  "windows": r["windows"]} for (name, _), r in zip(formats, runs)]}
+    TIER_FORMATS_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    write_report()
+
+
+def tier_formats_section():
+    if not TIER_FORMATS_PATH.exists():
+        return []
+    md = ["## Recent tier formats", "",
+          "RESULTS.md's quality setting (keys before RoPE, s = 4 with atoms per layer, n_b = 32, a 128-token recent "
+          "tier) with the tier's tokens held three ways: as 32-atom codes re-coded at s as they age (the setting of "
+          "the tables above), or quantized per token as llama.cpp's q8_0 / q4_0 rows and coded once at s as they "
+          "leave the tier (`recent_format=`). Tuning windows, one lexico-eval process (same tokens, 1 thread; "
+          "tokens/s are of that run). Paired ΔNLL is the format's minus the 32-atom tier's on the same tokens. "
+          "Regenerate with `/usr/bin/python3 bench/results_sweep.py tiers --model NAME --dict DIR`.", ""]
+    for name, record in sorted(json.loads(TIER_FORMATS_PATH.read_text()).items()):
+        runs = record["runs"]
+        rows = [[r["format"], f"{100 * r['kv']:.2f} %", f"{r['delta']:+.4f} ± {r['delta_se']:.4f}", f"{r['kl']:.5f}",
+                 f"{100 * r['top1']:.2f} %", paired_text(paired(r, runs[0])) if r is not runs[0] else "—",
+                 f"{r['decode']:.1f}", f"{r['prefill']:.0f}"] for r in runs]
+        md += [f"**{name}**, {runs[0]['windows']} windows: `{record['command']}`", "",
+               markdown_table(["tier format", "KV", "ΔNLL", "KL", "top-1", "paired ΔNLL vs 32-atom tier",
+                               "decode tok/s", "prefill tok/s"], rows), ""]
+    return md
 
 
 def shared_state_section():
@@ -1483,11 +1535,20 @@ def main():
     shared = sub.add_parser("shared", help="measure the per-model state of dictionary sets, then write the report")
     shared.add_argument("--eval", default=str(DEFAULT_EVAL), help="the lexico-eval binary")
     shared.add_argument("--dict", action="append", default=[], metavar="NAME=DIR", required=True)
+    tiers = sub.add_parser("tiers", help="compare the recent tier's formats on the tuning windows, then write the report")
+    tiers.add_argument("--eval", default=str(DEFAULT_EVAL), help="the lexico-eval binary")
+    tiers.add_argument("--model", default="proxy-lm-hd128", choices=sorted(MODELS))
+    tiers.add_argument("--dict", required=True, help="a dictionary set trained with --keys-before-rope")
+    tiers.add_argument("--windows", type=int, default=8)
+    tiers.add_argument("--window", type=int, default=1024)
+    tiers.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.command == "run":
         cmd_run(args)
     elif args.command == "shared":
         cmd_shared(args)
+    elif args.command == "tiers":
+        cmd_tiers(args)
     else:
         write_report()
 

@@ -187,7 +187,9 @@ void check_against_reconstruction(int kv_heads, int q_heads, int layers, Config 
       ASSERT_LE(buffered, options.buffer);
       for (int tier = 1; tier < cache.code_tiers(); ++tier)
         ASSERT_LE(static_cast<int>(cache.key_codes(l, 0, tier).rows()), options.tiers[static_cast<std::size_t>(cache.code_tiers() - 1 - tier)].tokens);
-      if (const auto* recent = cache.recent_keys(l)) ASSERT_LE(recent->tokens(), options.tiers.front().tokens);
+      if (const auto* recent = cache.recent_keys(l)) {
+        ASSERT_LE(recent->tokens(), options.tiers.front().tokens);
+      }
       const RowMatrix want = reference_attention(cache, config.rope, l, query_at(s, t, q_heads, d), s.keys.topRows(sinks),
                                                  s.values.topRows(sinks), s.keys.middleRows(sinks + coded, buffered),
                                                  s.values.middleRows(sinks + coded, buffered));

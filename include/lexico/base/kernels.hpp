@@ -183,4 +183,37 @@ inline bool fp16_accumulate(const std::uint16_t* rows, long count, int d, const 
 #endif
 }
 
+// out[g] (g < m, rows of d) = Σ_i weights[atoms[i] * m + g] · row atoms[i] of an fp16
+// N x d matrix: a weighted sum of selected rows for m outputs at once, in passes over 32
+// columns so that every output's sums stay in registers. Returns false where the CPU or
+// the shape has no fast path.
+inline bool fp16_combination(const std::uint16_t* rows, int d, const int* atoms, long count, const float* weights,
+                             int m, float* out) {
+#if defined(__AVX512F__)
+  if (d % 32 != 0 || m > 8) return false;
+  for (int c0 = 0; c0 < d; c0 += 32) {
+    __m512 sum[8][2];
+    for (int g = 0; g < m; ++g) sum[g][0] = sum[g][1] = _mm512_setzero_ps();
+    for (long i = 0; i < count; ++i) {
+      const std::uint16_t* row = rows + static_cast<long>(atoms[i]) * d + c0;
+      const __m512 low = load_fp16x16(row), high = load_fp16x16(row + 16);
+      const float* w = weights + static_cast<long>(atoms[i]) * m;
+      for (int g = 0; g < m; ++g) {
+        const __m512 weight = _mm512_set1_ps(w[g]);
+        sum[g][0] = _mm512_fmadd_ps(weight, low, sum[g][0]);
+        sum[g][1] = _mm512_fmadd_ps(weight, high, sum[g][1]);
+      }
+    }
+    for (int g = 0; g < m; ++g) {
+      _mm512_storeu_ps(out + g * d + c0, sum[g][0]);
+      _mm512_storeu_ps(out + g * d + c0 + 16, sum[g][1]);
+    }
+  }
+  return true;
+#else
+  (void)rows, (void)d, (void)atoms, (void)count, (void)weights, (void)m, (void)out;
+  return false;
+#endif
+}
+
 }  // namespace lexico::detail

@@ -583,7 +583,7 @@ class LexicoCache final : public KVCache {
     const Layer& state = layers_[static_cast<std::size_t>(layer)];
     const Eigen::Index sinks = state.keys.sinks.tokens(), coded = state.coded;
     const Rope* rope = key_rope();
-    const Dictionary& key_dict = space_->keys(layer).dictionary();
+    const CodeBook& key_book = space_->keys(layer);
     const int group = static_cast<int>(queries.rows()) / shape().kv_heads;
     const std::int64_t first = first_position(layer);
     grouped_decode_attention(
@@ -596,7 +596,7 @@ class LexicoCache final : public KVCache {
             const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
             if (codes.rows() == 0) continue;
             if (rope)
-              rotated_code_scores(codes, key_dict, *rope, first + column, q, g, scores + column, ld);
+              rotated_code_scores(codes, key_book, *rope, first + column, q, g, scores + column, ld);
             else
               code_scores(codes, table + h * group, table_ld, g, scores + column, ld);
             column += static_cast<Eigen::Index>(codes.rows());
@@ -693,9 +693,9 @@ class LexicoCache final : public KVCache {
         weights.middleCols(offsets[m], heads) = Eigen::Map<const RowMatrix>(block_weights.data(), n_values, heads);
     }
     if (!coded) return;
-    if (single) return add_atom_combination(space.values(layer).dictionary(), weights, requests[members.front()].out, threads);
+    if (single) return add_atom_combination(space.values(layer), weights, requests[members.front()].out, threads);
     combined.setZero(rows, d);
-    add_atom_combination(space.values(layer).dictionary(), weights, combined, threads);
+    add_atom_combination(space.values(layer), weights, combined, threads);
     for (std::size_t m = 0; m < members.size(); ++m) {
       RowsRef out = requests[members[m]].out;
       out += combined.middleRows(offsets[m], out.rows());

@@ -14,6 +14,7 @@
 
 #include "../base/error.hpp"
 #include "../base/fp8.hpp"
+#include "../base/half.hpp"
 #include "../base/kernels.hpp"
 #include "../base/parallel.hpp"
 #include "../base/rope.hpp"
@@ -179,27 +180,34 @@ inline void atom_table(const CodeBook& book, ConstRowsRef queries, RowMatrix& ta
 }
 
 // out (M x d, row-major) += (D · weights)ᵀ for weights laid out like atom_table's table.
-inline void add_atom_combination(const Dictionary& dictionary, const RowMatrix& weights, RowsRef out,
-                                 int threads = 0) {
-  const Eigen::MatrixXf& atoms = dictionary.atoms();
+inline void add_atom_combination(const CodeBook& book, const RowMatrix& weights, RowsRef out, int threads = 0) {
+  const Eigen::MatrixXf& atoms = book.dictionary().atoms();
   if (weights.cols() <= small_combination) {
-    // A few queries (one sequence's decode step): one pass over the atoms that carry any
-    // weight, each added to every query's output; a matrix product would first repack the
-    // whole N x d dictionary, which costs more than this pass.
-    const int d = dictionary.dim(), m = static_cast<int>(weights.cols());
-    thread_local std::vector<float> sum;
+    // A few queries (one sequence's decode step): one pass over the fp16 atoms that carry
+    // any weight, each added to every query's output; a matrix product would first repack
+    // the whole N x d fp32 dictionary, which costs more than this pass.
+    const int d = book.dim(), m = static_cast<int>(weights.cols());
+    thread_local std::vector<float> sum, atom;
+    thread_local std::vector<int> used;
     sum.assign(static_cast<std::size_t>(m * d), 0.0f);
+    atom.resize(static_cast<std::size_t>(d));
+    used.clear();
     for (Eigen::Index a = 0; a < atoms.cols(); ++a) {
       const float* w = weights.data() + a * m;
-      bool used = false;
-      for (int g = 0; g < m; ++g) used = used || w[g] != 0.0f;
-      if (!used) continue;
-      const float* atom = atoms.data() + a * d;
-      for (int g = 0; g < m; ++g) {
-        float* o = sum.data() + g * d;
-        for (int e = 0; e < d; ++e) o[e] += w[g] * atom[e];
-      }
+      bool any = false;
+      for (int g = 0; g < m; ++g) any = any || w[g] != 0.0f;
+      if (any) used.push_back(static_cast<int>(a));
     }
+    if (!detail::fp16_combination(reinterpret_cast<const std::uint16_t*>(book.atoms_fp16()), d, used.data(),
+                                  static_cast<long>(used.size()), weights.data(), m, sum.data()))
+      for (int a : used) {
+        const float* w = weights.data() + static_cast<Eigen::Index>(a) * m;
+        to_float(book.atoms_fp16() + static_cast<Eigen::Index>(a) * d, atom.data(), d);
+        for (int g = 0; g < m; ++g) {
+          float* o = sum.data() + g * d;
+          for (int e = 0; e < d; ++e) o[e] += w[g] * atom[static_cast<std::size_t>(e)];
+        }
+      }
     out += Eigen::Map<const RowMatrix>(sum.data(), m, d);
     return;
   }
@@ -263,27 +271,106 @@ inline void rotated_scores(const Rope& rope, std::int64_t first, Eigen::Ref<RowM
   out.noalias() = q * keys.transpose();
 }
 
+namespace detail {
+
+#if defined(__AVX512F__)
+// rotated_code_scores for rotate_half RoPE, d = 16·Chunks and groups up to 8, in registers: blocks of 16
+// rows, whose atoms are prefetched while the block's rows are listed; each key decoded
+// into Chunks vectors, rotated, dotted with the group's queries into one vector of
+// partial sums per (row, query), and the block's sums reduced together (sum_lanes16).
+template <int Chunks>
+void rotated_code_scores_avx512(const CodeStore& codes, const Eigen::half* atoms, const Rope& rope, std::int64_t first,
+                                const float* queries, int group, float* scores, Eigen::Index ld) {
+  constexpr int d = 16 * Chunks, half = Chunks / 2;
+  const auto& fp8 = fp8_e4m3_table();
+  RopeRun run(rope, first);
+  alignas(64) float cos[d / 2], sin[d / 2];
+  struct Row {  // a code row as its atoms' addresses and coefficients (up to 255 atoms)
+    const std::uint16_t* atom[255];
+    float coefficient[255];
+    int entries;
+  };
+  thread_local std::vector<Row> block(16);
+  __m512 partial[8][16];
+  Eigen::Index done = 0;
+  int filled = 0;
+  const auto score_block = [&] {
+    for (int r = 0; r < filled; ++r) {
+      const Row& row = block[static_cast<std::size_t>(r)];
+      __m512 key[Chunks];
+      for (int c = 0; c < Chunks; ++c) key[c] = _mm512_setzero_ps();
+      for (int i = 0; i < row.entries; ++i) {
+        const __m512 coefficient = _mm512_set1_ps(row.coefficient[i]);
+        for (int c = 0; c < Chunks; ++c) key[c] = _mm512_fmadd_ps(coefficient, load_fp16x16(row.atom[i] + 16 * c), key[c]);
+      }
+      run.next(cos, sin);
+      __m512 rotated[Chunks];
+      for (int c = 0; c < half; ++c) {
+        const __m512 cs = _mm512_load_ps(cos + 16 * c), sn = _mm512_load_ps(sin + 16 * c);
+        rotated[c] = _mm512_fmsub_ps(key[c], cs, _mm512_mul_ps(key[half + c], sn));
+        rotated[half + c] = _mm512_fmadd_ps(key[half + c], cs, _mm512_mul_ps(key[c], sn));
+      }
+      for (int g = 0; g < group; ++g) {
+        const float* q = queries + g * d;
+        __m512 sum = _mm512_mul_ps(rotated[0], _mm512_loadu_ps(q));
+        for (int c = 1; c < Chunks; ++c) sum = _mm512_fmadd_ps(rotated[c], _mm512_loadu_ps(q + 16 * c), sum);
+        partial[g][r] = sum;
+      }
+    }
+    for (int g = 0; g < group; ++g) {
+      for (int r = filled; r < 16; ++r) partial[g][r] = _mm512_setzero_ps();
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, sum_lanes16(partial[g]));
+      std::copy(sums, sums + filled, scores + g * ld + done);
+    }
+    done += filled;
+    filled = 0;
+  };
+  codes.for_each_row([&](std::size_t, CodeStore::Indices index, const std::uint8_t* coefficient, int entries,
+                         float scale) {
+    Row& row = block[static_cast<std::size_t>(filled)];
+    row.entries = entries;
+    for (int i = 0; i < row.entries; ++i) {
+      row.atom[i] = reinterpret_cast<const std::uint16_t*>(atoms) + static_cast<std::ptrdiff_t>(index[i]) * d;
+      row.coefficient[i] = fp8[coefficient[i]] * scale;
+      for (int c = 0; c < Chunks; c += 2) _mm_prefetch(reinterpret_cast<const char*>(row.atom[i] + 16 * c), _MM_HINT_T0);
+    }
+    if (++filled == 16) score_block();
+  });
+  if (filled > 0) score_block();
+}
+#endif
+
+}  // namespace detail
+
 // Scores of keys coded before RoPE: row r of `codes` is the token at position first + r.
 // One pass over the tokens, each key decoded once for the whole GQA group, rotated to its
 // position with angles from a RopeRun and dotted with the group's queries, all in
 // registers and L1: per token and KV head about (s + 3 + group) · d multiply-adds and no
 // trigonometry. O(s·d) per token instead of code_scores' O(s), the price of the lower
 // error of dictionaries trained on keys before RoPE.
-inline void rotated_code_scores(const CodeStore& codes, const Dictionary& dictionary, const Rope& rope,
-                                std::int64_t first, const float* queries, int group, float* scores, Eigen::Index ld) {
-  require(dictionary.dim() == rope.head_dim() && group >= 1 && group <= max_gqa_group,
-          "rotated_code_scores: dictionary dimension ", dictionary.dim(), ", RoPE head_dim ", rope.head_dim(),
+inline void rotated_code_scores(const CodeStore& codes, const CodeBook& book, const Rope& rope, std::int64_t first,
+                                const float* queries, int group, float* scores, Eigen::Index ld) {
+  require(book.dim() == rope.head_dim() && group >= 1 && group <= max_gqa_group,
+          "rotated_code_scores: dictionary dimension ", book.dim(), ", RoPE head_dim ", rope.head_dim(),
           " and GQA group ", group, " do not fit");
-  const int d = dictionary.dim(), half = d / 2;
+  const int d = book.dim(), half = d / 2;
   const bool interleaved = rope.style() == RopeStyle::interleaved;
+#if defined(__AVX512F__)
+  if (!interleaved && group <= 8 && d == 128)
+    return detail::rotated_code_scores_avx512<8>(codes, book.atoms_fp16(), rope, first, queries, group, scores, ld);
+  if (!interleaved && group <= 8 && d == 64)
+    return detail::rotated_code_scores_avx512<4>(codes, book.atoms_fp16(), rope, first, queries, group, scores, ld);
+#endif
   // Element j of a pair's first half and its partner: j and j + d/2, or 2j and 2j + 1.
   const auto first_of = [&](int j) { return interleaved ? 2 * j : j; };
   const auto partner_of = [&](int j) { return interleaved ? 2 * j + 1 : j + half; };
   // Queries and keys as [first elements of the pairs | partners], so the rotation is two
   // contiguous halves whatever the style.
-  thread_local std::vector<float> split_queries, key, rotated, cos, sin;
+  thread_local std::vector<float> split_queries, key, rotated, atom, cos, sin;
   split_queries.resize(static_cast<std::size_t>(group * d));
   key.resize(static_cast<std::size_t>(d));
+  atom.resize(key.size());
   rotated.resize(key.size());
   cos.resize(static_cast<std::size_t>(half));
   sin.resize(cos.size());
@@ -293,7 +380,6 @@ inline void rotated_code_scores(const CodeStore& codes, const Dictionary& dictio
       split_queries[static_cast<std::size_t>(g * d + half + j)] = queries[g * d + partner_of(j)];
     }
   const auto& fp8 = detail::fp8_e4m3_table();
-  const float* atoms = dictionary.atoms().data();
   RopeRun run(rope, first);
   float* k = key.data();
   float* r = rotated.data();
@@ -303,8 +389,8 @@ inline void rotated_code_scores(const CodeStore& codes, const Dictionary& dictio
     std::fill_n(k, d, 0.0f);
     for (int i = 0; i < entries; ++i) {
       const float c = fp8[coefficient[i]] * scale;
-      const float* atom = atoms + static_cast<std::ptrdiff_t>(index[i]) * d;
-      for (int e = 0; e < d; ++e) k[e] += c * atom[e];
+      to_float(book.atoms_fp16() + static_cast<std::ptrdiff_t>(index[i]) * d, atom.data(), d);
+      for (int e = 0; e < d; ++e) k[e] += c * atom[static_cast<std::size_t>(e)];
     }
     run.next(cos.data(), sin.data());
     if (interleaved) {

@@ -218,6 +218,8 @@ class CodeBook {
                     int hot_columns = -1)
       : dictionary_(std::move(dictionary)), policy_(policy), packed_(checked(dictionary_).atoms()) {
     const int n = dictionary_->size(), d = dictionary_->dim();
+    atoms_fp16_.resize(static_cast<std::size_t>(n) * static_cast<std::size_t>(d));
+    for (std::size_t i = 0; i < atoms_fp16_.size(); ++i) atoms_fp16_[i] = Eigen::half(dictionary_->atoms().data()[i]);
     if (policy_ == GramPolicy::fp16) {
       gram_.resize(static_cast<std::size_t>(n) * static_cast<std::size_t>(n));
       build_gram();
@@ -234,6 +236,9 @@ class CodeBook {
   const Dictionary& dictionary() const { return *dictionary_; }
   const std::shared_ptr<const Dictionary>& shared_dictionary() const { return dictionary_; }
   const detail::PackedAtoms& packed() const { return packed_; }
+  // The atoms in fp16, atom after atom (N x d): what attention streams. Exact when the
+  // dictionary was rounded to fp16 (a CodeSpace's books are).
+  const Eigen::half* atoms_fp16() const { return atoms_fp16_.data(); }
   GramPolicy policy() const { return policy_; }
   int dim() const { return dictionary_->dim(); }
   int size() const { return dictionary_->size(); }
@@ -258,7 +263,7 @@ class CodeBook {
   // Bytes held: atoms, packed atoms and the Gram form.
   std::size_t bytes() const {
     return sizeof(float) * static_cast<std::size_t>(dictionary_->atoms().size()) + packed_.bytes() +
-           sizeof(Eigen::half) * gram_.size() + (hot_ ? hot_->bytes() : 0);
+           sizeof(Eigen::half) * (atoms_fp16_.size() + gram_.size()) + (hot_ ? hot_->bytes() : 0);
   }
   // Hot-column lookups so far (GramPolicy::on_demand).
   std::uint64_t column_hits() const { return hot_ ? hot_->hits() : 0; }
@@ -293,6 +298,7 @@ class CodeBook {
   std::shared_ptr<const Dictionary> dictionary_;
   GramPolicy policy_;
   detail::PackedAtoms packed_;
+  std::vector<Eigen::half> atoms_fp16_;        // N x d
   std::vector<Eigen::half> gram_;              // GramPolicy::fp16: N x N, column-major
   std::unique_ptr<detail::HotColumns> hot_;    // GramPolicy::on_demand
 };

@@ -88,10 +88,14 @@ class CodeSpace {
     require(!layers.empty(), "CodeSpace: no layers of dictionaries");
     require(options_.threads >= 0, "CodeSpace: threads = ", options_.threads, " is negative");
     // One book per distinct dictionary: a set that repeats a dictionary holds it once.
+    // Books hold the atoms rounded to fp16 (Dictionary::rounded_to_fp16), which attention
+    // streams as fp16.
     std::map<const Dictionary*, std::shared_ptr<const CodeBook>> made;
     const auto book = [&](const std::shared_ptr<const Dictionary>& dictionary) {
       auto& slot = made[dictionary.get()];
-      if (!slot) slot = std::make_shared<const CodeBook>(dictionary, options_.gram, options_.hot_columns);
+      if (!slot)
+        slot = std::make_shared<const CodeBook>(std::make_shared<const Dictionary>(dictionary->rounded_to_fp16()),
+                                                options_.gram, options_.hot_columns);
       return slot;
     };
     for (std::size_t l = 0; l < layers.size(); ++l) {

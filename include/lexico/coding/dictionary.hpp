@@ -58,6 +58,14 @@ class Dictionary {
   explicit Dictionary(Eigen::MatrixXf atoms, DictionaryMetadata metadata = {})
       : Dictionary(std::move(atoms), std::move(metadata), true) {}
 
+  // The same dictionary with every atom entry rounded to fp16 (norms stay within
+  // 2^-11 of 1): what a CodeSpace codes with, so that attention may read the atoms as
+  // fp16, half the bytes, and still see exactly the atoms the codes were fitted to.
+  Dictionary rounded_to_fp16() const {
+    Eigen::MatrixXf rounded = atoms_.unaryExpr([](float x) { return static_cast<float>(Eigen::half(x)); });
+    return Dictionary(std::move(rounded), metadata_, false);
+  }
+
   int dim() const { return static_cast<int>(atoms_.rows()); }
   int size() const { return static_cast<int>(atoms_.cols()); }
   const Eigen::MatrixXf& atoms() const { return atoms_; }
