@@ -67,7 +67,7 @@ void BM_BuildCodeSpace(benchmark::State& state) {
   state.SetLabel(lexico::to_string(policy));
 }
 
-// Codes every layer's dev keys and values with its own dictionaries at s atoms.
+// Codes every layer's dev keys and values (2048 each) with its own dictionaries at s atoms.
 void BM_EncodeDevVectors(benchmark::State& state) {
   if (!dictionary_dir()) return state.SkipWithError("set LEXICO_DICT to a dictionary set written by lexico-train");
   const auto policy = static_cast<lexico::GramPolicy>(state.range(0));
@@ -82,8 +82,9 @@ void BM_EncodeDevVectors(benchmark::State& state) {
   for (int l = 0; l < space.layers(); ++l)
     for (bool keys : {true, false}) encoders.push_back(space.encoder(l, keys, sparsity, 0.0f));
   lexico::SparseCodes codes;
-  // Flush-sized batches (32 tokens x 2 KV heads), the way a cache codes.
-  constexpr Eigen::Index batch = 64;
+  // Flush-sized batches (32 tokens x 2 KV heads), the way a cache codes while decoding,
+  // or 2048 at once, the way a prefill codes a prompt.
+  const Eigen::Index batch = state.range(3);
   Eigen::Index coded = 0;
   for (auto _ : state) {
     for (int l = 0; l < space.layers(); ++l)
@@ -112,8 +113,9 @@ void BM_EncodeDevVectors(benchmark::State& state) {
 
 BENCHMARK(BM_BuildCodeSpace)->ArgName("policy")->Arg(0)->Arg(1)->Iterations(1)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_EncodeDevVectors)
-    ->ArgNames({"policy", "s", "threads"})
-    ->ArgsProduct({{0, 1}, {4, 8, 32}, {1, 2}})
+    ->ArgNames({"policy", "s", "threads", "batch"})
+    ->ArgsProduct({{0, 1}, {4, 8, 32}, {1, 2}, {64}})
+    ->ArgsProduct({{0}, {4, 8}, {1, 2}, {2048}})
     ->Iterations(1)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);

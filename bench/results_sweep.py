@@ -1440,9 +1440,10 @@ def cmd_tiers(args):
     (one lexico-eval process, so the formats see the same tokens), with per-token ΔNLL for
     paired comparisons against the 32-atom tier."""
     model = MODELS[args.model]
-    base = f"lexico:dict={args.dict},s=4,layer_s=auto,buffer=32,recent=128"
-    formats = [("codes (rs = 32)", base + ",rs=32"), ("q8_0", base + ",recent_format=q8_0"),
-               ("q4_0", base + ",recent_format=q4_0")]
+    base = f"lexico:dict={args.dict},s=4,layer_s=auto,buffer=32"
+    formats = [("128 tokens, codes (rs = 32)", base + ",recent=128,rs=32")]
+    for tokens, fmt in ((128, "q8_0"), (64, "q8_0"), (128, "q4_0"), (256, "q4_0"), (128, "q8_0/q4_0")):
+        formats.append((f"{tokens} tokens, {fmt}", base + f",recent={tokens},recent_format={fmt}"))
     cmd = [str(args.eval), "--model", str(model["path"]), "--tokens" if model["corpus"][0] == "tokens" else "--text",
            str(model["corpus"][1]), "--window", str(args.window), "--windows", str(args.windows), "--skip",
            str(TUNING_SKIP), "--prefill", str(args.window // 2), "--json", "--per-token"]
@@ -1467,9 +1468,10 @@ def tier_formats_section():
         return []
     md = ["## Recent tier formats", "",
           "RESULTS.md's quality setting (keys before RoPE, s = 4 with atoms per layer, n_b = 32, a 128-token recent "
-          "tier) with the tier's tokens held three ways: as 32-atom codes re-coded at s as they age (the setting of "
-          "the tables above), or quantized per token as llama.cpp's q8_0 / q4_0 rows and coded once at s as they "
-          "leave the tier (`recent_format=`). Tuning windows, one lexico-eval process (same tokens, 1 thread; "
+          "tier) with the tier's tokens held as 32-atom codes re-coded at s as they age (the setting of the tables "
+          "above), or quantized per token as llama.cpp's q8_0 / q4_0 rows (8.5 / 4.5 bits per element) and coded "
+          "once at s as they leave the tier (`recent_format=`; q8_0/q4_0: q8_0 keys, q4_0 values), at tier "
+          "lengths that bracket the 32-atom tier's bytes. Tuning windows, one lexico-eval process (same tokens, 1 thread; "
           "tokens/s are of that run). Paired ΔNLL is the format's minus the 32-atom tier's on the same tokens. "
           "Regenerate with `/usr/bin/python3 bench/results_sweep.py tiers --model NAME --dict DIR`.", ""]
     for name, record in sorted(json.loads(TIER_FORMATS_PATH.read_text()).items()):
@@ -1478,7 +1480,7 @@ def tier_formats_section():
                  f"{100 * r['top1']:.2f} %", paired_text(paired(r, runs[0])) if r is not runs[0] else "—",
                  f"{r['decode']:.1f}", f"{r['prefill']:.0f}"] for r in runs]
         md += [f"**{name}**, {runs[0]['windows']} windows: `{record['command']}`", "",
-               markdown_table(["tier format", "KV", "ΔNLL", "KL", "top-1", "paired ΔNLL vs 32-atom tier",
+               markdown_table(["recent tier", "KV", "ΔNLL", "KL", "top-1", "paired ΔNLL vs 32-atom tier",
                                "decode tok/s", "prefill tok/s"], rows), ""]
     return md
 

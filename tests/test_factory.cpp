@@ -216,6 +216,19 @@ TEST(Factory, LexicoPoolReachesTheLongTermCodesOnlyWhenAsked) {
   expect_error_mentioning([&] { make("pool=2,pool_recent=2"); }, {"pool_recent"});
 }
 
+TEST(Factory, LexicoRecentTierFormats) {
+  const lexico::CacheShape shape{1, 2, 32};
+  const std::string dir = random_dictionary_dir(shape, {}, "_tier_format");
+  auto make = [&](const std::string& options) {
+    return lexico::make_cache("lexico", shape, CacheOptions::parse("dict=" + dir + "," + options))->parameters();
+  };
+  EXPECT_NE(make("recent=16,recent_format=q4_0").find("tier=16:q4_0"), std::string::npos);
+  EXPECT_NE(make("recent=16,recent_format=q8_0/q4_0").find("tier=16:q8_0/q4_0"), std::string::npos);
+  EXPECT_NE(make("recent=16,rs=6").find("tier=16:6:6"), std::string::npos);
+  expect_error_mentioning([&] { make("recent=16,recent_format=q5_0"); }, {"q5_0"});
+  expect_error_mentioning([&] { make("recent=16,recent_format=codes/q4_0"); }, {"both codes or both quantized"});
+}
+
 TEST(Factory, LexicoLayerSparsityGivesEachLayerItsAtoms) {
   const lexico::CacheShape shape{3, 2, 32};
   const std::string dir = random_dictionary_dir(shape, {}, "_layers");

@@ -438,6 +438,25 @@ TEST(LexicoCache, EqualsAttentionOverReconstructedKV_QuantizedTier) {
   }
 }
 
+// q8_0 keys with q4_0 values: each part holds its own format's rows and bytes.
+TEST(LexicoCache, QuantizedTierWithValuesInTheirOwnFormat) {
+  Config config = quantized_tier(lexico::LexicoOptions::RecentFormat::q8_0);
+  config.options.recent_value_format = lexico::LexicoOptions::RecentFormat::q4_0;
+  check_against_reconstruction(2, 8, 1, config);
+  config.options.buffer = 8;
+  config.options.flush = 4;
+  lexico::LexicoCache cache({1, 2, 32}, random_dictionaries(1, 32, 64, 9), config.options);
+  const Sequence s = random_sequence(40, 2, 4, 32, 10);
+  RowMatrix out(4, 32);
+  for (Eigen::Index t = 0; t < 40; ++t) cache.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, 4, 32), out);
+  const Eigen::Index held = cache.recent_keys(0)->tokens();
+  ASSERT_GT(held, 0);
+  EXPECT_EQ(cache.recent_keys(0)->payload_bytes() + cache.recent_keys(0)->metadata_bytes(), static_cast<std::size_t>(held * 2 * 34));
+  EXPECT_EQ(cache.recent_values(0)->payload_bytes() + cache.recent_values(0)->metadata_bytes(), static_cast<std::size_t>(held * 2 * 18));
+  config.options.recent_format = lexico::LexicoOptions::RecentFormat::codes;
+  EXPECT_THROW(lexico::LexicoCache({1, 2, 32}, random_dictionaries(1, 32, 64, 9), config.options), lexico::error);
+}
+
 // A quantized tier: tokens leave it coded once at s, so its bytes are the format's and no
 // token carries more than s atoms.
 TEST(LexicoCache, QuantizedTierHoldsTheFormatsBytes) {
@@ -654,3 +673,28 @@ TEST(LexicoCache, RejectsMismatchedDictionaries) {
 }
 
 }  // namespace
+
+// Two threads split the heads and the value combination's columns: the same attention
+// as one thread (the decode path of keys before and after RoPE, enough atoms in use for
+// the combination to go parallel).
+TEST(LexicoCache, TwoThreadsAttendAsOne) {
+  const int d = 64, kv = 2, q = 4, tokens = 300;
+  for (const bool before_rope : {false, true}) {
+    Config config;
+    config.head_dim = d;
+    if (before_rope) config = keys_before_rope(config, lexico::RopeStyle::rotate_half);
+    config.options.buffer = 8;
+    const auto dicts = random_dictionaries(1, d, 512, 13);
+    lexico::LexicoCache one({1, kv, d}, dicts, config.options, space_options(config)),
+        two({1, kv, d}, dicts, config.options, space_options(config));
+    one.set_threads(1);
+    two.set_threads(2);
+    const Sequence s = random_sequence(tokens, kv, q, d, 14);
+    RowMatrix a(q, d), b(q, d);
+    for (Eigen::Index t = 0; t < tokens; ++t) {
+      one.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), a);
+      two.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), b);
+      ASSERT_LT((a - b).cwiseAbs().maxCoeff(), 1e-5f) << "token " << t << (before_rope ? " before RoPE" : "");
+    }
+  }
+}

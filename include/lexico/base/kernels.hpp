@@ -183,15 +183,25 @@ inline bool fp16_accumulate(const std::uint16_t* rows, long count, int d, const 
 #endif
 }
 
-// out[g] (g < m, rows of d) = Σ_i weights[atoms[i] * m + g] · row atoms[i] of an fp16
-// N x d matrix: a weighted sum of selected rows for m outputs at once, in passes over 32
-// columns so that every output's sums stay in registers. Returns false where the CPU or
-// the shape has no fast path.
-inline bool fp16_combination(const std::uint16_t* rows, int d, const int* atoms, long count, const float* weights,
-                             int m, float* out) {
+// out[g] (g < m; `width` columns of rows d apart) = Σ_i weights[atoms[i] * m + g] · the
+// first `width` columns of row atoms[i] of an fp16 matrix whose rows are d apart: a
+// weighted sum of selected rows for m outputs at once, in passes over 32 columns so
+// that every output's sums stay in registers. Returns false where the CPU or the shape
+// has no fast path.
+inline bool fp16_combination_fits(int width, int m) {
 #if defined(__AVX512F__)
-  if (d % 32 != 0 || m > 8) return false;
-  for (int c0 = 0; c0 < d; c0 += 32) {
+  return width % 32 == 0 && m <= 8;
+#else
+  (void)width, (void)m;
+  return false;
+#endif
+}
+
+inline bool fp16_combination(const std::uint16_t* rows, int d, int width, const int* atoms, long count,
+                             const float* weights, int m, float* out) {
+#if defined(__AVX512F__)
+  if (!fp16_combination_fits(width, m)) return false;
+  for (int c0 = 0; c0 < width; c0 += 32) {
     __m512 sum[8][2];
     for (int g = 0; g < m; ++g) sum[g][0] = sum[g][1] = _mm512_setzero_ps();
     for (long i = 0; i < count; ++i) {
@@ -211,7 +221,7 @@ inline bool fp16_combination(const std::uint16_t* rows, int d, const int* atoms,
   }
   return true;
 #else
-  (void)rows, (void)d, (void)atoms, (void)count, (void)weights, (void)m, (void)out;
+  (void)rows, (void)d, (void)width, (void)atoms, (void)count, (void)weights, (void)m, (void)out;
   return false;
 #endif
 }

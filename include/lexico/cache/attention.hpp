@@ -87,17 +87,18 @@ inline void causal_attention(ConstRowsRef queries, ConstRowsRef keys, ConstRowsR
 // Σ_t p_t v_t into out (group x head_dim, zeroed before). Heads run in parallel for
 // long contexts, on at most `threads` threads (0: the OpenMP default); the callbacks
 // must only touch their own head's state. With `log_sum_exp`, query row r's softmax
-// denominator (as softmax_rows gives it) goes to log_sum_exp[r].
+// denominator (as softmax_rows gives it) goes to log_sum_exp[r]. Heads go parallel once
+// tokens x kv_heads reaches `parallel_from` (caches whose tokens cost more lower it).
 template <typename ScoreFn, typename AccumulateFn>
 void grouped_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index tokens, RowsRef out,
                               ScoreFn&& score, AccumulateFn&& accumulate, float* log_sum_exp = nullptr,
-                              int threads = 0) {
+                              int threads = 0, Eigen::Index parallel_from = 4096) {
   const int q_heads = static_cast<int>(queries.rows());
   const int head_dim = static_cast<int>(queries.cols());
   const int group = q_heads / kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   out.setZero();
-#pragma omp parallel for schedule(static) num_threads(thread_budget(threads)) if (tokens * kv_heads >= 4096)
+#pragma omp parallel for schedule(static) num_threads(thread_budget(threads)) if (tokens * kv_heads >= parallel_from)
   for (int h = 0; h < kv_heads; ++h) {
     serial_eigen_products();
     thread_local std::vector<float> scores;

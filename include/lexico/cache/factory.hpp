@@ -198,7 +198,8 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"recent", "0", "tokens kept at sparsity rs after leaving the buffer, then re-coded at s (0: no tier)"},
         {"rs", "", "atoms per key and value vector of recent tokens (default: 2s)"},
         {"recent_format", "codes", "how the recent tier holds tokens: codes (at rs atoms, re-coded at s as they age) | "
-                                   "q8_0 | q4_0 (quantized per token, coded once at s as they leave the tier)"},
+                                   "q8_0 | q4_0 (quantized per token, coded once at s as they leave the tier); "
+                                   "KEYS/VALUES (q8_0/q4_0) for formats that differ"},
         {"tol", "0", "relative residual at which OMP may stop early (0: always s atoms)"},
         {"pool", "0", "> 1: the vectors of a flush share s atoms each on average, one taking up to pool*s (0: s each)"},
         {"pool_recent", "1", "1: the recent tier pools its atoms too; 0: only the codes at s do"},
@@ -230,7 +231,10 @@ inline std::vector<CacheType> builtin_cache_types() {
            const int rs = o.has("rs") ? o.get_int("rs", 1, 255) : std::min(2 * s, 255);
            options.tiers.push_back({recent, rs, rs});
          }
-         options.recent_format = parse_recent_format(o.get("recent_format"));
+         const std::string format = o.get("recent_format");
+         const std::size_t slash = format.find('/');
+         options.recent_format = parse_recent_format(format.substr(0, slash));
+         if (slash != std::string::npos) options.recent_value_format = parse_recent_format(format.substr(slash + 1));
          options.key_tolerance = options.value_tolerance = static_cast<float>(o.get_number("tol"));
          require(options.key_tolerance >= 0 && options.key_tolerance < 1, "make_cache: lexico tol must be in [0, 1)");
          options.atom_pool = static_cast<float>(o.get_number("pool"));  // LexicoCache checks its range

@@ -83,6 +83,9 @@ struct LexicoOptions {
   // A quantized tier is a single one (tiers[0]; its sparsities are not used).
   enum class RecentFormat { codes, q8_0, q4_0 };
   RecentFormat recent_format = RecentFormat::codes;
+  // The values' format of a quantized tier where it differs from the keys' (attention is
+  // more sensitive to key error: q8_0 keys with q4_0 values, say).
+  std::optional<RecentFormat> recent_value_format;
 };
 
 inline std::string to_string(LexicoOptions::RecentFormat format) {
@@ -125,6 +128,10 @@ class LexicoCache final : public KVCache {
             "LexicoCache: atom_pool = ", options_.atom_pool, " must be 0 (off) or in [1, 255]");
     for (const LexicoOptions::Tier& tier : options_.tiers)
       require(tier.tokens >= 1, "LexicoCache: a recent tier must hold at least one token (got ", tier.tokens, ")");
+    require(!options_.recent_value_format ||
+                (*options_.recent_value_format != LexicoOptions::RecentFormat::codes &&
+                 options_.recent_format != LexicoOptions::RecentFormat::codes),
+            "LexicoCache: keys and values of a recent tier are both codes or both quantized");
     require(!quantized_recent() || options_.tiers.size() == 1, "LexicoCache: a ", to_string(options_.recent_format),
             " recent tier is a single tier (", options_.tiers.size(), " given)");
     require(!quantized_recent() || shape.head_dim % llama_block == 0, "LexicoCache: a ",
@@ -158,7 +165,9 @@ class LexicoCache final : public KVCache {
     if (!options_.pack_indices) out << " index_bits=16";
     if (space_->key_rope()) out << " keys=before_rope";
     for (const LexicoOptions::Tier& tier : options_.tiers)
-      if (quantized_recent()) out << " tier=" << tier.tokens << ":" << to_string(options_.recent_format);
+      if (quantized_recent())
+        out << " tier=" << tier.tokens << ":" << to_string(options_.recent_format)
+            << (options_.recent_value_format ? "/" + to_string(*options_.recent_value_format) : std::string());
       else out << " tier=" << tier.tokens << ":" << tier.key_sparsity << ":" << tier.value_sparsity;
     if (options_.key_tolerance > 0 || options_.value_tolerance > 0)
       out << " tol_k=" << options_.key_tolerance << " tol_v=" << options_.value_tolerance;
@@ -401,7 +410,8 @@ class LexicoCache final : public KVCache {
           pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
           buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
       if (options.recent_format != LexicoOptions::RecentFormat::codes && !options.tiers.empty()) {
-        const BlockCodec codec = options.recent_format == LexicoOptions::RecentFormat::q8_0 ? q8_0_codec() : q4_0_codec();
+        const auto format = keys ? options.recent_format : options.recent_value_format.value_or(options.recent_format);
+        const BlockCodec codec = format == LexicoOptions::RecentFormat::q8_0 ? q8_0_codec() : q4_0_codec();
         recent = std::make_unique<CodedRows<BlockCodec>>(shape.kv_heads, shape.head_dim, codec);
         recent_capacity = options.tiers.front().tokens;
       }
@@ -616,7 +626,8 @@ class LexicoCache final : public KVCache {
           if (state.values.recent) state.values.recent->accumulate(h, p + column, ld, g, o);
           state.values.buffer.accumulate(h, p + sinks + coded, ld, g, o);
         },
-        log_sum_exp, threads());
+        // A key decoded and rotated costs several times a dense one: heads go parallel sooner.
+        log_sum_exp, threads(), rope ? 1024 : 4096);
   }
 
   // Scores of uncoded tokens (sinks, buffer, quantized recent tier) at positions first,

@@ -198,8 +198,20 @@ inline void add_atom_combination(const CodeBook& book, const RowMatrix& weights,
       for (int g = 0; g < m; ++g) any = any || w[g] != 0.0f;
       if (any) used.push_back(static_cast<int>(a));
     }
-    if (!detail::fp16_combination(reinterpret_cast<const std::uint16_t*>(book.atoms_fp16()), d, used.data(),
-                                  static_cast<long>(used.size()), weights.data(), m, sum.data()))
+    // Column ranges on separate threads: each writes its own columns of every output.
+    const int ranges = std::max(1, std::min(thread_budget(threads), d / 32));
+    const int width = d / ranges;
+    const bool fast = d % ranges == 0 && detail::fp16_combination_fits(width, m);
+    // The calling thread's buffers: inside the region a thread_local names the worker's own.
+    const int* atom_list = used.data();
+    const long atom_count = static_cast<long>(used.size());
+    float* sums = sum.data();
+#pragma omp parallel for schedule(static) num_threads(ranges) if (fast && ranges > 1 && atom_count >= 256)
+    for (int r = 0; r < ranges; ++r)
+      if (fast)
+        detail::fp16_combination(reinterpret_cast<const std::uint16_t*>(book.atoms_fp16()) + r * width, d, width,
+                                 atom_list, atom_count, weights.data(), m, sums + r * width);
+    if (!fast)
       for (int a : used) {
         const float* w = weights.data() + static_cast<Eigen::Index>(a) * m;
         to_float(book.atoms_fp16() + static_cast<Eigen::Index>(a) * d, atom.data(), d);
