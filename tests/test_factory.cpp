@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <random>
 
@@ -205,23 +206,24 @@ TEST(Factory, KeysBeforeRopeFollowTheManifest) {
   }
 }
 
-TEST(Factory, LexicoPoolReachesTheLongTermCodesOnlyWhenAsked) {
+// The parameters() of a Lexico cache made from an option string over random dictionaries.
+std::function<std::string(const std::string&)> lexico_parameters(const std::string& tag) {
   const lexico::CacheShape shape{1, 2, 32};
-  const std::string dir = random_dictionary_dir(shape, {}, "_pool");
-  auto make = [&](const std::string& options) {
+  const std::string dir = random_dictionary_dir(shape, {}, tag);
+  return [shape, dir](const std::string& options) {
     return lexico::make_cache("lexico", shape, CacheOptions::parse("dict=" + dir + "," + options))->parameters();
   };
+}
+
+TEST(Factory, LexicoPoolReachesTheLongTermCodesOnlyWhenAsked) {
+  const auto make = lexico_parameters("_pool");
   EXPECT_NE(make("pool=2,recent=8,rs=6,pool_recent=0").find("atom_pool=2 pool_recent=0"), std::string::npos);
   EXPECT_EQ(make("pool=2,recent=8,rs=6").find("pool_recent"), std::string::npos);  // default: every tier pools
   expect_error_mentioning([&] { make("pool=2,pool_recent=2"); }, {"pool_recent"});
 }
 
 TEST(Factory, LexicoRecentTierFormats) {
-  const lexico::CacheShape shape{1, 2, 32};
-  const std::string dir = random_dictionary_dir(shape, {}, "_tier_format");
-  auto make = [&](const std::string& options) {
-    return lexico::make_cache("lexico", shape, CacheOptions::parse("dict=" + dir + "," + options))->parameters();
-  };
+  const auto make = lexico_parameters("_tier_format");
   EXPECT_NE(make("recent=16,recent_format=q4_0").find("tier=16:q4_0"), std::string::npos);
   EXPECT_NE(make("recent=16,recent_format=q8_0/q4_0").find("tier=16:q8_0/q4_0"), std::string::npos);
   EXPECT_NE(make("recent=16,rs=6").find("tier=16:6:6"), std::string::npos);
