@@ -39,6 +39,10 @@ class Rope {
     step_cos_.resize(static_cast<std::size_t>(run_block * pairs()));
     step_sin_.resize(step_cos_.size());
     consecutive_angles(0, run_block, step_cos_.data(), step_sin_.data());
+    for (int j = 0; j < pairs(); ++j) {
+      jump_cos_.push_back(std::cos(run_block * frequency(j)));
+      jump_sin_.push_back(std::sin(run_block * frequency(j)));
+    }
   }
 
   // Positions per block of a RopeRun, and cos/sin of t steps for t < run_block (row t,
@@ -46,6 +50,9 @@ class Rope {
   static constexpr int run_block = 64;
   const float* step_cos(int t) const { return step_cos_.data() + static_cast<std::size_t>(t) * pairs(); }
   const float* step_sin(int t) const { return step_sin_.data() + static_cast<std::size_t>(t) * pairs(); }
+  // cos and sin of a whole block's steps (run_block positions), per pair, in double.
+  const double* jump_cos() const { return jump_cos_.data(); }
+  const double* jump_sin() const { return jump_sin_.data(); }
 
   int head_dim() const { return head_dim_; }
   int pairs() const { return head_dim_ / 2; }
@@ -126,6 +133,7 @@ class Rope {
   RopeStyle style_;
   std::vector<float> inv_freq_;
   std::vector<float> step_cos_, step_sin_;  // run_block x pairs
+  std::vector<double> jump_cos_, jump_sin_;  // pairs
 };
 
 // cos and sin of consecutive positions first, first + 1, ... for kernels that rotate
@@ -137,14 +145,12 @@ class RopeRun {
  public:
   RopeRun(const Rope& rope, std::int64_t first)
       : rope_(rope), pairs_(rope.pairs()), base_cos_(static_cast<std::size_t>(pairs_)), base_sin_(base_cos_.size()),
-        jump_cos_(base_cos_.size()), jump_sin_(base_cos_.size()), block_cos_(base_cos_.size()), block_sin_(base_cos_.size()) {
-    // Exact angle at `first` and the jump of one block, per pair, in double.
+        block_cos_(base_cos_.size()), block_sin_(base_cos_.size()) {
+    // Exact angle at `first`, per pair, in double.
     for (int j = 0; j < pairs_; ++j) {
-      const double step = rope.frequency(j);
-      base_cos_[j] = std::cos(static_cast<double>(first) * step);
-      base_sin_[j] = std::sin(static_cast<double>(first) * step);
-      jump_cos_[j] = std::cos(Rope::run_block * step);
-      jump_sin_[j] = std::sin(Rope::run_block * step);
+      const double angle = static_cast<double>(first) * rope.frequency(j);
+      base_cos_[j] = std::cos(angle);
+      base_sin_[j] = std::sin(angle);
     }
     load_block();
   }
@@ -152,9 +158,11 @@ class RopeRun {
   // cos and sin (pairs values each) of position first + t, for t = 0, 1, 2, ... in order.
   void next(float* cos, float* sin) {
     if (offset_ == Rope::run_block) {
+      const double* jump_cos = rope_.jump_cos();
+      const double* jump_sin = rope_.jump_sin();
       for (int j = 0; j < pairs_; ++j) {
-        const double c = base_cos_[j] * jump_cos_[j] - base_sin_[j] * jump_sin_[j];
-        base_sin_[j] = base_sin_[j] * jump_cos_[j] + base_cos_[j] * jump_sin_[j];
+        const double c = base_cos_[j] * jump_cos[j] - base_sin_[j] * jump_sin[j];
+        base_sin_[j] = base_sin_[j] * jump_cos[j] + base_cos_[j] * jump_sin[j];
         base_cos_[j] = c;
       }
       load_block();
@@ -179,7 +187,7 @@ class RopeRun {
 
   const Rope& rope_;
   int pairs_, offset_ = 0;
-  std::vector<double> base_cos_, base_sin_, jump_cos_, jump_sin_;
+  std::vector<double> base_cos_, base_sin_;
   std::vector<float> block_cos_, block_sin_;
 };
 

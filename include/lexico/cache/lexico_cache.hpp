@@ -83,6 +83,7 @@ struct LexicoOptions {
   // A quantized tier is a single one (tiers[0]; its sparsities are not used).
   enum class RecentFormat { codes, q8_0, q4_0 };
   RecentFormat recent_format = RecentFormat::codes;
+  bool quantized_recent() const { return recent_format != RecentFormat::codes && !tiers.empty(); }
   // The values' format of a quantized tier where it differs from the keys' (attention is
   // more sensitive to key error: q8_0 keys with q4_0 values, say).
   std::optional<RecentFormat> recent_value_format;
@@ -409,7 +410,7 @@ class LexicoCache final : public KVCache {
         : dictionary(&(keys ? space.keys(layer) : space.values(layer)).dictionary()),
           pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
           buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
-      if (options.recent_format != LexicoOptions::RecentFormat::codes && !options.tiers.empty()) {
+      if (options.quantized_recent()) {
         const auto format = keys ? options.recent_format : options.recent_value_format.value_or(options.recent_format);
         const BlockCodec codec = format == LexicoOptions::RecentFormat::q8_0 ? q8_0_codec() : q4_0_codec();
         recent = std::make_unique<CodedRows<BlockCodec>>(shape.kv_heads, shape.head_dim, codec);
@@ -442,10 +443,8 @@ class LexicoCache final : public KVCache {
       for (std::size_t i = tiers.size(); i-- > 0;) {
         const Eigen::Index take = i == 0 ? end : std::min(tiers[i].capacity, end);
         if (take == 0) continue;
-        Eigen::MatrixXf& vectors = scratch().vectors;
-        vectors.resize(dim, take * heads);
-        for (Eigen::Index t = 0; t < take; ++t)
-          for (int h = 0; h < heads; ++h) vectors.col(t * heads + h) = held.block(end - take + t, h * dim, 1, dim).transpose();
+        // Whole token rows are already the token-major d x (tokens · heads) layout.
+        scratch().vectors = Eigen::Map<const Eigen::MatrixXf>(held.row(end - take).data(), dim, take * heads);
         encode_into(tiers[i]);
         end -= take;
       }
@@ -454,34 +453,29 @@ class LexicoCache final : public KVCache {
     // Moves the oldest `count` buffered tokens into the recent tier: quantized, or coded
     // at the newest tier's sparsity.
     void code_buffered(Eigen::Index count) {
-      const int heads = buffer.heads(), dim = buffer.head_dim();
-      if (recent) {
-        thread_local std::vector<float> token;
-        token.resize(static_cast<std::size_t>(heads * dim));
-        for (Eigen::Index t = 0; t < count; ++t) {
-          for (int h = 0; h < heads; ++h) buffer.row(h, t, token.data() + h * dim);
-          recent->append(token.data());
-        }
-        buffer.erase_front(count);
-        return;
-      }
-      Eigen::MatrixXf& vectors = scratch().vectors;
-      vectors.resize(dim, count * heads);
-      for (Eigen::Index t = 0; t < count; ++t)
-        for (int h = 0; h < heads; ++h) buffer.row(h, t, vectors.col(t * heads + h).data());
+      const Eigen::MatrixXf& vectors = gather(buffer, count);
       buffer.erase_front(count);
-      encode_into(tiers.back());
+      if (!recent) return encode_into(tiers.back());
+      for (Eigen::Index t = 0; t < count; ++t) recent->append(vectors.col(t * buffer.heads()).data());
     }
 
     // Codes the oldest `count` tokens of the quantized recent tier at the layer's sparsity.
     void code_recent(Eigen::Index count) {
-      const int heads = buffer.heads();
-      Eigen::MatrixXf& vectors = scratch().vectors;
-      vectors.resize(buffer.head_dim(), count * heads);
-      for (Eigen::Index t = 0; t < count; ++t)
-        for (int h = 0; h < heads; ++h) recent->row(h, t, vectors.col(t * heads + h).data());
+      gather(*recent, count);
       recent->erase_front(count);
       encode_into(tiers.front());
+    }
+
+    // The oldest `count` tokens of every head of a store (TokenStore, CodedRows) into
+    // scratch().vectors, token-major: a token's heads are one contiguous row.
+    template <typename Store>
+    static const Eigen::MatrixXf& gather(const Store& store, Eigen::Index count) {
+      const int heads = store.heads();
+      Eigen::MatrixXf& vectors = scratch().vectors;
+      vectors.resize(store.head_dim(), count * heads);
+      for (Eigen::Index t = 0; t < count; ++t)
+        for (int h = 0; h < heads; ++h) store.row(h, t, vectors.col(t * heads + h).data());
+      return vectors;
     }
 
     // Moves the oldest `count` tokens of tier i into tier i - 1, re-coding their
@@ -719,9 +713,7 @@ class LexicoCache final : public KVCache {
                                                   : std::make_pair(options_.key_sparsity, options_.value_sparsity);
   }
 
-  bool quantized_recent() const {
-    return options_.recent_format != LexicoOptions::RecentFormat::codes && !options_.tiers.empty();
-  }
+  bool quantized_recent() const { return options_.quantized_recent(); }
 
   const Layer& at(int layer) const { return layers_[static_cast<std::size_t>(checked_layer(layer))]; }
   Layer& at(int layer) { return layers_[static_cast<std::size_t>(checked_layer(layer))]; }

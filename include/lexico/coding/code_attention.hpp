@@ -358,7 +358,7 @@ void rotated_code_scores_avx512(const CodeStore& codes, const Eigen::half* atoms
 // Scores of keys coded before RoPE: row r of `codes` is the token at position first + r.
 // One pass over the tokens, each key decoded once for the whole GQA group, rotated to its
 // position with angles from a RopeRun and dotted with the group's queries, all in
-// registers and L1: per token and KV head about (s + 3 + group) · d multiply-adds and no
+// registers and L1: per token and KV head about (s + 2 + group) · d multiply-adds and no
 // trigonometry. O(s·d) per token instead of code_scores' O(s), the price of the lower
 // error of dictionaries trained on keys before RoPE.
 inline void rotated_code_scores(const CodeStore& codes, const CodeBook& book, const Rope& rope, std::int64_t first,
@@ -366,7 +366,7 @@ inline void rotated_code_scores(const CodeStore& codes, const CodeBook& book, co
   require(book.dim() == rope.head_dim() && group >= 1 && group <= max_gqa_group,
           "rotated_code_scores: dictionary dimension ", book.dim(), ", RoPE head_dim ", rope.head_dim(),
           " and GQA group ", group, " do not fit");
-  const int d = book.dim(), half = d / 2;
+  const int d = book.dim();
   const bool interleaved = rope.style() == RopeStyle::interleaved;
 #if defined(__AVX512F__)
   if (!interleaved && group <= 8 && d == 128)
@@ -374,27 +374,15 @@ inline void rotated_code_scores(const CodeStore& codes, const CodeBook& book, co
   if (!interleaved && group <= 8 && d == 64)
     return detail::rotated_code_scores_avx512<4>(codes, book.atoms_fp16(), rope, first, queries, group, scores, ld);
 #endif
-  // Element j of a pair's first half and its partner: j and j + d/2, or 2j and 2j + 1.
-  const auto first_of = [&](int j) { return interleaved ? 2 * j : j; };
-  const auto partner_of = [&](int j) { return interleaved ? 2 * j + 1 : j + half; };
-  // Queries and keys as [first elements of the pairs | partners], so the rotation is two
-  // contiguous halves whatever the style.
-  thread_local std::vector<float> split_queries, key, rotated, atom, cos, sin;
-  split_queries.resize(static_cast<std::size_t>(group * d));
+  // Elsewhere: the same steps one token at a time, the rotation by Rope::rotate.
+  thread_local std::vector<float> key, atom, cos, sin;
   key.resize(static_cast<std::size_t>(d));
   atom.resize(key.size());
-  rotated.resize(key.size());
-  cos.resize(static_cast<std::size_t>(half));
+  cos.resize(static_cast<std::size_t>(rope.pairs()));
   sin.resize(cos.size());
-  for (int g = 0; g < group; ++g)
-    for (int j = 0; j < half; ++j) {
-      split_queries[static_cast<std::size_t>(g * d + j)] = queries[g * d + first_of(j)];
-      split_queries[static_cast<std::size_t>(g * d + half + j)] = queries[g * d + partner_of(j)];
-    }
   const auto& fp8 = detail::fp8_e4m3_table();
   RopeRun run(rope, first);
   float* k = key.data();
-  float* r = rotated.data();
   float dots[max_gqa_group];
   codes.for_each_row([&](std::size_t row, CodeStore::Indices index, const std::uint8_t* coefficient, int entries,
                          float scale) {
@@ -405,19 +393,8 @@ inline void rotated_code_scores(const CodeStore& codes, const CodeBook& book, co
       for (int e = 0; e < d; ++e) k[e] += c * atom[static_cast<std::size_t>(e)];
     }
     run.next(cos.data(), sin.data());
-    if (interleaved) {
-      for (int j = 0; j < half; ++j) {
-        const float a = k[2 * j], b = k[2 * j + 1];
-        r[j] = a * cos[j] - b * sin[j];
-        r[half + j] = b * cos[j] + a * sin[j];
-      }
-    } else {
-      for (int j = 0; j < half; ++j) {
-        r[j] = k[j] * cos[j] - k[half + j] * sin[j];
-        r[half + j] = k[half + j] * cos[j] + k[j] * sin[j];
-      }
-    }
-    detail::dot_group(r, split_queries.data(), group, d, dots);
+    rope.rotate(k, cos.data(), sin.data());
+    detail::dot_group(k, queries, group, d, dots);
     for (int g = 0; g < group; ++g) scores[g * ld + static_cast<Eigen::Index>(row)] = dots[g];
   });
 }
