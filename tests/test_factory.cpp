@@ -1,6 +1,7 @@
 // CacheOptions parsing and typed getters, make_cache for every name, rejected keys and
 // values, the help text, and registering a new cache type.
 #include <lexico/cache/factory.hpp>
+#include <lexico/model/llama.hpp>
 
 #include <unistd.h>
 
@@ -12,8 +13,12 @@
 #include <gtest/gtest.h>
 
 #include "cache_test_util.hpp"
+#include "factory_test_util.hpp"
 
 namespace {
+
+using lexico_test::minimal;
+using lexico_test::random_dictionary_dir;
 
 using lexico::CacheOptions;
 using lexico::RowMatrix;
@@ -63,43 +68,6 @@ TEST(CacheOptions, IntegerListsSplitOnColons) {
   EXPECT_EQ(o.get_int_list("three", 1, 255), std::vector<int>({4, 8, 12}));
   for (const char* key : {"gap", "tail", "word"}) EXPECT_THROW(o.get_int_list(key), lexico::error) << key;
   expect_error_mentioning([&] { o.get_int_list("high", 1, 255); }, {"'high'", "[1, 255]", "item '300'"});
-}
-
-// A dictionary set of random atoms for `shape`, saved once per shape in a temp dir.
-std::string random_dictionary_dir(const lexico::CacheShape& shape, const std::map<std::string, std::string>& settings = {},
-                                  const std::string& tag = "") {
-  namespace fs = std::filesystem;
-  const fs::path dir = fs::temp_directory_path() / ("lexico_factory_" + std::to_string(::getpid()) + "_" +
-                                                    std::to_string(shape.layers) + "x" + std::to_string(shape.head_dim) + tag);
-  if (fs::exists(dir / "manifest.json")) return dir.string();
-  fs::create_directories(dir);
-  std::mt19937 rng(7);
-  std::normal_distribution<float> normal;
-  auto random_dictionary = [&] {
-    Eigen::MatrixXf atoms(shape.head_dim, 64);
-    for (Eigen::Index i = 0; i < atoms.size(); ++i) atoms.data()[i] = normal(rng);
-    return std::make_shared<const lexico::Dictionary>(atoms);
-  };
-  std::vector<lexico::LayerDictionaries> layers;
-  for (int l = 0; l < shape.layers; ++l) layers.push_back({random_dictionary(), random_dictionary()});
-  lexico::DictionarySetManifest manifest;
-  manifest.model = "random";
-  manifest.method = "none";
-  manifest.layers = shape.layers;
-  manifest.head_dim = shape.head_dim;
-  manifest.atoms = 64;
-  manifest.sparsity = 8;
-  manifest.settings = settings;
-  lexico::save_dictionaries(dir.string(), layers, manifest);
-  return dir.string();
-}
-
-// Options that make every registered cache usable (budgets and dictionaries are required).
-CacheOptions minimal(const std::string& name, const lexico::CacheShape& shape) {
-  if (name == "lexico") return CacheOptions({{"dict", random_dictionary_dir(shape)}, {"buffer", "8"}});
-  for (const auto& info : lexico::cache_type(name).options)
-    if (info.key == "budget") return CacheOptions({{"budget", "0.5"}});
-  return {};
 }
 
 TEST(Factory, MakesEveryCacheByName) {
@@ -204,6 +172,32 @@ TEST(Factory, KeysBeforeRopeFollowTheManifest) {
     expect_error_mentioning([&] { lexico::make_cache("lexico", shape, CacheOptions({{"dict", dir}})); },
                             {refused[i].second});
   }
+}
+
+// A set trained for another model is refused, naming both sides: layer count, head_dim,
+// and (keys before RoPE) a RoPE that is not the model's.
+TEST(Factory, SetsOfAnotherModelAreRefused) {
+  const lexico::CacheShape shape{2, 2, 32};
+  const std::string dir = random_dictionary_dir(shape, {}, "_mismatch");
+  expect_error_mentioning([&] { lexico::make_cache("lexico", {3, 2, 32}, CacheOptions({{"dict", dir}})); },
+                          {"'random'", "2 layers of head_dim 32", "3 layers of head_dim 32"});
+  expect_error_mentioning([&] { lexico::make_cache("lexico", {2, 2, 64}, CacheOptions({{"dict", dir}})); },
+                          {"2 layers of head_dim 32", "2 layers of head_dim 64"});
+
+  // stories260K: 5 layers, head_dim 8, interleaved RoPE with theta 10000.
+  const lexico::LlamaModel model = lexico::LlamaModel::load(LEXICO_REPO_DATA "/stories260k/stories260K.bin");
+  const lexico::CacheShape model_shape = model.config().cache_shape();
+  const std::string wrong_theta = random_dictionary_dir(
+      model_shape, {{"keys", "before_rope"}, {"rope_theta", "500000"}, {"rope_style", "interleaved"}}, "_theta");
+  const std::string wrong_style = random_dictionary_dir(
+      model_shape, {{"keys", "before_rope"}, {"rope_theta", "10000"}, {"rope_style", "rotate_half"}}, "_style");
+  const auto prefill_with = [&](const std::string& set) {
+    auto cache = lexico::make_cache("lexico", model_shape, CacheOptions({{"dict", set}}));
+    lexico::LlamaRunner runner(model);
+    runner.prefill({1, 2, 3}, *cache);
+  };
+  expect_error_mentioning([&] { prefill_with(wrong_theta); }, {"theta 500000", "theta 10000"});
+  expect_error_mentioning([&] { prefill_with(wrong_style); }, {"rotate_half", "interleaved"});
 }
 
 // The parameters() of a Lexico cache made from an option string over random dictionaries.

@@ -56,7 +56,10 @@ enum class KeyForm { rotated, unrotated };
 class KVCache {
  public:
   explicit KVCache(CacheShape shape)
-      : shape_(shape), seen_(static_cast<std::size_t>(shape.layers), 0), first_(seen_.size(), 0) {
+      : shape_(shape),
+        seen_(static_cast<std::size_t>(shape.layers), 0),
+        first_(seen_.size(), 0),
+        key_norm_(seen_.size(), 0.0) {
     require(shape.layers > 0 && shape.kv_heads > 0 && shape.head_dim > 0,
             "KVCache: shape needs positive layers, kv_heads and head_dim (got ", shape.layers, ", ",
             shape.kv_heads, ", ", shape.head_dim, ")");
@@ -86,7 +89,7 @@ class KVCache {
   void append(int layer, const float* key, const float* value) {
     const int l = checked_layer(layer);
     const Eigen::Map<const RowMatrix> keys(key, 1, shape_.kv_width()), values(value, 1, shape_.kv_width());
-    check_block(l, next_position(l), keys, values, KeyForm::rotated);
+    hold_keys(l, check_block(l, next_position(l), keys, values, KeyForm::rotated));
     append_token(l, key, value);
     ++seen_[l];
   }
@@ -96,7 +99,7 @@ class KVCache {
   void append(int layer, std::int64_t position, ConstRowsRef keys, ConstRowsRef values,
               KeyForm form = KeyForm::rotated) {
     const int l = checked_layer(layer);
-    check_block(l, position, keys, values, form);
+    hold_keys(l, check_block(l, position, keys, values, form));
     if (seen_[l] == 0) first_[l] = position;
     if (keys.rows() == 0) return;
     append_block(l, keys, values, form);
@@ -110,6 +113,7 @@ class KVCache {
     const int l = checked_layer(layer);
     check_queries(queries, out, "attend");
     require(seen_[l] > 0, "KVCache::attend: layer ", layer, " holds no tokens");
+    check_scores(l, queries, key_norm_[l], "attend");
     attend_tokens(l, queries, out, nullptr);
   }
 
@@ -134,7 +138,7 @@ class KVCache {
   void prefill(int layer, std::int64_t position, ConstRowsRef keys, ConstRowsRef values, ConstRowsRef queries,
                RowsRef out, KeyForm form = KeyForm::rotated) {
     const int l = checked_layer(layer);
-    check_block(l, position, keys, values, form);
+    const double block_key_norm = check_block(l, position, keys, values, form);
     const Eigen::Index tokens = keys.rows();
     require(queries.rows() == tokens && out.rows() == tokens && out.cols() == queries.cols() &&
                 queries.cols() % shape_.head_dim == 0 &&
@@ -142,6 +146,8 @@ class KVCache {
             name(), "::prefill: queries must be T x (q_heads*", shape_.head_dim, ") with q_heads a multiple of ",
             shape_.kv_heads, " and out the same shape");
     require(queries.allFinite(), name(), "::prefill: the queries hold a NaN or Inf");
+    check_scores(l, queries, std::max(key_norm_[l], block_key_norm), "prefill");
+    hold_keys(l, block_key_norm);
     if (seen_[l] == 0) first_[l] = position;
     if (tokens == 0) return;
     // Attention needs keys after RoPE.
@@ -239,6 +245,7 @@ class KVCache {
       clear_layer(l);
       seen_[static_cast<std::size_t>(l)] = 0;
       first_[static_cast<std::size_t>(l)] = 0;
+      key_norm_[static_cast<std::size_t>(l)] = 0.0;
     }
   }
 
@@ -284,8 +291,13 @@ class KVCache {
   // are refused, naming the token, rather than stored as infinities.
   virtual bool narrows_to_fp16() const { return false; }
 
-  // Counts tokens a cache took in by a route of its own (LexicoCache::append_codes).
-  void add_tokens(int layer, std::int64_t tokens) { seen_[static_cast<std::size_t>(checked_layer(layer))] += tokens; }
+  // Counts tokens a cache took in by a route of its own (LexicoCache::append_codes), whose
+  // keys have norms of at most key_norm.
+  void add_tokens(int layer, std::int64_t tokens, double key_norm) {
+    const int l = checked_layer(layer);
+    seen_[static_cast<std::size_t>(l)] += tokens;
+    hold_keys(l, key_norm);
+  }
 
   int checked_layer(int layer) const {
     require(layer >= 0 && layer < shape_.layers, name(), ": layer ", layer, " out of range [0, ", shape_.layers,
@@ -294,9 +306,39 @@ class KVCache {
   }
 
  private:
+  // Scores above this could overflow fp32 on their way through the dot products and the
+  // softmax (FLT_MAX is 3.4e38; the margin covers keys decoded from codes, whose norm may
+  // exceed the original's).
+  static constexpr double max_score = 1e37;
+
+  // The largest norm of one KV head's key in `keys` (rotation by RoPE keeps it).
+  double largest_key_norm(ConstRowsRef keys) const {
+    double largest = 0.0;
+    for (Eigen::Index t = 0; t < keys.rows(); ++t)
+      for (int h = 0; h < shape_.kv_heads; ++h)
+        largest = std::max(largest, keys.row(t).segment(h * shape_.head_dim, shape_.head_dim).cast<double>().norm());
+    return largest;
+  }
+
+  void hold_keys(int l, double key_norm) { key_norm_[l] = std::max(key_norm_[l], key_norm); }
+
+  // Every score |q·k| is at most |q|·|k| (Cauchy-Schwarz, also for each partial sum of the
+  // dot product): queries whose norm times the keys' could overflow are refused, naming
+  // both, instead of turning into Inf - Inf = NaN inside the softmax.
+  void check_scores(int l, ConstRowsRef queries, double key_norm, const char* where) const {
+    double query_norm = 0.0;
+    for (Eigen::Index r = 0; r < queries.rows(); ++r)
+      for (Eigen::Index c = 0; c + shape_.head_dim <= queries.cols(); c += shape_.head_dim)
+        query_norm = std::max(query_norm, queries.row(r).segment(c, shape_.head_dim).cast<double>().norm());
+    require(query_norm * key_norm <= max_score, name(), "::", where, ": layer ", l, ": queries of norm up to ",
+            query_norm, " against keys of norm up to ", key_norm, " give attention scores beyond ", max_score,
+            ", too close to fp32's limit");
+  }
+
   // Shapes, positions, the key form, and NaN/Inf or (for fp16 stores) out-of-range values:
-  // all raise before anything is stored, naming the token, head and value.
-  void check_block(int l, std::int64_t position, ConstRowsRef keys, ConstRowsRef values, KeyForm form) const {
+  // all raise before anything is stored, naming the token, head and value. Returns the
+  // block's largest key norm.
+  double check_block(int l, std::int64_t position, ConstRowsRef keys, ConstRowsRef values, KeyForm form) const {
     require(keys.cols() == shape_.kv_width() && values.cols() == shape_.kv_width() && values.rows() == keys.rows(),
             name(), ": keys and values must be T x ", shape_.kv_width(), " (got ", keys.rows(), "x", keys.cols(),
             " and ", values.rows(), "x", values.cols(), ")");
@@ -316,6 +358,7 @@ class KVCache {
                                      std::isfinite(x) ? " (outside fp16's range +-65504, where this cache stores it)"
                                                       : " (not finite)"));
         }
+    return largest_key_norm(keys);
   }
 
   void check_queries(ConstRowsRef queries, RowsRef out, const char* where) const {
@@ -370,6 +413,7 @@ class KVCache {
 
   CacheShape shape_;
   std::vector<std::int64_t> seen_, first_;
+  std::vector<double> key_norm_;  // per layer, the largest key norm held (bounds the scores)
   int threads_ = 0;
 };
 

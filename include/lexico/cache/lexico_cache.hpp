@@ -116,10 +116,10 @@ class LexicoCache final : public KVCache {
   LexicoCache(CacheShape shape, std::shared_ptr<const CodeSpace> space, LexicoOptions options = {})
       : KVCache(shape), space_(std::move(space)), options_(std::move(options)) {
     require(space_ != nullptr, "LexicoCache: no CodeSpace");
-    require(space_->layers() == shape.layers, "LexicoCache: ", space_->layers(), " layer dictionaries for ",
-            shape.layers, " layers");
-    require(space_->dim() == shape.head_dim, "LexicoCache: dictionary dimension ", space_->dim(),
-            " differs from head_dim ", shape.head_dim);
+    // A set trained for another model: refused naming both sides.
+    require(space_->layers() == shape.layers && space_->dim() == shape.head_dim, "LexicoCache: the dictionary set of '",
+            space_->manifest().model, "' has ", space_->layers(), " layers of head_dim ", space_->dim(),
+            "; this cache's model has ", shape.layers, " layers of head_dim ", shape.head_dim);
     require(options_.buffer >= 0 && options_.flush >= 1 && options_.sinks >= 0,
             "LexicoCache: buffer and sinks must be >= 0 and flush >= 1 (got ", options_.buffer, ", ",
             options_.sinks, ", ", options_.flush, ")");
@@ -216,7 +216,8 @@ class LexicoCache final : public KVCache {
     state.values.append(values, state.values.tiers.front());
     state.coded += tokens;
     state.frozen = seen(layer) + tokens;
-    add_tokens(layer, tokens);
+    // Atoms have unit norm: a key's norm is at most the sum of its |coefficients|.
+    add_tokens(layer, tokens, keys.coefficients.cwiseAbs().colwise().sum().maxCoeff());
   }
 
   // Decode attention for many sequences' caches on one layer (any cache type). Lexico
