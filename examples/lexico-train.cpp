@@ -7,6 +7,12 @@
 //
 // KV vectors are collected once into vector files under --work (default OUT/vectors)
 // and reused by later runs with the same model, corpus, window and seed.
+//
+// Nothing is lost on interruption: each finished dictionary is kept in OUT.partial/
+// (dictionary file, then its record, each renamed into place), and a rerun with the same
+// arguments continues from there (or says which argument changed and starts over). The
+// set is written to a folder of its own and swapped in for OUT in one rename, so OUT
+// always holds the previous set or the complete new one.
 
 #include <malloc.h>
 
@@ -16,11 +22,15 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <lexico/base/files.hpp>
+#include <lexico/base/json.hpp>
 #include <lexico/coding/dictionary_set.hpp>
 #include <lexico/training/kv_collect.hpp>
 #include <lexico/model/llama.hpp>
@@ -142,9 +152,7 @@ struct Collection {
     return std::strtoull(stored.c_str() + prefix.size(), nullptr, 10) >= windows;
   }
   void stamp(const std::string& dir) const {
-    std::ofstream out(stamp_path(dir));
-    out << key() << "windows=" << windows << "\n";
-    lexico::require(out.good(), "cannot write '", stamp_path(dir), "'");
+    lexico::write_file_atomically(stamp_path(dir), key() + "windows=" + std::to_string(windows) + "\n");
   }
 };
 
@@ -184,6 +192,126 @@ void ensure_collected(const lexico::LlamaModel& model, const std::vector<std::ve
   collection.stamp(dir);
 }
 
+// The dictionaries a run has finished, kept in OUT.partial/ until the set is in place.
+// run.txt holds the arguments that decide the result; a dictionary counts as finished
+// once its record (NAME.json: the manifest entries it contributes) exists, which is
+// written after its dictionary file.
+class Checkpoint {
+ public:
+  struct Finished {
+    std::shared_ptr<const lexico::Dictionary> dictionary;
+    std::map<std::string, std::string> settings;
+    std::vector<lexico::DictionaryError> errors;
+  };
+
+  Checkpoint(const std::string& out, const std::string& run_key) : dir_(out + ".partial") {
+    const fs::path run_file = fs::path(dir_) / "run.txt";
+    if (fs::exists(run_file)) {
+      const std::string previous = lexico::read_file(run_file.string(), 1 << 20);
+      if (previous != run_key) {
+        std::fprintf(stderr, "lexico-train: %s holds dictionaries of a run with other arguments (%s); starting over\n",
+                     dir_.c_str(), first_difference(previous, run_key).c_str());
+        fs::remove_all(dir_);
+      }
+    } else if (fs::exists(dir_)) {
+      fs::remove_all(dir_);  // no run.txt: interrupted before anything was kept
+    }
+    fs::create_directories(dir_);
+    if (!fs::exists(run_file)) lexico::write_file_atomically(run_file.string(), run_key);
+  }
+
+  std::optional<Finished> finished(const std::string& name) const {
+    const std::string record_path = path(name + ".json");
+    if (!fs::exists(record_path)) return std::nullopt;
+    const lexico::json::Value record = lexico::json::parse_file(record_path);
+    Finished done;
+    done.dictionary = std::make_shared<const lexico::Dictionary>(lexico::Dictionary::load(path(name + ".dict")));
+    for (const auto& [key, value] : record.at("settings", record_path).as_object(record_path))
+      done.settings[key] = value.as_string(record_path);
+    for (const auto& e : record.at("errors", record_path).as_array(record_path)) {
+      const auto& fields = e.as_array(record_path);
+      lexico::require(fields.size() == 5, record_path, ": an error entry needs layer, kind, s, train, dev");
+      done.errors.push_back({static_cast<int>(fields[0].as_int()), fields[1].as_string(record_path).at(0),
+                             static_cast<int>(fields[2].as_int()), fields[3].as_double(), fields[4].as_double()});
+    }
+    return done;
+  }
+
+  void keep(const std::string& name, const Finished& done) const {
+    const std::string dictionary_path = path(name + ".dict");
+    done.dictionary->save(dictionary_path + ".tmp");
+    fs::rename(dictionary_path + ".tmp", dictionary_path);
+    std::ostringstream record;
+    record.precision(17);
+    record << "{\"settings\": {";
+    const char* sep = "";
+    for (const auto& [key, value] : done.settings) {
+      record << sep << lexico::json::quote(key) << ": " << lexico::json::quote(value);
+      sep = ", ";
+    }
+    record << "}, \"errors\": [";
+    sep = "";
+    for (const auto& e : done.errors) {
+      record << sep << "[" << e.layer << ", \"" << e.kind << "\", " << e.sparsity << ", " << e.train << ", " << e.dev
+             << "]";
+      sep = ", ";
+    }
+    record << "]}\n";
+    lexico::write_file_atomically(path(name + ".json"), record.str());
+  }
+
+  void remove() const { fs::remove_all(dir_); }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  std::string path(const std::string& file) const { return (fs::path(dir_) / file).string(); }
+
+  // The first line that differs, as "key: old -> new".
+  static std::string first_difference(const std::string& a, const std::string& b) {
+    std::istringstream in_a(a), in_b(b);
+    std::string line_a, line_b;
+    while (true) {
+      const bool more_a = static_cast<bool>(std::getline(in_a, line_a));
+      const bool more_b = static_cast<bool>(std::getline(in_b, line_b));
+      if (!more_a && !more_b) return "?";
+      if (!more_a || !more_b || line_a != line_b) return line_a + " -> " + line_b;
+    }
+  }
+
+  std::string dir_;
+};
+
+// What decides the dictionaries: everything but threads and where files go.
+std::string run_key(const Args& args) {
+  const auto absolute = [](const std::string& path) { return path.empty() ? path : fs::absolute(path).string(); };
+  const lexico::TrainOptions& t = args.train;
+  std::ostringstream key;
+  key << "model=" << absolute(args.model) << "\ntokens=" << absolute(args.tokens) << "\ntext=" << absolute(args.text)
+      << "\ntokenizer=" << absolute(args.tokenizer) << "\ndev=" << absolute(args.dev)
+      << "\nmethod=" << lexico::to_string(t.method) << "\natoms=" << t.atoms << "\nsparsity=" << t.sparsity
+      << "\nvectors=" << t.vectors << "\ndev_vectors=" << args.dev_vectors << "\ninit=" << lexico::to_string(t.init)
+      << "\nbatch=" << t.batch << "\nlr=" << t.learning_rate << "\nwindow=" << args.window << "\nseed=" << t.seed
+      << "\nkeys_before_rope=" << args.keys_before_rope << "\n";
+  return key.str();
+}
+
+// Writes the set beside OUT and swaps it in; the collected vectors (when --work is the
+// default OUT/vectors) move into the new folder.
+void install_set(const Args& args, const std::vector<lexico::LayerDictionaries>& layers,
+                 const lexico::DictionarySetManifest& manifest) {
+  const std::string out = fs::path(args.out).lexically_normal().string();
+  const std::string staged = out + ".new";  // a leftover of an interrupted run is replaced
+  fs::remove_all(staged);
+  lexico::save_dictionaries(staged, layers, manifest);
+  const bool had_old = lexico::swap_folder_into_place(staged, out);
+  if (!had_old) return;
+  // `staged` now names the previous set.
+  const fs::path old_vectors = fs::path(staged) / "vectors";
+  if (fs::path(args.work).lexically_normal() == fs::path(out) / "vectors" && fs::exists(old_vectors))
+    fs::rename(old_vectors, fs::path(out) / "vectors");
+  fs::remove_all(staged);
+}
+
 double cpu_seconds() { return static_cast<double>(std::clock()) / CLOCKS_PER_SEC; }
 
 std::string kv_name(int layer, bool keys) { return "layer" + std::to_string(layer) + (keys ? ".K" : ".V"); }
@@ -197,6 +325,8 @@ int run(const Args& args) {
   if (args.train.threads > 0) omp_set_num_threads(args.train.threads);
 #endif
   const auto begin = Clock::now();
+  lexico::restore_moved_aside_folder(fs::path(args.out).lexically_normal().string());
+  const Checkpoint checkpoint(fs::path(args.out).lexically_normal().string(), run_key(args));
   const lexico::LlamaModel model = lexico::LlamaModel::load(args.model);
   const lexico::LlamaConfig& config = model.config();
   const int bos = config.bos_id >= 0 ? config.bos_id : 0;
@@ -247,15 +377,27 @@ int run(const Args& args) {
   cli::ProgressBar bar;
   const auto train_begin = Clock::now();
   double eta_per_vector = 0;  // seconds, measured on the dictionaries done so far
+  int resumed = 0;
   for (int index = 0; index < dictionaries; ++index) {
     const int layer = index / 2;
     const bool keys = index % 2 == 0;
     const std::string name = kv_name(layer, keys);
+    auto& slot = keys ? layers[static_cast<std::size_t>(layer)].keys : layers[static_cast<std::size_t>(layer)].values;
+    if (auto done = checkpoint.finished(name)) {  // kept by an interrupted run with the same arguments
+      slot = done->dictionary;
+      settings.insert(done->settings.begin(), done->settings.end());
+      manifest.errors.insert(manifest.errors.end(), done->errors.begin(), done->errors.end());
+      ++resumed;
+      continue;
+    }
+    if (resumed > 0 && index == resumed)
+      std::fprintf(stderr, "lexico-train: continuing after %d of %d dictionaries finished by an earlier run (%s)\n",
+                   resumed, dictionaries, checkpoint.dir().c_str());
     lexico::FileVectorSource source(lexico::kv_vector_path(train_dir, layer, keys), Eigen::Index(1) << 18,
                                     options.seed + static_cast<std::uint64_t>(index), options.vectors);
     const Eigen::Index per_dictionary = options.vectors;
-    const double done_before = static_cast<double>(index) * static_cast<double>(per_dictionary);
-    const double total = static_cast<double>(dictionaries) * static_cast<double>(per_dictionary);
+    const double done_before = static_cast<double>(index - resumed) * static_cast<double>(per_dictionary);
+    const double total = static_cast<double>(dictionaries - resumed) * static_cast<double>(per_dictionary);
     const auto dict_begin = Clock::now();
     lexico::TrainResult result = lexico::train_dictionary(
         source, options,
@@ -273,13 +415,14 @@ int run(const Args& args) {
     eta_per_vector = std::chrono::duration<double>(Clock::now() - train_begin).count() / (done_before + static_cast<double>(per_dictionary));
     const double dict_seconds = std::chrono::duration<double>(Clock::now() - dict_begin).count();
 
-    auto dictionary = std::make_shared<const lexico::Dictionary>(std::move(result.dictionary));
-    (keys ? layers[static_cast<std::size_t>(layer)].keys : layers[static_cast<std::size_t>(layer)].values) = dictionary;
-    settings[name + ".seconds"] = std::to_string(dict_seconds);
-    settings[name + ".replaced"] = std::to_string(result.replaced);
-    if (result.random_atoms > 0) settings[name + ".random_initial_atoms"] = std::to_string(result.random_atoms);
-    settings[name + ".max_coherence"] = std::to_string(dictionary->max_coherence());
-    settings[name + ".last_batch_error"] = std::to_string(result.last_error);
+    Checkpoint::Finished done;
+    done.dictionary = std::make_shared<const lexico::Dictionary>(std::move(result.dictionary));
+    const lexico::Dictionary& dictionary = *done.dictionary;
+    done.settings[name + ".seconds"] = std::to_string(dict_seconds);
+    done.settings[name + ".replaced"] = std::to_string(result.replaced);
+    if (result.random_atoms > 0) done.settings[name + ".random_initial_atoms"] = std::to_string(result.random_atoms);
+    done.settings[name + ".max_coherence"] = std::to_string(dictionary.max_coherence());
+    done.settings[name + ".last_batch_error"] = std::to_string(result.last_error);
 
     lexico::VectorFile train_file(lexico::kv_vector_path(train_dir, layer, keys));
     lexico::VectorFile dev_file(lexico::kv_vector_path(dev_dir, layer, keys));
@@ -287,10 +430,14 @@ int run(const Args& args) {
     const Eigen::MatrixXf dev_sample = dev_file.read_head(args.dev_vectors);
     for (const int s : eval_sparsities) {
       if (s > std::min(config.head_dim, options.atoms)) continue;
-      manifest.errors.push_back({layer, keys ? 'K' : 'V', s,
-                                 lexico::relative_coding_error(*dictionary, train_sample, s, true, options.threads),
-                                 lexico::relative_coding_error(*dictionary, dev_sample, s, true, options.threads)});
+      done.errors.push_back({layer, keys ? 'K' : 'V', s,
+                             lexico::relative_coding_error(dictionary, train_sample, s, true, options.threads),
+                             lexico::relative_coding_error(dictionary, dev_sample, s, true, options.threads)});
     }
+    checkpoint.keep(name, done);
+    slot = done.dictionary;
+    settings.insert(done.settings.begin(), done.settings.end());
+    manifest.errors.insert(manifest.errors.end(), done.errors.begin(), done.errors.end());
   }
   const double train_seconds = std::chrono::duration<double>(Clock::now() - train_begin).count();
   const double train_cpu = cpu_seconds() - collect_cpu;
@@ -321,7 +468,9 @@ int run(const Args& args) {
   // CPU time of all threads: on a shared machine, what the run would take alone.
   settings["collect_cpu_seconds"] = std::to_string(collect_cpu);
   settings["train_cpu_seconds"] = std::to_string(train_cpu);
-  lexico::save_dictionaries(args.out, layers, manifest);
+  if (resumed > 0) settings["resumed_dictionaries"] = std::to_string(resumed);
+  install_set(args, layers, manifest);
+  checkpoint.remove();
 
   std::printf("%s, %s, N=%d, trained at s=%d on %ld vectors per dictionary; collection %s, training %s\n",
               args.model.c_str(), manifest.method.c_str(), options.atoms, options.sparsity,

@@ -28,6 +28,7 @@
 #include <utility>
 
 #include <fcntl.h>
+#include <stdio.h>  // renameat2, RENAME_EXCHANGE (glibc 2.28)
 #include <unistd.h>
 
 #include "error.hpp"
@@ -247,6 +248,40 @@ class AtomicFile {
   int fd_ = -1;
   bool committed_ = false;
 };
+
+// Puts folder `from` where folder `to` is in one step: when `to` exists the two are
+// swapped (Linux renameat2 RENAME_EXCHANGE) and `from` then names the old folder, which
+// the caller removes; otherwise `from` is renamed to `to`. Returns whether `to` existed.
+// Where the file system cannot swap, `to` is moved aside to `to`.old first: an
+// interruption between the two renames leaves the old folder there, where
+// restore_moved_aside_folder() finds it.
+inline bool swap_folder_into_place(const std::string& from, const std::string& to) {
+  std::error_code ec;
+  if (!std::filesystem::exists(to, ec)) {
+    require(::rename(from.c_str(), to.c_str()) == 0, to, ": cannot rename '", from, "' into place: ", std::strerror(errno));
+    return false;
+  }
+#if defined(__linux__) && defined(RENAME_EXCHANGE)
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_EXCHANGE) == 0) return true;
+  require(errno == EINVAL || errno == ENOSYS, to, ": cannot swap in '", from, "': ", std::strerror(errno));
+#endif
+  const std::string aside = to + ".old";
+  std::filesystem::remove_all(aside, ec);
+  require(::rename(to.c_str(), aside.c_str()) == 0, to, ": cannot move the old folder aside: ", std::strerror(errno));
+  require(::rename(from.c_str(), to.c_str()) == 0, to, ": cannot rename '", from, "' into place: ", std::strerror(errno));
+  require(::rename(aside.c_str(), from.c_str()) == 0, to, ": cannot move the old folder to '", from, "': ",
+          std::strerror(errno));
+  return true;
+}
+
+// After an interruption inside swap_folder_into_place's fallback: `to` missing and
+// `to`.old present means the old folder was moved aside; it goes back.
+inline void restore_moved_aside_folder(const std::string& to) {
+  std::error_code ec;
+  const std::string aside = to + ".old";
+  if (!std::filesystem::exists(to, ec) && std::filesystem::is_directory(aside, ec))
+    require(::rename(aside.c_str(), to.c_str()) == 0, to, ": cannot restore '", aside, "': ", std::strerror(errno));
+}
 
 inline void write_file_atomically(const std::string& path, std::string_view bytes) {
   AtomicFile file(path);
