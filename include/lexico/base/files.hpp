@@ -224,6 +224,12 @@ class AtomicFile {
     }
   }
   void write(std::string_view text) { write(text.data(), text.size()); }
+  // Overwrites bytes already written (a header whose counts are known at the end).
+  void write_at(std::uint64_t offset, const void* data, std::size_t bytes) {
+    require(fd_ >= 0, path_, ": write after commit");
+    const ssize_t n = ::pwrite(fd_, data, bytes, static_cast<off_t>(offset));
+    require(n == static_cast<ssize_t>(bytes), path_, ": write error at offset ", offset, ": ", std::strerror(errno));
+  }
 
   void commit() {
     require(fd_ >= 0, path_, ": committed twice");

@@ -27,22 +27,27 @@
 
 #include "../cache/dense.hpp"
 #include "../base/error.hpp"
+#include "../base/files.hpp"
 #include "../model/llama.hpp"
 #include "train.hpp"
 
 namespace lexico {
 
-// Little-endian uint16 token ids (the proxies' .u16 corpora).
-inline std::vector<int> read_u16_tokens(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  require(static_cast<bool>(in), path, ": cannot open token file");
-  const std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  require(!in.bad(), path, ": read error");
-  require(bytes.size() % 2 == 0, path, ": ", bytes.size(), " bytes is not a whole number of uint16 tokens");
-  require(!bytes.empty(), path, ": no tokens");
+// Little-endian uint16 token ids (the proxies' .u16 corpora); `name` starts the errors.
+inline std::vector<int> parse_u16_tokens(std::string_view bytes, const std::string& name) {
+  require(bytes.size() % 2 == 0, name, ": ", bytes.size(), " bytes is not a whole number of uint16 tokens");
+  require(!bytes.empty(), name, ": no tokens");
   std::vector<int> tokens(bytes.size() / 2);
-  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = bytes[2 * i] | (bytes[2 * i + 1] << 8);
+  const auto* b = reinterpret_cast<const unsigned char*>(bytes.data());
+  for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = b[2 * i] | (b[2 * i + 1] << 8);
   return tokens;
+}
+
+// Token files above this are refused before they are read (8 G tokens).
+constexpr std::uint64_t max_token_file_bytes = std::uint64_t(1) << 34;
+
+inline std::vector<int> read_u16_tokens(const std::string& path) {
+  return parse_u16_tokens(read_file(path, max_token_file_bytes), path);
 }
 
 // Up to `count` windows of at most `length` tokens from consecutive, non-overlapping
@@ -135,16 +140,13 @@ inline constexpr std::size_t vector_file_header = 24;
 
 }  // namespace detail
 
-// Appends vectors to a vector file; close() writes the final count.
+// Appends vectors to a vector file; close() writes the final count and puts the file in
+// place (until then, and if never closed, the path keeps what it held before).
 class VectorFileWriter {
  public:
-  VectorFileWriter(const std::string& path, int dim) : path_(path), dim_(dim), out_(path, std::ios::binary) {
-    require(out_.good(), "VectorFileWriter: cannot open '", path, "' for writing");
+  VectorFileWriter(const std::string& path, int dim) : path_(path), dim_(dim), out_(path) {
     require(dim >= 1, "VectorFileWriter: dimension ", dim, " must be positive");
     write_header();
-  }
-  ~VectorFileWriter() {
-    if (out_.is_open()) out_.close();  // an unclosed file keeps count 0 and reads as empty
   }
   VectorFileWriter(const VectorFileWriter&) = delete;
   VectorFileWriter& operator=(const VectorFileWriter&) = delete;
@@ -153,52 +155,49 @@ class VectorFileWriter {
   void append(const Eigen::MatrixXf& vectors) {
     require(vectors.rows() == dim_, "VectorFileWriter: '", path_, "' holds ", dim_, "-dimensional vectors, got ",
             vectors.rows());
-    out_.write(reinterpret_cast<const char*>(vectors.data()), static_cast<std::streamsize>(sizeof(float) * vectors.size()));
-    require(out_.good(), "VectorFileWriter: writing '", path_, "' failed");
+    out_.write(vectors.data(), sizeof(float) * static_cast<std::size_t>(vectors.size()));
     count_ += static_cast<std::uint64_t>(vectors.cols());
   }
 
   void close() {
-    out_.seekp(0);
-    write_header();
-    out_.close();
-    require(!out_.fail(), "VectorFileWriter: finishing '", path_, "' failed");
+    out_.write_at(detail::vector_file_header - sizeof count_, &count_, sizeof count_);
+    out_.commit();
   }
 
  private:
   void write_header() {
     const std::uint32_t version = detail::vector_file_version, dim = static_cast<std::uint32_t>(dim_);
     out_.write(detail::vector_file_magic, sizeof detail::vector_file_magic);
-    out_.write(reinterpret_cast<const char*>(&version), sizeof version);
-    out_.write(reinterpret_cast<const char*>(&dim), sizeof dim);
-    out_.write(reinterpret_cast<const char*>(&count_), sizeof count_);
+    out_.write(&version, sizeof version);
+    out_.write(&dim, sizeof dim);
+    out_.write(&count_, sizeof count_);
   }
 
   std::string path_;
   int dim_;
-  std::ofstream out_;
+  AtomicFile out_;
   std::uint64_t count_ = 0;
 };
 
-// Random access to the vectors of a vector file.
+// Random access to the vectors of a vector file (a path, or any ByteSource).
 class VectorFile {
  public:
-  explicit VectorFile(const std::string& path) : path_(path), in_(path, std::ios::binary) {
-    require(in_.good(), "VectorFile: cannot open '", path, "'");
+  explicit VectorFile(const std::string& path) : VectorFile(std::make_unique<FileBytes>(path)) {}
+  explicit VectorFile(std::unique_ptr<const ByteSource> source) : source_(std::move(source)) {
+    const std::string& path = source_->name();
     char magic[8];
     std::uint32_t version = 0, dim = 0;
     std::uint64_t count = 0;
-    in_.read(magic, sizeof magic);
-    in_.read(reinterpret_cast<char*>(&version), sizeof version);
-    in_.read(reinterpret_cast<char*>(&dim), sizeof dim);
-    in_.read(reinterpret_cast<char*>(&count), sizeof count);
-    require(in_.good(), "VectorFile: '", path, "' is shorter than its ", detail::vector_file_header, "-byte header");
+    source_->read(0, magic, sizeof magic, "VectorFile: the magic");
+    source_->read(8, &version, sizeof version, "VectorFile: the version");
+    source_->read(12, &dim, sizeof dim, "VectorFile: the dimension");
+    source_->read(16, &count, sizeof count, "VectorFile: the vector count");
     require(std::memcmp(magic, detail::vector_file_magic, sizeof magic) == 0, "VectorFile: '", path,
             "' is not a lexico vector file (bad magic)");
     require(version == detail::vector_file_version, "VectorFile: '", path, "' has version ", version, ", expected ",
             detail::vector_file_version);
     require(dim >= 1 && dim <= 65536, "VectorFile: '", path, "' declares dimension ", dim);
-    const std::uintmax_t size = std::filesystem::file_size(path);
+    const std::uint64_t size = source_->size();
     // Bound count first so that a corrupt header cannot overflow the size check.
     require(count <= size / (sizeof(float) * dim) &&
                 size == detail::vector_file_header + count * dim * sizeof(float),
@@ -209,24 +208,24 @@ class VectorFile {
     count_ = static_cast<Eigen::Index>(count);
   }
 
-  const std::string& path() const { return path_; }
+  const std::string& path() const { return source_->name(); }
   int dim() const { return dim_; }
   Eigen::Index count() const { return count_; }
 
   // Vectors [first, first + out.cols()) into the columns of out.
   void read(Eigen::Index first, Eigen::Ref<Eigen::MatrixXf> out) {
     require(out.rows() == dim_ && first >= 0 && first + out.cols() <= count_, "VectorFile::read: vectors [", first,
-            ", ", first + out.cols(), ") of dimension ", out.rows(), " from '", path_, "' (", count_, " of dimension ",
+            ", ", first + out.cols(), ") of dimension ", out.rows(), " from '", path(), "' (", count_, " of dimension ",
             dim_, ")");
-    in_.seekg(static_cast<std::streamoff>(detail::vector_file_header + sizeof(float) * first * dim_));
+    const std::uint64_t start = detail::vector_file_header + sizeof(float) * static_cast<std::uint64_t>(first * dim_);
+    const std::size_t column = sizeof(float) * static_cast<std::size_t>(dim_);
     // out may have an outer stride: read column by column only then.
     if (out.outerStride() == dim_) {
-      in_.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(sizeof(float) * out.size()));
+      source_->read(start, out.data(), column * static_cast<std::size_t>(out.cols()), "VectorFile::read");
     } else {
       for (Eigen::Index b = 0; b < out.cols(); ++b)
-        in_.read(reinterpret_cast<char*>(out.col(b).data()), static_cast<std::streamsize>(sizeof(float) * dim_));
+        source_->read(start + column * static_cast<std::uint64_t>(b), out.col(b).data(), column, "VectorFile::read");
     }
-    require(in_.good(), "VectorFile::read: read error in '", path_, "'");
   }
 
   // The first min(count, limit) vectors.
@@ -237,8 +236,7 @@ class VectorFile {
   }
 
  private:
-  std::string path_;
-  std::ifstream in_;
+  std::unique_ptr<const ByteSource> source_;
   int dim_ = 0;
   Eigen::Index count_ = 0;
 };
