@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -256,6 +258,188 @@ TEST(HfTokenizer, Errors) {
   fs::remove_all(dir);
   EXPECT_NE(error_of([] { lexico::load_tokenizer("/nonexistent/tokenizer.txt"); }).find("not a tokenizer"),
             std::string::npos);
+}
+
+// The in-memory entry points tokenize exactly as the file readers they stand behind.
+TEST(Tokenizer, InMemoryMatchesFiles) {
+  const std::string dir = LEXICO_REPO_DATA "/tinystories-656k";
+  const HfTokenizer from_file(dir + "/tokenizer.json");
+  const HfTokenizer from_text(read_text(dir + "/tokenizer.json"), read_text(dir + "/tokenizer_config.json"),
+                              dir + "/tokenizer.json");
+  const std::string bin = LEXICO_REPO_DATA "/stories260k/tok512.bin";
+  const std::string bin_bytes = read_text(bin);
+  const Llama2cTokenizer l2c_file(bin);
+  const Llama2cTokenizer l2c_memory(lexico::MemoryBytes(bin_bytes, "tok512 in memory"));
+  const std::string prompt = read_text(dir + "/golden/prompt.txt");
+  for (const std::string& s : {samples[0], samples[3], samples[5], prompt}) {
+    EXPECT_EQ(from_text.encode(s), from_file.encode(s));
+    EXPECT_EQ(l2c_memory.encode(s), l2c_file.encode(s));
+  }
+  EXPECT_EQ(from_text.bos_id(), from_file.bos_id());
+  EXPECT_EQ(from_text.eos_id(), from_file.eos_id());
+  const std::vector<int> ids = from_file.encode(prompt);
+  EXPECT_EQ(from_text.decode(ids), from_file.decode(ids));
+  // Without its tokenizer_config.json, BOS comes from the post-processor's template.
+  EXPECT_EQ(HfTokenizer(read_text(dir + "/tokenizer.json"), std::nullopt).bos_id(), from_file.bos_id());
+  EXPECT_NE(error_of([&] { l2c_memory.piece(512); }).find("tok512 in memory: token id 512"), std::string::npos);
+}
+
+// A tokenizer.json in memory, named "mem/tokenizer.json" in its errors.
+HfTokenizer hf(const std::string& json) { return HfTokenizer(json, std::nullopt, "mem/tokenizer.json"); }
+std::string hf_error(const std::string& json) {
+  return error_of([&] { hf(json); });
+}
+const std::string tiny_model = R"("model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 1, "x": 2, " ": 3}, "merges": [], "unk_token": "<unk>"})";
+std::string replace(const std::string& pattern, const std::string& content) {
+  return R"({"type": "Replace", "pattern": {"String": ")" + pattern + R"("}, "content": ")" + content + R"("})";
+}
+
+TEST(HfTokenizer, AddedTokenNormalizedToNothingIsRefused) {
+  // It would match at every position without consuming text: encode never ended.
+  const std::string message = hf_error("{" + tiny_model + R"(, "normalizer": )" + replace("x", "") +
+                                       R"(, "added_tokens": [{"id": 4, "content": "x", "normalized": true}]})");
+  EXPECT_NE(message.find("mem/tokenizer.json: added_tokens: token 4 'x' normalizes to the empty string"),
+            std::string::npos)
+      << message;
+  // Matched in the raw text, it is a token like any other.
+  const HfTokenizer raw = hf("{" + tiny_model + R"(, "normalizer": )" + replace("x", "") +
+                             R"(, "added_tokens": [{"id": 4, "content": "x", "normalized": false}]})");
+  EXPECT_EQ(raw.encode("axa", false), (std::vector<int>{1, 4, 1}));
+}
+
+TEST(HfTokenizer, StripDecoderIsBoundedByTheText) {
+  const std::string strip = R"({"type": "Strip", "content": " ", "start": 9223372036854775807, "stop": 1})";
+  const HfTokenizer tok = hf("{" + tiny_model + R"(, "decoder": )" + strip + "}");
+  // Every leading space of each token goes, however large `start` is; one trailing space.
+  EXPECT_EQ(tok.decode({3, 3, 1, 3}), "a");
+  const std::string fused = R"({"type": "Sequence", "decoders": [{"type": "Fuse"}, )" + strip + "]}";
+  EXPECT_EQ(hf("{" + tiny_model + R"(, "decoder": )" + fused + "}").decode({3, 3, 1, 3, 3}), "a ");
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "decoder": {"type": "Strip", "content": "", "start": 9223372036854775807, "stop": 0}})")
+                .find("mem/tokenizer.json: decoder.content: '' is not one character"),
+            std::string::npos);
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "decoder": {"type": "Strip", "content": " ", "start": -1, "stop": 0}})")
+                .find("mem/tokenizer.json: decoder: negative start (-1)"),
+            std::string::npos);
+}
+
+TEST(HfTokenizer, GrowingChainsAreRefused) {
+  // Replace "a" -> "aa" doubles a text; chained, it grew a short text 2^24 x.
+  std::string chain;
+  for (int i = 0; i < 24; ++i) chain += (i ? ", " : "") + replace("a", "aa");
+  const std::string message = hf_error("{" + tiny_model + R"(, "normalizer": {"type": "Sequence", "normalizers": [)" +
+                                       chain + "]}}");
+  EXPECT_NE(message.find("mem/tokenizer.json: normalizer.normalizers[4]: the chain up to here can make a text 32 x"),
+            std::string::npos)
+      << message;
+  // Decoders too (every id's piece would grow), and a long Prepend.
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "decoder": {"type": "Sequence", "decoders": [)" + replace("a", "aaaaa") +
+                     ", " + replace("a", "aaaaa") + "]}}")
+                .find("decoder.decoders[1]: the chain up to here can make a text 25 x"),
+            std::string::npos);
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "normalizer": {"type": "Prepend", "prepend": ")" + std::string(300, 'a') +
+                     R"("}})")
+                .find("normalizer: the chain up to here can make a text 1 x its length + 300 bytes"),
+            std::string::npos);
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "normalizer": )" + replace("", "a") + "}").find("normalizer.pattern: empty pattern"),
+            std::string::npos);
+  std::string fuses = R"({"type": "Fuse"})";
+  for (int i = 0; i < 64; ++i) fuses += R"(, {"type": "Fuse"})";
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "decoder": {"type": "Sequence", "decoders": [)" + fuses + "]}}")
+                .find("decoder.decoders[64]: more than 64 steps in the chain"),
+            std::string::npos);
+  // Four doublings stay within the limit and replace left to right, without overlaps.
+  const HfTokenizer four = hf("{" + tiny_model + R"(, "normalizer": {"type": "Sequence", "normalizers": [)" +
+                              replace("a", "aa") + ", " + replace("a", "aa") + ", " + replace("aaa", "x") + "]}}");
+  EXPECT_EQ(four.encode("aa", false), (std::vector<int>{2, 2, 1, 1}));  // aaaaaaaa -> xx aa
+}
+
+TEST(HfTokenizer, IdsAreCheckedBeforeNarrowing) {
+  // 4294967297 = 2^32 + 1 used to load as id 1.
+  EXPECT_NE(hf_error(R"({"model": {"type": "BPE", "vocab": {"<unk>": 0, "a": 4294967297, "x": 2}, "merges": []}})")
+                .find("mem/tokenizer.json: model.vocab 'a': id 4294967297 outside [0, 2147483647)"),
+            std::string::npos);
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "added_tokens": [{"id": -4294967295, "content": "b"}]})")
+                .find("mem/tokenizer.json: added_tokens[0].id: id -4294967295 outside"),
+            std::string::npos);
+}
+
+TEST(HfTokenizer, IdsAreCheckedBeforeTheyAllocate) {
+  // One id of 2^24 - 1 cost 519 MB of empty pieces before the gap below it was found.
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_NE(hf_error(R"({"model": {"type": "BPE", "vocab": {"<unk>": 16777215}, "merges": []}})")
+                .find("mem/tokenizer.json: model.vocab and added_tokens: no token has id 0 (ids run from 0 without a "
+                      "gap; the largest is 16777215)"),
+            std::string::npos);
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "added_tokens": [{"id": 5, "content": "b"}]})").find("no token has id 4"),
+            std::string::npos);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), 0.5);
+  // An added token may repeat a vocabulary entry under its id, not under another.
+  EXPECT_EQ(hf("{" + tiny_model + R"(, "added_tokens": [{"id": 1, "content": "a"}]})").vocab_size(), 4);
+  EXPECT_NE(hf_error("{" + tiny_model + R"(, "added_tokens": [{"id": 1, "content": "b"}]})").find("id 1 names both 'a' and 'b'"),
+            std::string::npos);
+}
+
+TEST(HfTokenizer, FilesAboveTheirCapsAreRefusedUnread) {
+  const fs::path dir = fs::temp_directory_path() / "lexico_hf_tokenizer_caps";
+  fs::create_directories(dir);
+  const std::string json = (dir / "tokenizer.json").string(), config = (dir / "tokenizer_config.json").string();
+  std::ofstream(json) << "{" << tiny_model << "}";
+  std::ofstream(config) << "{}";
+  EXPECT_EQ(HfTokenizer(json).vocab_size(), 4);
+  fs::resize_file(config, HfTokenizer::max_config_bytes + 1);  // sparse: nothing is written
+  EXPECT_NE(error_of([&] { HfTokenizer t(json); }).find(config + ": 4194305 bytes, above the limit of 4194304"),
+            std::string::npos);
+  fs::remove(config);
+  fs::resize_file(json, HfTokenizer::max_json_bytes + 1);
+  EXPECT_NE(error_of([&] { HfTokenizer t(json); }).find(json + ": 67108865 bytes, above the limit of 67108864"),
+            std::string::npos);
+  fs::remove_all(dir);
+}
+
+// Replace runs in one pass: 1 MiB of text, every byte a match that grows, encodes in
+// well under a second (in place, each match moved the rest of the text: hours).
+TEST(HfTokenizer, ReplaceIsLinear) {
+  const HfTokenizer tok = hf("{" + tiny_model + R"(, "normalizer": )" + replace(" ", "xx") + "}");
+  const std::string text(1 << 20, ' ');
+  const auto start = std::chrono::steady_clock::now();
+  const std::vector<int> ids = tok.encode(text, false);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(ids, std::vector<int>(2 * text.size(), 2));
+  EXPECT_LT(seconds, 5.0);
+  std::printf("  1 MiB encoded in %.3f s\n", seconds);
+}
+
+// Knuth-Morris-Pratt against the obvious search, on texts where naive matching backtracks.
+TEST(HfTokenizer, ReplaceMatchesLeftToRightWithoutOverlaps) {
+  std::uint32_t seed = 12345;
+  auto next = [&] { return seed = seed * 1664525u + 1013904223u; };
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::string text(next() % 40, 'a'), pattern(1 + next() % 5, 'a');
+    for (char& c : text) c = "aab"[next() % 3];
+    for (char& c : pattern) c = "aab"[next() % 3];
+    std::string expected;
+    for (std::size_t i = 0; i < text.size();) {
+      if (text.compare(i, pattern.size(), pattern) == 0) {
+        expected += "<>";
+        i += pattern.size();
+      } else {
+        expected += text[i++];
+      }
+    }
+    ASSERT_EQ(lexico::detail::replace_all(text, lexico::detail::Literal(pattern), "<>"), expected)
+        << text << " / " << pattern;
+  }
+}
+
+TEST(Llama2cTokenizer, FileAboveItsCapIsRefusedUnread) {
+  const fs::path dir = fs::temp_directory_path() / "lexico_llama2c_caps";
+  fs::create_directories(dir);
+  const std::string path = (dir / "tokenizer.bin").string();
+  std::ofstream(path, std::ios::binary) << read_text(LEXICO_REPO_DATA "/stories260k/tok512.bin");
+  fs::resize_file(path, Llama2cTokenizer::max_file_bytes + 1);
+  EXPECT_NE(error_of([&] { Llama2cTokenizer t(path); }).find(path + ": 16777217 bytes, above the limit of 16777216"),
+            std::string::npos);
+  fs::remove_all(dir);
 }
 
 TEST(Tokenizer, LoadPicksTheFormat) {

@@ -9,18 +9,28 @@
 //   post_processor    none, ByteLevel or TemplateProcessing (only to learn the BOS)
 // Anything else is refused with an error naming the component, rather than encoded
 // differently from the reference.
+//
+// The files are outside input: tokenizer.json is read up to 64 MiB and
+// tokenizer_config.json up to 4 MiB; ids are range-checked before they are narrowed or
+// size anything; every loop over text advances; a normalizer or decoder chain longer than
+// 64 steps, or that could grow a text more than 16x (+ 256 bytes), is refused, and each
+// step runs in linear time.
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <fstream>
+#include <filesystem>
+#include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "../base/error.hpp"
+#include "../base/files.hpp"
 #include "../base/json.hpp"
 #include "bpe.hpp"
 #include "unicode.hpp"
@@ -29,10 +39,48 @@ namespace lexico {
 
 namespace detail {
 
-inline void replace_all(std::string& s, std::string_view from, std::string_view to) {
-  if (from.empty()) return;
-  for (std::size_t at = s.find(from); at != std::string::npos; at = s.find(from, at + to.size()))
-    s.replace(at, from.size(), to);
+// A non-empty literal pattern (a Replace's, an added token's) found in time linear in
+// the text, by Knuth-Morris-Pratt: std::string_view::find takes text x pattern steps on
+// inputs such as "aaa...ab", and both the pattern and the text come from outside.
+class Literal {
+ public:
+  explicit Literal(std::string text) : text_(std::move(text)), border_(text_.size(), 0) {
+    require(!text_.empty(), "an empty literal pattern");  // callers refuse it with a better message first
+    for (std::size_t i = 1, k = 0; i < text_.size(); ++i) {
+      while (k > 0 && text_[i] != text_[k]) k = border_[k - 1];
+      if (text_[i] == text_[k]) ++k;
+      border_[i] = k;  // the longest proper prefix of text_[0..i] that is also its suffix
+    }
+  }
+  const std::string& text() const { return text_; }
+  std::size_t size() const { return text_.size(); }
+
+  // Where the pattern first occurs in `s` at or after `from`, or npos.
+  std::size_t find(std::string_view s, std::size_t from) const {
+    if (text_.size() == 1) return s.find(text_[0], from);
+    for (std::size_t i = from, k = 0; i < s.size(); ++i) {
+      while (k > 0 && s[i] != text_[k]) k = border_[k - 1];
+      if (s[i] == text_[k] && ++k == text_.size()) return i + 1 - k;
+    }
+    return std::string_view::npos;
+  }
+
+ private:
+  std::string text_;
+  std::vector<std::size_t> border_;
+};
+
+// `s` with every occurrence of `from` replaced by `to`, left to right and without
+// overlaps, built in one pass (replacing in place moves the tail at every match:
+// quadratic on long text).
+inline std::string replace_all(std::string_view s, const Literal& from, std::string_view to) {
+  std::string out;
+  std::size_t done = 0;
+  for (std::size_t at = from.find(s, 0); at != std::string_view::npos; at = from.find(s, done)) {
+    out.append(s.substr(done, at - done)).append(to);
+    done = at + from.size();
+  }
+  return out.append(s.substr(done));
 }
 
 // Invalid UTF-8 bytes become U+FFFD, as Rust's from_utf8_lossy does.
@@ -45,6 +93,27 @@ inline std::string utf8_lossy(std::string_view s) {
   }
   return out;
 }
+
+// How long a chain of normalizers (or decoders) can make a text: at most factor x its
+// length + constant bytes. Checked step by step as the chain is read, so that a file
+// cannot make a short text huge (Replace "a" -> "aa" chained 24 times grows it 2^24 x).
+// Each step is a pass over the text, so their number is capped too (real files have a few).
+struct GrowthBound {
+  static constexpr double max_factor = 16, max_constant = 256;
+  static constexpr int max_steps = 64;
+  double factor = 1, constant = 0;
+  int steps = 0;
+
+  // A step whose output is at most step_factor x its input + step_constant bytes.
+  void add(double step_factor, double step_constant, const std::string& where) {
+    require(++steps <= max_steps, where, ": more than ", max_steps, " steps in the chain");
+    step_factor = std::max(1.0, step_factor);
+    factor *= step_factor;
+    constant = constant * step_factor + step_constant;
+    require(factor <= max_factor && constant <= max_constant, where, ": the chain up to here can make a text ",
+            factor, " x its length + ", constant, " bytes, above the limit of ", max_factor, " x + ", max_constant);
+  }
+};
 
 // GPT-2's byte-to-character table: printable bytes stand for themselves, the others
 // for U+0100 onwards, so every byte string is a string of visible characters.
@@ -113,20 +182,26 @@ inline std::vector<std::string_view> split_gpt2(std::string_view s) {
 
 class HfTokenizer final : public Tokenizer {
  public:
+  // Size caps: published tokenizer.json files are a few MB (the largest ~20 MB), and
+  // tokenizer_config.json a few KB to a few hundred (chat templates).
+  static constexpr std::uint64_t max_json_bytes = std::uint64_t{64} << 20;
+  static constexpr std::uint64_t max_config_bytes = std::uint64_t{4} << 20;
+
   // Reads tokenizer.json; BOS and EOS come from a tokenizer_config.json beside it when
   // there is one, else from the post-processor's template, else from the usual names.
-  explicit HfTokenizer(const std::string& path) : path_(path) {
-    const json::Value root = json::parse_file(path);
-    require(root.is_object(), path, ": must hold a JSON object");
-    read_model(root.at("model", path));
-    if (const json::Value* added = root.find("added_tokens"); added && !added->is_null()) read_added(*added);
-    for (std::size_t id = 0; id < pieces_.size(); ++id)
-      require(assigned_[id], where("model.vocab and added_tokens"), ": no token has id ", id);
-    if (const json::Value* n = root.find("normalizer"); n && !n->is_null()) read_normalizer(*n);
-    if (const json::Value* p = root.find("pre_tokenizer"); p && !p->is_null()) read_pre_tokenizer(*p);
-    if (const json::Value* d = root.find("decoder"); d && !d->is_null()) read_decoder(*d);
-    for (auto& added : normalized_added_) added.first = normalize(added.first);
-    read_special_ids(root);
+  explicit HfTokenizer(const std::string& path) {
+    const std::string config_path = config_path_beside(path);
+    std::error_code ec;
+    std::optional<std::string> config;
+    if (std::filesystem::exists(config_path, ec)) config = read_file(config_path, max_config_bytes);
+    load(read_file(path, max_json_bytes), config, path);
+  }
+
+  // The same from the texts of tokenizer.json and of the tokenizer_config.json beside it
+  // (nullopt: none). `source` names tokenizer.json in errors, and its folder the config.
+  HfTokenizer(std::string_view tokenizer_json, std::optional<std::string_view> config_json,
+              std::string source = "<memory>/tokenizer.json") {
+    load(tokenizer_json, config_json, std::move(source));
   }
 
   std::vector<int> encode(std::string_view text, bool add_bos = true) const override {
@@ -166,39 +241,58 @@ class HfTokenizer final : public Tokenizer {
   }
 
  private:
+  using GrowthBound = detail::GrowthBound;
   struct NormalizeStep {
     bool prepend;  // else replace
-    std::string pattern, content;
+    std::optional<detail::Literal> pattern;
+    std::string content;
   };
   struct DecodeStep {
     enum Kind { byte_level, replace, byte_fallback, fuse, strip } kind;
-    std::string pattern, content;
+    std::optional<detail::Literal> pattern;
+    std::string content;
     std::int64_t start = 0, stop = 0;
   };
+  struct AddedToken {
+    detail::Literal content;
+    int id;
+  };
+
+  static std::string config_path_beside(const std::string& path) {
+    return path.substr(0, path.find_last_of('/') + 1) + "tokenizer_config.json";
+  }
 
   std::string where(std::string_view component) const { return path_ + ": " + std::string(component); }
 
-  void set_piece(int id, const std::string& piece, const std::string& what) {
-    require(id >= 0 && id < (1 << 24), where(what), ": id ", id, " out of range");
-    if (static_cast<std::size_t>(id) >= pieces_.size()) {
-      pieces_.resize(static_cast<std::size_t>(id) + 1);
-      assigned_.resize(pieces_.size(), false);
-      special_.resize(pieces_.size(), false);
-    }
-    auto& slot = pieces_[static_cast<std::size_t>(id)];
-    require(!assigned_[static_cast<std::size_t>(id)] || slot == piece, where(what), ": id ", id, " names both '", slot,
-            "' and '", piece, "'");
-    slot = piece;
-    assigned_[static_cast<std::size_t>(id)] = true;
-    ids_.emplace(piece, id);
+  void load(std::string_view text, std::optional<std::string_view> config, std::string source) {
+    path_ = std::move(source);
+    require(text.size() <= max_json_bytes, path_, ": ", text.size(), " bytes, above the limit of ", max_json_bytes,
+            " for tokenizer.json");
+    const json::Value root = json::parse(text, path_);
+    require(root.is_object(), path_, ": must hold a JSON object");
+    const json::Value& model = root.at("model", path_);
+    read_model_options(model);
+    static const json::Value::Array no_added_tokens;
+    const json::Value* added = root.find("added_tokens");
+    read_pieces(model.at("vocab", where("model")).as_object(where("model.vocab")),
+                added && !added->is_null() ? added->as_array(where("added_tokens")) : no_added_tokens);
+    read_merges(model);
+    GrowthBound growth;
+    if (const json::Value* n = root.find("normalizer"); n && !n->is_null()) read_normalizer(*n, "normalizer", growth);
+    if (const json::Value* p = root.find("pre_tokenizer"); p && !p->is_null()) read_pre_tokenizer(*p);
+    growth = {};
+    if (const json::Value* d = root.find("decoder"); d && !d->is_null()) read_decoder(*d, "decoder", growth);
+    normalize_added();
+    read_special_ids(root, config);
   }
 
-  void read_model(const json::Value& model) {
+  void read_model_options(const json::Value& model) {
     const std::string type = model.at("type", where("model")).as_string(where("model.type"));
     require(type == "BPE", where("model"), ": type '", type, "' is not supported (only BPE)");
     for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"}) {
       const json::Value* v = model.find(key);
-      require(!v || v->is_null() || v->as_string().empty(), where("model"), ": ", key, " is not supported");
+      require(!v || v->is_null() || v->as_string(where(std::string("model.") + key)).empty(), where("model"), ": ", key,
+              " is not supported");
     }
     if (const json::Value* dropout = model.find("dropout"); dropout && !dropout->is_null())
       require(dropout->as_double(where("model.dropout")) == 0, where("model"), ": BPE dropout is not supported");
@@ -209,9 +303,70 @@ class HfTokenizer final : public Tokenizer {
     byte_fallback_ = flag("byte_fallback");
     fuse_unk_ = flag("fuse_unk");
     ignore_merges_ = flag("ignore_merges");
+  }
 
-    for (const auto& [piece, id] : model.at("vocab", where("model")).as_object(where("model.vocab")))
-      set_piece(static_cast<int>(id.as_int(where("model.vocab '" + piece + "'"))), piece, "model.vocab");
+  // An id from the file, range-checked as the int64 it was read as, before narrowing.
+  int read_id(const json::Value& value, const std::string& what) const {
+    const std::int64_t id = value.as_int(where(what));
+    require(id >= 0 && id < std::numeric_limits<int>::max(), where(what), ": id ", id, " outside [0, ",
+            std::numeric_limits<int>::max(), ")");
+    return static_cast<int>(id);
+  }
+
+  // The pieces of model.vocab and added_tokens by id. Ids must run from 0 without a gap
+  // (one piece per id), which is checked on the ids themselves before any table is sized
+  // from them: a single id of 2^24 must not cost 2^24 pieces before it is refused.
+  void read_pieces(const json::Value::Object& vocab, const json::Value::Array& added) {
+    std::vector<std::pair<int, const std::string*>> entries;  // (id, piece)
+    entries.reserve(vocab.size() + added.size());
+    for (const auto& [piece, id] : vocab) entries.emplace_back(read_id(id, "model.vocab '" + piece + "'"), &piece);
+    struct Added {
+      int id;
+      const std::string* content;
+      bool special, normalized;
+    };
+    std::vector<Added> added_tokens;
+    for (std::size_t i = 0; i < added.size(); ++i) {
+      const std::string what = detail::concat("added_tokens[", i, "]");
+      const json::Value& token = added[i];
+      const int id = read_id(token.at("id", where(what)), what + ".id");
+      const std::string& content = token.at("content", where(what)).as_string(where(what + ".content"));
+      require(!content.empty(), where(what), ": token ", id, " has empty content");
+      const json::Value* special = token.find("special");
+      const bool is_special = special && special->as_bool(where(what + ".special"));
+      const json::Value* normalized = token.find("normalized");  // absent: special tokens are not
+      added_tokens.push_back(
+          {id, &content, is_special, normalized ? normalized->as_bool(where(what + ".normalized")) : !is_special});
+      entries.emplace_back(id, &content);
+    }
+
+    std::vector<int> ids;
+    ids.reserve(entries.size());
+    for (const auto& entry : entries) ids.push_back(entry.first);
+    std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    for (std::size_t k = 0; k < ids.size(); ++k)
+      require(ids[k] == static_cast<int>(k), where("model.vocab and added_tokens"), ": no token has id ", k,
+              " (ids run from 0 without a gap; the largest is ", ids.back(), ")");
+
+    pieces_.resize(ids.size());
+    std::vector<bool> assigned(ids.size(), false);
+    special_.assign(ids.size(), false);
+    for (const auto& [id, piece] : entries) {
+      auto& slot = pieces_[static_cast<std::size_t>(id)];
+      require(!assigned[static_cast<std::size_t>(id)] || slot == *piece, where("model.vocab and added_tokens"),
+              ": id ", id, " names both '", slot, "' and '", *piece, "'");
+      slot = *piece;
+      assigned[static_cast<std::size_t>(id)] = true;
+      ids_.emplace(*piece, id);
+    }
+    for (const Added& token : added_tokens) {
+      special_[static_cast<std::size_t>(token.id)] = token.special;
+      (token.normalized ? normalized_added_ : raw_added_).push_back({detail::Literal(*token.content), token.id});
+    }
+  }
+
+  void read_merges(const json::Value& model) {
     if (const json::Value* unk = model.find("unk_token"); unk && !unk->is_null()) {
       unk_id_ = id(unk->as_string(where("model.unk_token")));
       require(unk_id_ >= 0, where("model.unk_token"), ": '", unk->as_string(), "' is not in the vocabulary");
@@ -247,33 +402,33 @@ class HfTokenizer final : public Tokenizer {
     }
   }
 
-  void read_added(const json::Value& added) {
-    for (const json::Value& token : added.as_array(where("added_tokens"))) {
-      const int id = static_cast<int>(token.at("id", where("added_tokens")).as_int(where("added_tokens.id")));
-      const std::string& content = token.at("content", where("added_tokens")).as_string(where("added_tokens.content"));
-      require(!content.empty(), where("added_tokens"), ": token ", id, " has empty content");
-      set_piece(id, content, "added_tokens");
-      const json::Value* special = token.find("special");
-      special_[static_cast<std::size_t>(id)] = special && special->as_bool(where("added_tokens.special"));
-      const json::Value* normalized = token.find("normalized");  // absent: special tokens are not
-      const bool is_normalized =
-          normalized ? normalized->as_bool(where("added_tokens.normalized")) : !special_[static_cast<std::size_t>(id)];
-      (is_normalized ? normalized_added_ : raw_added_).emplace_back(content, id);
-    }
+  // A Replace's pattern: a non-empty string (an empty one would match between every two
+  // characters in `tokenizers`, which this reader does not reproduce).
+  detail::Literal string_pattern(const json::Value& v, const std::string& what) const {
+    const json::Value& pattern = v.at("pattern", where(what));
+    const json::Value* s = pattern.find("String");
+    require(s != nullptr, where(what), ": only String patterns are supported (not Regex)");
+    const std::string& text = s->as_string(where(what + ".pattern"));
+    require(!text.empty(), where(what + ".pattern"), ": empty pattern");
+    return detail::Literal(text);
   }
 
-  void read_normalizer(const json::Value& n) {
-    const std::string& type = n.at("type", where("normalizer")).as_string(where("normalizer.type"));
+  void read_normalizer(const json::Value& n, const std::string& what, GrowthBound& growth) {
+    const std::string& type = n.at("type", where(what)).as_string(where(what + ".type"));
     if (type == "Sequence") {
-      for (const json::Value& step : n.at("normalizers", where("normalizer")).as_array(where("normalizer.normalizers")))
-        read_normalizer(step);
+      const auto& steps = n.at("normalizers", where(what)).as_array(where(what + ".normalizers"));
+      for (std::size_t i = 0; i < steps.size(); ++i)
+        read_normalizer(steps[i], detail::concat(what, ".normalizers[", i, "]"), growth);
     } else if (type == "Prepend") {
-      normalizers_.push_back({true, "", n.at("prepend", where("normalizer")).as_string(where("normalizer.prepend"))});
+      NormalizeStep step{true, std::nullopt, n.at("prepend", where(what)).as_string(where(what + ".prepend"))};
+      growth.add(1, static_cast<double>(step.content.size()), where(what));
+      normalizers_.push_back(std::move(step));
     } else if (type == "Replace") {
-      normalizers_.push_back({false, string_pattern(n, "normalizer"),
-                              n.at("content", where("normalizer")).as_string(where("normalizer.content"))});
+      NormalizeStep step{false, string_pattern(n, what), n.at("content", where(what)).as_string(where(what + ".content"))};
+      growth.add(static_cast<double>(step.content.size()) / static_cast<double>(step.pattern->size()), 0, where(what));
+      normalizers_.push_back(std::move(step));
     } else {
-      throw error(where("normalizer") + ": type '" + type + "' is not supported");
+      throw error(where(what) + ": type '" + type + "' is not supported");
     }
   }
 
@@ -285,46 +440,68 @@ class HfTokenizer final : public Tokenizer {
     if (const json::Value* v = p.find("use_regex")) use_regex_ = v->as_bool(where("use_regex"));
   }
 
-  void read_decoder(const json::Value& d) {
-    const std::string& type = d.at("type", where("decoder")).as_string(where("decoder.type"));
+  void read_decoder(const json::Value& d, const std::string& what, GrowthBound& growth) {
+    const std::string& type = d.at("type", where(what)).as_string(where(what + ".type"));
     if (type == "Sequence") {
-      for (const json::Value& step : d.at("decoders", where("decoder")).as_array(where("decoder.decoders")))
-        read_decoder(step);
+      const auto& steps = d.at("decoders", where(what)).as_array(where(what + ".decoders"));
+      for (std::size_t i = 0; i < steps.size(); ++i)
+        read_decoder(steps[i], detail::concat(what, ".decoders[", i, "]"), growth);
     } else if (type == "ByteLevel") {
-      decoders_.push_back({DecodeStep::byte_level, "", ""});
+      growth.add(3, 0, where(what));  // bytes that are not UTF-8 become U+FFFD, 3 bytes each
+      decoders_.push_back({DecodeStep::byte_level, std::nullopt, ""});
     } else if (type == "Replace") {
-      decoders_.push_back(
-          {DecodeStep::replace, string_pattern(d, "decoder"), d.at("content", where("decoder")).as_string(where("decoder.content"))});
+      DecodeStep step{DecodeStep::replace, string_pattern(d, what),
+                      d.at("content", where(what)).as_string(where(what + ".content"))};
+      growth.add(static_cast<double>(step.content.size()) / static_cast<double>(step.pattern->size()), 0, where(what));
+      decoders_.push_back(std::move(step));
     } else if (type == "ByteFallback") {
-      decoders_.push_back({DecodeStep::byte_fallback, "", ""});
+      growth.add(1, 0, where(what));  // "<0xAB>" becomes 1 to 3 bytes
+      decoders_.push_back({DecodeStep::byte_fallback, std::nullopt, ""});
     } else if (type == "Fuse") {
-      decoders_.push_back({DecodeStep::fuse, "", ""});
+      growth.add(1, 0, where(what));
+      decoders_.push_back({DecodeStep::fuse, std::nullopt, ""});
     } else if (type == "Strip") {
-      DecodeStep step{DecodeStep::strip, "", d.at("content", where("decoder")).as_string(where("decoder.content"))};
-      step.start = d.at("start", where("decoder")).as_int(where("decoder.start"));
-      step.stop = d.at("stop", where("decoder")).as_int(where("decoder.stop"));
-      decoders_.push_back(step);
+      // As in `tokenizers`: content is one character, start and stop are counts.
+      DecodeStep step{DecodeStep::strip, std::nullopt, d.at("content", where(what)).as_string(where(what + ".content"))};
+      std::size_t length = 0;
+      if (!step.content.empty()) detail::next_code_point(step.content, 0, length);
+      require(!step.content.empty() && length == step.content.size(), where(what + ".content"), ": '", step.content,
+              "' is not one character");
+      step.start = d.at("start", where(what)).as_int(where(what + ".start"));
+      step.stop = d.at("stop", where(what)).as_int(where(what + ".stop"));
+      require(step.start >= 0 && step.stop >= 0, where(what), ": negative start (", step.start, ") or stop (",
+              step.stop, ")");
+      growth.add(1, 0, where(what));
+      decoders_.push_back(std::move(step));
     } else {
-      throw error(where("decoder") + ": type '" + type + "' is not supported");
+      throw error(where(what) + ": type '" + type + "' is not supported");
     }
   }
 
-  std::string string_pattern(const json::Value& v, const std::string& component) const {
-    const json::Value& pattern = v.at("pattern", where(component));
-    const json::Value* s = pattern.find("String");
-    require(s != nullptr, where(component), ": only String patterns are supported (not Regex)");
-    return s->as_string(where(component + ".pattern"));
+  // Added tokens matched in the normalized text are matched by their normalized content;
+  // one that normalizes to "" would match everywhere without consuming any text.
+  void normalize_added() {
+    for (AddedToken& token : normalized_added_) {
+      std::string normalized = normalize(token.content.text());
+      require(!normalized.empty(), where("added_tokens"), ": token ", token.id, " '", token.content.text(),
+              "' normalizes to the empty string (it would match everywhere)");
+      token.content = detail::Literal(std::move(normalized));
+    }
   }
 
-  void read_special_ids(const json::Value& root) {
+  void read_special_ids(const json::Value& root, std::optional<std::string_view> config_text) {
     auto find = [&](const std::string& piece) { return piece.empty() ? -1 : id(piece); };
-    const std::string folder = path_.substr(0, path_.find_last_of('/') + 1);
-    if (std::ifstream(folder + "tokenizer_config.json")) {
-      const json::Value config = json::parse_file(folder + "tokenizer_config.json");
+    if (config_text) {
+      const std::string config_name = config_path_beside(path_);
+      require(config_text->size() <= max_config_bytes, config_name, ": ", config_text->size(),
+              " bytes, above the limit of ", max_config_bytes, " for tokenizer_config.json");
+      const json::Value config = json::parse(*config_text, config_name);
+      require(config.is_object(), config_name, ": must hold a JSON object");
       auto token = [&](const char* key) -> std::string {
         const json::Value* v = config.find(key);
         if (!v || v->is_null()) return "";
-        return v->is_string() ? v->as_string() : v->at("content", folder + "tokenizer_config.json").as_string();
+        const std::string what = config_name + ": " + key;
+        return v->is_string() ? v->as_string() : v->at("content", what).as_string(what + ".content");
       };
       bos_id_ = find(token("bos_token"));
       eos_id_ = find(token("eos_token"));
@@ -352,20 +529,21 @@ class HfTokenizer final : public Tokenizer {
 
   // Cuts `text` at the added tokens of `added` (the earliest match first, the longest
   // of those starting together): their ids go to `ids`, the text between to `segment`.
+  // Every token is non-empty, so each match moves `pos` forward.
   template <typename Segment>
-  static void split_added(std::string_view text, const std::vector<std::pair<std::string, int>>& added,
-                          std::vector<int>& ids, Segment&& segment) {
+  static void split_added(std::string_view text, const std::vector<AddedToken>& added, std::vector<int>& ids,
+                          Segment&& segment) {
     std::vector<std::size_t> next;  // where each added token next occurs, refreshed once passed
-    for (const auto& token : added) next.push_back(text.find(token.first));
+    for (const auto& token : added) next.push_back(token.content.find(text, 0));
     for (std::size_t pos = 0; pos < text.size();) {
       std::size_t best = std::string_view::npos, best_length = 0;
       int best_id = -1;
       for (std::size_t k = 0; k < added.size(); ++k) {
-        if (next[k] < pos) next[k] = text.find(added[k].first, pos);
-        if (next[k] < best || (next[k] == best && best != std::string_view::npos && added[k].first.size() > best_length)) {
+        if (next[k] < pos) next[k] = added[k].content.find(text, pos);
+        if (next[k] < best || (next[k] == best && best != std::string_view::npos && added[k].content.size() > best_length)) {
           best = next[k];
-          best_length = added[k].first.size();
-          best_id = added[k].second;
+          best_length = added[k].content.size();
+          best_id = added[k].id;
         }
       }
       if (best != pos) segment(text.substr(pos, best == std::string_view::npos ? std::string_view::npos : best - pos));
@@ -378,7 +556,7 @@ class HfTokenizer final : public Tokenizer {
   std::string normalize(std::string_view raw) const {
     std::string text(raw);
     for (const NormalizeStep& step : normalizers_) {
-      if (!step.prepend) detail::replace_all(text, step.pattern, step.content);
+      if (!step.prepend) text = detail::replace_all(text, *step.pattern, step.content);
       else if (!text.empty()) text.insert(0, step.content);
     }
     return text;
@@ -442,7 +620,7 @@ class HfTokenizer final : public Tokenizer {
   static void apply(const DecodeStep& step, std::vector<std::string>& tokens) {
     switch (step.kind) {
       case DecodeStep::replace:
-        for (auto& t : tokens) detail::replace_all(t, step.pattern, step.content);
+        for (auto& t : tokens) t = detail::replace_all(t, *step.pattern, step.content);
         break;
       case DecodeStep::fuse: {
         std::string all;
@@ -450,16 +628,19 @@ class HfTokenizer final : public Tokenizer {
         tokens.assign(1, all);
         break;
       }
-      case DecodeStep::strip:
+      case DecodeStep::strip: {
+        // Up to `start` copies of the character off the front, `stop` off the back; each
+        // count is bounded by the token's length, whatever the file says.
+        const std::string_view c = step.content;
         for (auto& t : tokens) {
-          for (std::int64_t k = 0; k < step.start && t.compare(0, step.content.size(), step.content) == 0; ++k)
-            t.erase(0, step.content.size());
-          for (std::int64_t k = 0; k < step.stop && t.size() >= step.content.size() &&
-                                   t.compare(t.size() - step.content.size(), step.content.size(), step.content) == 0;
-               ++k)
-            t.erase(t.size() - step.content.size());
+          std::string_view s = t;
+          for (std::int64_t k = 0; k < step.start && s.substr(0, c.size()) == c; ++k) s.remove_prefix(c.size());
+          for (std::int64_t k = 0; k < step.stop && s.size() >= c.size() && s.substr(s.size() - c.size()) == c; ++k)
+            s.remove_suffix(c.size());
+          t = std::string(s);
         }
         break;
+      }
       case DecodeStep::byte_fallback: {
         // Runs of byte pieces become their UTF-8 text, or one U+FFFD per byte when invalid.
         std::vector<std::string> out;
@@ -510,11 +691,11 @@ class HfTokenizer final : public Tokenizer {
 
   std::string path_;
   std::vector<std::string> pieces_;
-  std::vector<bool> assigned_, special_;
+  std::vector<bool> special_;
   std::unordered_map<std::string, int> ids_;
   std::unordered_map<std::uint64_t, std::pair<int, int>> merges_;  // (a, b) -> (rank, merged id)
   std::array<int, 256> byte_ids_{};
-  std::vector<std::pair<std::string, int>> raw_added_, normalized_added_;  // content, id
+  std::vector<AddedToken> raw_added_, normalized_added_;
   int unk_id_ = -1;
   bool byte_fallback_ = false, fuse_unk_ = false, ignore_merges_ = false;
   std::vector<NormalizeStep> normalizers_;

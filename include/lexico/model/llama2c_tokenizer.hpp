@@ -8,18 +8,18 @@
 // symbol per code point (bytes of unknown code points fall back to byte pieces), then
 // the adjacent pair whose concatenation is the highest-scoring piece merges first.
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
 
 #include "../base/error.hpp"
+#include "../base/files.hpp"
 #include "bpe.hpp"
 #include "unicode.hpp"
 
@@ -27,13 +27,17 @@ namespace lexico {
 
 class Llama2cTokenizer final : public Tokenizer {
  public:
-  explicit Llama2cTokenizer(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    require(static_cast<bool>(in), path, ": cannot open file");
-    const std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Size cap: a 32k vocabulary takes ~0.4 MB, a 256k one ~4 MB.
+  static constexpr std::uint64_t max_file_bytes = std::uint64_t{16} << 20;
+
+  explicit Llama2cTokenizer(const std::string& path) : Llama2cTokenizer(FileBytes(path)) {}
+
+  // The same from any bytes (a file, or memory: MemoryBytes); errors start with source.name().
+  explicit Llama2cTokenizer(const ByteSource& source) : name_(source.name()) {
+    const std::string data = source.read_all(max_file_bytes);
     std::size_t at = 0;
     auto read_i32 = [&](const char* what, int id) {
-      require(data.size() - at >= 4, path, ": truncated at offset ", at, " reading the ", what,
+      require(data.size() - at >= 4, name_, ": truncated at offset ", at, " reading the ", what,
               id >= 0 ? detail::concat(" of token ", id) : std::string());
       std::int32_t value;
       std::memcpy(&value, data.data() + at, 4);
@@ -41,23 +45,25 @@ class Llama2cTokenizer final : public Tokenizer {
       return value;
     };
     const std::int32_t max_length = read_i32("max_token_length", -1);
-    require(max_length > 0 && max_length < (1 << 16), path, ": max_token_length ", max_length, " out of range");
+    require(max_length > 0 && max_length < (1 << 16), name_, ": max_token_length ", max_length, " out of range");
+    // Every token takes at least 8 bytes of the capped file, so ids stay far below INT_MAX.
     while (at < data.size()) {
       const int id = static_cast<int>(pieces_.size());
       const std::int32_t score_bits = read_i32("score", id);
       float score;
       std::memcpy(&score, &score_bits, 4);
       const std::int32_t length = read_i32("length", id);
-      require(length >= 0 && length <= max_length, path, ": token ", id, " at offset ", at - 4, " has length ", length,
+      require(length >= 0 && length <= max_length, name_, ": token ", id, " at offset ", at - 4, " has length ", length,
               " outside [0, ", max_length, "]");
-      require(data.size() - at >= static_cast<std::size_t>(length), path, ": truncated in the bytes of token ", id,
+      require(data.size() - at >= static_cast<std::size_t>(length), name_, ": truncated in the bytes of token ", id,
               " at offset ", at);
-      require(std::isfinite(score), path, ": token ", id, " has a non-finite score");
+      require(std::isfinite(score), name_, ": token ", id, " has a non-finite score");
       pieces_.emplace_back(data, at, static_cast<std::size_t>(length));
       scores_.push_back(score);
+      longest_ = std::max(longest_, static_cast<std::size_t>(length));
       at += static_cast<std::size_t>(length);
     }
-    require(pieces_.size() >= 3, path, ": ", pieces_.size(), " tokens, fewer than unk, BOS and EOS");
+    require(pieces_.size() >= 3, name_, ": ", pieces_.size(), " tokens, fewer than unk, BOS and EOS");
     bos_id_ = 1;
     eos_id_ = 2;
     byte_ids_.fill(-1);
@@ -83,6 +89,9 @@ class Llama2cTokenizer final : public Tokenizer {
       }
       std::string joined;
       detail::bpe_merge(ids, [&](int a, int b, double& priority, int& merged) {
+        // A pair longer than every piece cannot be one (and is not built: pieces may be 64 KB).
+        if (pieces_[static_cast<std::size_t>(a)].size() + pieces_[static_cast<std::size_t>(b)].size() > longest_)
+          return false;
         joined = pieces_[static_cast<std::size_t>(a)];
         joined += pieces_[static_cast<std::size_t>(b)];
         const auto it = ids_.find(joined);
@@ -111,7 +120,7 @@ class Llama2cTokenizer final : public Tokenizer {
   }
 
   const std::string& piece(int id) const override {
-    require(id >= 0 && id < vocab_size(), "Llama2cTokenizer: token id ", id, " outside [0, ", vocab_size(), ")");
+    require(id >= 0 && id < vocab_size(), name_, ": token id ", id, " outside [0, ", vocab_size(), ")");
     return pieces_[static_cast<std::size_t>(id)];
   }
   int vocab_size() const override { return static_cast<int>(pieces_.size()); }
@@ -128,8 +137,10 @@ class Llama2cTokenizer final : public Tokenizer {
     return id >= 0 ? id : 0;  // no byte fallback for this byte: unk
   }
 
+  std::string name_;
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
+  std::size_t longest_ = 0;
   std::unordered_map<std::string, int> ids_;
   std::array<int, 256> byte_ids_{};
 };

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <system_error>
 
 #include "../base/error.hpp"
 #include "bpe.hpp"
@@ -15,7 +16,8 @@ namespace lexico {
 
 // A tokenizer.json, a directory holding one, or a llama2.c tokenizer .bin.
 inline std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
-  if (std::filesystem::is_directory(path)) return std::make_unique<HfTokenizer>(path + "/tokenizer.json");
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) return std::make_unique<HfTokenizer>(path + "/tokenizer.json");
   const std::string extension = std::filesystem::path(path).extension().string();
   if (extension == ".json") return std::make_unique<HfTokenizer>(path);
   if (extension == ".bin") return std::make_unique<Llama2cTokenizer>(path);
