@@ -82,7 +82,9 @@ TEST(FuzzInputs, RegressionsAreRejectedWithAClearError) {
       bool accepted = false;
       const std::string message = replay(target, file, &accepted);
       EXPECT_FALSE(accepted) << file << " was accepted";
-      if (!accepted) EXPECT_FALSE(message.empty()) << file;
+      if (!accepted) {
+        EXPECT_FALSE(message.empty()) << file;
+      }
       ++replayed;
     }
   }
