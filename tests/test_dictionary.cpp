@@ -1,14 +1,23 @@
 #include <lexico/coding/code_book.hpp>
 #include <lexico/coding/dictionary.hpp>
+#include <lexico/coding/dictionary_set.hpp>
 
+#include <sys/resource.h>
+
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
 
 #include <gtest/gtest.h>
 
+#include "test_util.hpp"
+
 namespace {
+
+using lexico_test::error_of;
 
 namespace fs = std::filesystem;
 
@@ -135,6 +144,224 @@ TEST(Dictionary, DamagedFilesRaiseErrorsThatSayWhat) {
   expect_load_error(temp_path("missing.lexd"), "cannot open");
   fs::remove(good);
   fs::remove(bad);
+}
+
+// A file header (magic, version, d, N, scalar type, metadata count) and what follows it.
+std::string header(std::uint32_t d, std::uint32_t n, std::uint32_t entries, const std::string& rest = "") {
+  std::string bytes("LEXDICT\0", 8);
+  for (const std::uint32_t field : {1u, d, n, 0u, entries}) bytes.append(reinterpret_cast<const char*>(&field), 4);
+  return bytes + rest;
+}
+
+TEST(Dictionary, HugeCountsAreRejectedBeforeAnythingIsAllocated) {
+  const auto error = [](const std::string& bytes) {
+    return error_of([&] { lexico::Dictionary::from_bytes(bytes, "huge.lexd"); });
+  };
+  // 64 MiB of atoms declared in a 100-byte file: refused by the size check that precedes
+  // the allocation, not by the read that would follow it.
+  std::string message = error(header(256, 65536, 0, std::string(64, '\0')));
+  EXPECT_NE(message.find("huge.lexd"), std::string::npos) << message;
+  EXPECT_NE(message.find("256 x 65536 atoms need 67108864 bytes"), std::string::npos) << message;
+  message = error(header(8, 4, 0xffffffffu, std::string(64, '\0')));
+  EXPECT_NE(message.find("huge.lexd': metadata count 4294967295"), std::string::npos) << message;
+  const std::uint32_t length = 0x7fffffff;
+  message = error(header(8, 4, 1, std::string(reinterpret_cast<const char*>(&length), 4) + std::string(64, '\0')));
+  EXPECT_NE(message.find("huge.lexd': metadata key of 2147483647 bytes"), std::string::npos) << message;
+  message = error(header(8, 4, 1).substr(0, 18));
+  EXPECT_NE(message.find("huge.lexd: truncated: atom count"), std::string::npos) << message;
+}
+
+TEST(Dictionary, BytesAndFilesHoldTheSameDictionary) {
+  const auto dict = random_dictionary(12, 30, 4);
+  const std::string path = temp_path("bytes.lexd");
+  dict.save(path);
+  const std::vector<char> file = read_all(path);
+  const std::string bytes = dict.to_bytes();
+  EXPECT_EQ(std::string(file.begin(), file.end()), bytes);
+  const auto from_file = lexico::Dictionary::load(path), from_bytes = lexico::Dictionary::from_bytes(bytes);
+  EXPECT_EQ(from_file.atoms(), from_bytes.atoms());
+  EXPECT_EQ(from_file.metadata(), from_bytes.metadata());
+  fs::remove(path);
+}
+
+// Files of `folder` whose name holds ".tmp-" (AtomicFile's temporaries).
+int temporaries_in(const fs::path& folder) {
+  int count = 0;
+  for (const auto& entry : fs::directory_iterator(folder))
+    count += entry.path().filename().string().find(".tmp-") != std::string::npos;
+  return count;
+}
+
+TEST(Dictionary, FailedSaveLeavesThePreviousFileAndNoTemporary) {
+  const fs::path dir = temp_path("atomic");
+  fs::create_directories(dir);
+  const std::string path = (dir / "d.lexd").string();
+  const auto old_dict = random_dictionary(4, 5, 5);
+  old_dict.save(path);
+  const std::vector<char> old_bytes = read_all(path);
+
+  // The disk "fills" part-way through the new file: writes past 1 KB fail (EFBIG).
+  const auto previous_handler = std::signal(SIGXFSZ, SIG_IGN);
+  rlimit previous_limit;
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &previous_limit), 0);
+  rlimit limit = previous_limit;
+  limit.rlim_cur = 1024;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
+  const std::string message = error_of([&] { random_dictionary(32, 100, 6).save(path); });
+  ::setrlimit(RLIMIT_FSIZE, &previous_limit);
+  std::signal(SIGXFSZ, previous_handler);
+  EXPECT_NE(message.find("write error"), std::string::npos) << message;
+  EXPECT_EQ(read_all(path), old_bytes);
+  EXPECT_EQ(temporaries_in(dir), 0);
+
+  // The target is a folder: the rename fails after the data was written and flushed.
+  fs::create_directories(dir / "folder.lexd");
+  EXPECT_THROW(old_dict.save((dir / "folder.lexd").string()), lexico::error);
+  EXPECT_TRUE(fs::is_directory(dir / "folder.lexd"));
+  EXPECT_EQ(temporaries_in(dir), 0);
+  fs::remove_all(dir);
+}
+
+// Dictionary sets: a manifest and its files, on disk or in memory.
+
+lexico::DictionarySetManifest set_manifest(int layers, int d, int n) {
+  lexico::DictionarySetManifest m;
+  m.model = "test";
+  m.method = "none";
+  m.layers = layers;
+  m.head_dim = d;
+  m.atoms = n;
+  m.sparsity = 2;
+  m.settings = {{"corpus", "x"}};
+  m.errors = {{0, 'K', 2, 0.25, 1.0 / 3}};
+  return m;
+}
+
+std::vector<lexico::LayerDictionaries> set_layers(int layers, int d, int n) {
+  std::vector<lexico::LayerDictionaries> out;
+  for (int l = 0; l < layers; ++l)
+    out.push_back({std::make_shared<const lexico::Dictionary>(random_dictionary(d, n, 10 + 2 * l)),
+                   std::make_shared<const lexico::Dictionary>(random_dictionary(d, n, 11 + 2 * l))});
+  return out;
+}
+
+// The set of `layers` in memory, with `manifest` as its manifest.json.
+lexico::MemoryFolder memory_set(const std::vector<lexico::LayerDictionaries>& layers, const std::string& manifest) {
+  lexico::MemoryFolder folder("mem");
+  folder.add("manifest.json", manifest);
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    folder.add(lexico::detail::dictionary_file_name(static_cast<int>(l), true), layers[l].keys->to_bytes());
+    folder.add(lexico::detail::dictionary_file_name(static_cast<int>(l), false), layers[l].values->to_bytes());
+  }
+  return folder;
+}
+
+std::string replaced(std::string text, const std::string& from, const std::string& to) {
+  const std::size_t at = text.find(from);
+  EXPECT_NE(at, std::string::npos) << from;
+  if (at != std::string::npos) text.replace(at, from.size(), to);
+  return text;
+}
+
+TEST(DictionarySet, MemoryAndDiskLoadersGiveTheSameSet) {
+  const fs::path dir = temp_path("set");
+  const auto layers = set_layers(2, 8, 12);
+  const auto manifest = set_manifest(2, 8, 12);
+  lexico::save_dictionaries(dir.string(), layers, manifest);
+  EXPECT_EQ(temporaries_in(dir), 0);
+  lexico::MemoryFolder folder("mem");
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    const std::vector<char> bytes = read_all(entry.path().string());
+    folder.add(entry.path().filename().string(), std::string(bytes.begin(), bytes.end()));
+  }
+  const lexico::DictionarySet on_disk = lexico::load_dictionaries(dir.string()), in_memory = lexico::load_dictionaries(folder);
+  EXPECT_EQ(lexico::manifest_json(on_disk.manifest), lexico::manifest_json(in_memory.manifest));
+  EXPECT_EQ(lexico::manifest_json(on_disk.manifest), lexico::manifest_json(manifest));
+  ASSERT_EQ(in_memory.layers.size(), 2u);
+  for (std::size_t l = 0; l < 2; ++l) {
+    EXPECT_EQ(on_disk.layers[l].keys->atoms(), in_memory.layers[l].keys->atoms());
+    EXPECT_EQ(on_disk.layers[l].values->atoms(), in_memory.layers[l].values->atoms());
+    EXPECT_EQ(in_memory.layers[l].keys->atoms(), layers[l].keys->atoms());
+  }
+  EXPECT_EQ(lexico::load_code_space(folder)->layers(), 2);
+  fs::remove_all(dir);
+}
+
+TEST(DictionarySet, FileNamesMayNotLeaveTheFolder) {
+  const auto layers = set_layers(1, 8, 12);
+  const std::string manifest = lexico::manifest_json(set_manifest(1, 8, 12));
+  const struct {
+    const char* name;
+    const char* expected;
+  } cases[] = {{"../x.dict", "leaves its folder"},
+               {"/etc/passwd", "is absolute"},
+               {"sub/../../x", "leaves its folder"},
+               {"a\\b", "backslash"},
+               {"", "empty file name"},
+               {"missing.dict", "'missing.dict' does not exist in mem"}};
+  for (const auto& c : cases) {
+    const std::string text = replaced(manifest, "\"layer00.v.dict\"", lexico::json::quote(c.name));
+    const std::string message = error_of([&] { lexico::load_dictionaries(memory_set(layers, text)); });
+    EXPECT_NE(message.find("mem/manifest.json: files entry layer 0 values"), std::string::npos) << message;
+    EXPECT_NE(message.find(c.expected), std::string::npos) << c.name << " -> " << message;
+  }
+}
+
+TEST(DictionarySet, RecordsTheKeyFormAndReadsManifestsWithoutIt) {
+  const auto layers = set_layers(1, 8, 12);
+  auto manifest = set_manifest(1, 8, 12);
+  const std::string after = lexico::manifest_json(manifest);
+  EXPECT_NE(after.find("\"keys\": \"after_rope\""), std::string::npos) << after;
+  EXPECT_EQ(lexico::load_dictionaries(memory_set(layers, after)).manifest.settings, manifest.settings);
+  manifest.settings["keys"] = "before_rope";
+  manifest.settings["rope_theta"] = "10000";
+  manifest.settings["rope_style"] = "rotate_half";
+  const std::string before = lexico::manifest_json(manifest);
+  EXPECT_NE(before.find("\"keys\": \"before_rope\""), std::string::npos) << before;
+  EXPECT_TRUE(lexico::load_code_space(memory_set(layers, before))->key_rope().has_value());
+  // Written before the field existed: settings alone say it.
+  const std::string old = replaced(before, "\"keys\": \"before_rope\",\n", "");
+  EXPECT_TRUE(lexico::load_code_space(memory_set(layers, old))->key_rope().has_value());
+  const std::string contradicting = replaced(before, "\"keys\": \"before_rope\"", "\"keys\": \"after_rope\"");
+  EXPECT_NE(error_of([&] { lexico::load_dictionaries(memory_set(layers, contradicting)); })
+                .find("keys 'after_rope' but settings.keys 'before_rope'"),
+            std::string::npos);
+  manifest.settings["keys"] = "sideways";
+  EXPECT_NE(error_of([&] { lexico::manifest_json(manifest); }).find("settings.keys 'sideways'"), std::string::npos);
+}
+
+TEST(DictionarySet, SharedFilesLoadOnceAndManifestsAreCapped) {
+  const auto layers = set_layers(1, 8, 12);
+  std::string manifest = lexico::manifest_json(set_manifest(3, 8, 12));
+  for (const char* layer : {"01", "02"})
+    for (const char* kind : {".k.dict", ".v.dict"})
+      manifest = replaced(manifest, std::string("layer") + layer + kind, std::string("layer00") + kind);
+  const lexico::DictionarySet set = lexico::load_dictionaries(memory_set(layers, manifest));
+  ASSERT_EQ(set.layers.size(), 3u);
+  EXPECT_EQ(set.layers[2].keys, set.layers[0].keys);
+  EXPECT_NE(set.layers[2].values, set.layers[2].keys);
+
+  const std::string big = replaced(manifest, "\"corpus\": \"x\"", "\"corpus\": \"" + std::string(1 << 20, 'x') + "\"");
+  const std::string message = error_of([&] { lexico::load_dictionaries(memory_set(layers, big)); });
+  EXPECT_NE(message.find("mem/manifest.json: "), std::string::npos) << message;
+  EXPECT_NE(message.find("above the limit of 1048576"), std::string::npos) << message;
+}
+
+TEST(DictionarySet, RewritingASetLeavesNoTemporaryAndRefusesMismatchedDictionaries) {
+  const fs::path dir = temp_path("rewrite");
+  lexico::save_dictionaries(dir.string(), set_layers(2, 8, 12), set_manifest(2, 8, 12));
+  const auto newer = set_layers(1, 8, 16);
+  lexico::save_dictionaries(dir.string(), newer, set_manifest(1, 8, 16));
+  EXPECT_EQ(temporaries_in(dir), 0);
+  const lexico::DictionarySet set = lexico::load_dictionaries(dir.string());
+  EXPECT_EQ(set.manifest.layers, 1);
+  EXPECT_EQ(set.layers[0].keys->atoms(), newer[0].keys->atoms());
+  // Dictionaries that do not match their manifest are refused before anything is written.
+  const std::string message = error_of([&] { lexico::save_dictionaries(dir.string(), set_layers(1, 8, 12), set_manifest(1, 8, 16)); });
+  EXPECT_NE(message.find("layer 0 keys is 8 x 12, the manifest says 8 x 16"), std::string::npos) << message;
+  EXPECT_EQ(lexico::load_dictionaries(dir.string()).layers[0].keys->atoms(), newer[0].keys->atoms());
+  EXPECT_EQ(temporaries_in(dir), 0);
+  fs::remove_all(dir);
 }
 
 }  // namespace

@@ -6,22 +6,25 @@
 //   8 bytes  magic "LEXDICT\0"
 //   u32      format version
 //   u32 d, u32 N, u32 scalar type (0 = f32)
-//   u32      metadata entry count, then per entry: u32 length + key bytes, u32 length + value bytes
+//   u32      metadata entry count (<= 4096), then per entry: u32 length + key bytes, u32 length
+//            + value bytes (each <= 1 MiB)
 //   d*N f32  atoms, column after column
 //   u64      FNV-1a hash of every byte before it
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <string>
-#include <vector>
+#include <string_view>
+#include <utility>
 
 #include <Eigen/Core>
 
+#include "../base/checked.hpp"
 #include "../base/error.hpp"
+#include "../base/files.hpp"
 
 namespace lexico {
 
@@ -98,8 +101,22 @@ class Dictionary {
     return worst;
   }
 
+  // The file's bytes (format above); save() writes them to a temporary file beside
+  // `path`, flushed and renamed into place, so an interrupted save leaves the previous
+  // file or the complete new one.
+  std::string to_bytes() const;
   void save(const std::string& path) const;
-  static Dictionary load(const std::string& path);
+  // Every size in the file is checked against the bytes it holds before anything is
+  // allocated for it. The path and in-memory forms read through load(ByteSource).
+  static Dictionary load(const ByteSource& source);
+  static Dictionary load(const std::string& path) { return load(FileBytes(path)); }
+  static Dictionary from_bytes(std::string_view bytes, std::string name = "<memory>") {
+    return load(MemoryBytes(bytes, std::move(name)));
+  }
+
+  // Bounds of the metadata a file may hold: a few descriptive strings in practice.
+  static constexpr std::uint32_t max_metadata_entries = 4096;
+  static constexpr std::uint32_t max_metadata_text = 1u << 20;
 
  private:
   // load() keeps the stored atoms bit for bit (they were normalised before saving).
@@ -117,128 +134,145 @@ class Dictionary {
     }
   }
 
+  template <typename Sink>
+  void write(Sink&& sink) const;
+
   Eigen::MatrixXf atoms_;
   DictionaryMetadata metadata_;
 };
 
 namespace detail {
 
-class DictionaryWriter {
- public:
-  explicit DictionaryWriter(const std::string& path) : path_(path), out_(path, std::ios::binary) {
-    require(out_.good(), "Dictionary::save: cannot open '", path, "' for writing");
-  }
-  void bytes(const void* data, std::size_t size) {
-    hash_.add(data, size);
-    out_.write(static_cast<const char*>(data), static_cast<std::streamsize>(size));
-  }
-  void u32(std::uint32_t value) { bytes(&value, sizeof value); }
-  void text(const std::string& value) {
-    u32(static_cast<std::uint32_t>(value.size()));
-    bytes(value.data(), value.size());
-  }
-  void finish() {
-    const std::uint64_t checksum = hash_.state;
-    out_.write(reinterpret_cast<const char*>(&checksum), sizeof checksum);
-    out_.close();
-    require(!out_.fail(), "Dictionary::save: writing '", path_, "' failed");
-  }
-
- private:
-  std::string path_;
-  std::ofstream out_;
-  Fnv1a hash_;
-};
-
+// Reads a dictionary file field by field, hashing what it reads; every count is checked
+// against the bytes left in the source before anything is allocated for it.
 class DictionaryReader {
  public:
-  explicit DictionaryReader(const std::string& path) : path_(path) {
-    std::ifstream in(path, std::ios::binary);
-    require(in.good(), "Dictionary::load: cannot open '", path, "'");
-    data_.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  void bytes(void* out, std::size_t size, const char* what) {
-    require(size <= data_.size() - offset_, "Dictionary::load: '", path_, "' is truncated: ", what, " needs ", size,
-            " bytes at offset ", offset_, " but the file has ", data_.size());
-    std::memcpy(out, data_.data() + offset_, size);
+  explicit DictionaryReader(const ByteSource& source) : source_(source) {}
+
+  const std::string& name() const { return source_.name(); }
+  std::uint64_t left() const { return source_.size() - offset_; }
+
+  void bytes(void* out, std::size_t size, std::string_view what) {
+    source_.read(offset_, out, size, what);
+    hash_.add(out, size);
     offset_ += size;
   }
-  std::uint32_t u32(const char* what) {
+  std::uint32_t u32(std::string_view what) {
     std::uint32_t value;
     bytes(&value, sizeof value, what);
     return value;
   }
-  std::string text(const char* what) {
+  std::string text(std::string_view what) {
     const std::uint32_t length = u32(what);
-    require(length <= data_.size() - offset_, "Dictionary::load: '", path_, "' is truncated: ", what, " of ",
-            length, " bytes at offset ", offset_);
-    std::string value(data_.data() + offset_, length);
-    offset_ += length;
+    require(length <= Dictionary::max_metadata_text && length <= left(), "Dictionary::load: '", name(), "': ", what,
+            " of ", length, " bytes at offset ", offset_, " (the limit is ", Dictionary::max_metadata_text,
+            ", the file has ", left(), " bytes left)");
+    std::string value(length, '\0');
+    bytes(value.data(), length, what);
     return value;
   }
+  // The stored FNV-1a hash of every byte before it, then the end of the file.
   void check_hash() {
-    Fnv1a hash;
-    hash.add(data_.data(), offset_);
+    const std::uint64_t expected = hash_.state;
     std::uint64_t stored;
-    bytes(&stored, sizeof stored, "checksum");
-    require(stored == hash.state, "Dictionary::load: '", path_, "' is corrupt: checksum mismatch");
-    require(offset_ == data_.size(), "Dictionary::load: '", path_, "' has ", data_.size() - offset_,
+    source_.read(offset_, &stored, sizeof stored, "checksum");
+    offset_ += sizeof stored;
+    require(stored == expected, "Dictionary::load: '", name(), "' is corrupt: checksum mismatch");
+    require(offset_ == source_.size(), "Dictionary::load: '", name(), "' has ", left(),
             " unexpected bytes after the checksum");
   }
-  const std::string& path() const { return path_; }
 
  private:
-  std::string path_;
-  std::vector<char> data_;
-  std::size_t offset_ = 0;
+  const ByteSource& source_;
+  std::uint64_t offset_ = 0;
+  Fnv1a hash_;
 };
 
 }  // namespace detail
 
-inline void Dictionary::save(const std::string& path) const {
+// Streams the file to `sink(data, size)` (a string, an AtomicFile).
+template <typename Sink>
+void Dictionary::write(Sink&& sink) const {
   require(size() > 0, "Dictionary::save: the dictionary is empty");
-  detail::DictionaryWriter out(path);
-  out.bytes(detail::dictionary_magic, sizeof detail::dictionary_magic);
-  out.u32(detail::dictionary_format_version);
-  out.u32(static_cast<std::uint32_t>(dim()));
-  out.u32(static_cast<std::uint32_t>(size()));
-  out.u32(detail::dictionary_scalar_f32);
-  out.u32(static_cast<std::uint32_t>(metadata_.size()));
+  require(metadata_.size() <= max_metadata_entries, "Dictionary::save: ", metadata_.size(),
+          " metadata entries, the format allows ", max_metadata_entries);
+  detail::Fnv1a hash;
+  const auto bytes = [&](const void* data, std::size_t count) {
+    hash.add(data, count);
+    sink(data, count);
+  };
+  const auto u32 = [&](std::uint32_t value) { bytes(&value, sizeof value); };
+  const auto text = [&](const std::string& value) {
+    require(value.size() <= max_metadata_text, "Dictionary::save: a metadata text of ", value.size(),
+            " bytes, the format allows ", max_metadata_text);
+    u32(static_cast<std::uint32_t>(value.size()));
+    bytes(value.data(), value.size());
+  };
+  bytes(detail::dictionary_magic, sizeof detail::dictionary_magic);
+  u32(detail::dictionary_format_version);
+  u32(static_cast<std::uint32_t>(dim()));
+  u32(static_cast<std::uint32_t>(size()));
+  u32(detail::dictionary_scalar_f32);
+  u32(static_cast<std::uint32_t>(metadata_.size()));
   for (const auto& [key, value] : metadata_) {
-    out.text(key);
-    out.text(value);
+    text(key);
+    text(value);
   }
-  out.bytes(atoms_.data(), sizeof(float) * static_cast<std::size_t>(atoms_.size()));
-  out.finish();
+  bytes(atoms_.data(), sizeof(float) * static_cast<std::size_t>(atoms_.size()));
+  const std::uint64_t checksum = hash.state;
+  sink(&checksum, sizeof checksum);
 }
 
-inline Dictionary Dictionary::load(const std::string& path) {
-  detail::DictionaryReader in(path);
+inline std::string Dictionary::to_bytes() const {
+  std::string out;
+  write([&](const void* data, std::size_t size) { out.append(static_cast<const char*>(data), size); });
+  return out;
+}
+
+inline void Dictionary::save(const std::string& path) const {
+  AtomicFile file(path);
+  write([&](const void* data, std::size_t size) { file.write(data, size); });
+  file.commit();
+}
+
+inline Dictionary Dictionary::load(const ByteSource& source) {
+  detail::DictionaryReader in(source);
+  const std::string& name = source.name();
   char magic[8];
   in.bytes(magic, sizeof magic, "magic");
-  require(std::memcmp(magic, detail::dictionary_magic, sizeof magic) == 0, "Dictionary::load: '", path,
+  require(std::memcmp(magic, detail::dictionary_magic, sizeof magic) == 0, "Dictionary::load: '", name,
           "' is not a lexico dictionary (bad magic)");
   const std::uint32_t version = in.u32("format version");
-  require(version == detail::dictionary_format_version, "Dictionary::load: '", path, "' has format version ",
+  require(version == detail::dictionary_format_version, "Dictionary::load: '", name, "' has format version ",
           version, ", this build reads version ", detail::dictionary_format_version);
   const std::uint32_t d = in.u32("dimension"), n = in.u32("atom count"), scalar = in.u32("scalar type");
   require(d >= 1 && d <= static_cast<std::uint32_t>(max_dim) && n >= 1 && n <= static_cast<std::uint32_t>(max_atoms),
-          "Dictionary::load: '", path, "' declares d = ", d, ", N = ", n, " (allowed d <= ", max_dim,
+          "Dictionary::load: '", name, "' declares d = ", d, ", N = ", n, " (allowed d <= ", max_dim,
           ", N <= ", max_atoms, ")");
-  require(scalar == detail::dictionary_scalar_f32, "Dictionary::load: '", path, "' has scalar type ", scalar,
+  require(scalar == detail::dictionary_scalar_f32, "Dictionary::load: '", name, "' has scalar type ", scalar,
           " (only 0 = f32 is defined)");
   const std::uint32_t entries = in.u32("metadata count");
+  // An entry takes at least its two 4-byte lengths.
+  require(entries <= max_metadata_entries && entries <= in.left() / 8, "Dictionary::load: '", name, "': metadata count ",
+          entries, " (the limit is ", max_metadata_entries, "; the file has ", in.left(), " bytes left)");
   DictionaryMetadata metadata;
   for (std::uint32_t i = 0; i < entries; ++i) {
     std::string key = in.text("metadata key");
-    metadata[key] = in.text("metadata value");
+    std::string value = in.text("metadata value");
+    // save() writes each key once; a repeat would silently drop a value.
+    require(!metadata.count(key), "Dictionary::load: '", name, "': metadata key '", key, "' appears twice");
+    metadata.emplace(std::move(key), std::move(value));
   }
+  const std::int64_t atom_bytes = checked_mul(checked_mul(d, n, "dictionary atoms"), std::int64_t{sizeof(float)}, "dictionary atoms");
+  require(static_cast<std::uint64_t>(atom_bytes) + 8 <= in.left(), "Dictionary::load: '", name, "' is truncated: ",
+          d, " x ", n, " atoms need ", atom_bytes, " bytes and an 8-byte checksum, the file has ", in.left(),
+          " bytes left");
   Eigen::MatrixXf atoms(d, n);
-  in.bytes(atoms.data(), sizeof(float) * static_cast<std::size_t>(atoms.size()), "atoms");
+  in.bytes(atoms.data(), static_cast<std::size_t>(atom_bytes), "atoms");
   in.check_hash();
   for (Eigen::Index j = 0; j < atoms.cols(); ++j) {
-    require(atoms.col(j).allFinite(), "Dictionary::load: '", path, "' atom ", j, " has a NaN or Inf entry");
-    require(std::fabs(atoms.col(j).norm() - 1.0f) < 1e-5f, "Dictionary::load: '", path, "' atom ", j,
+    require(atoms.col(j).allFinite(), "Dictionary::load: '", name, "' atom ", j, " has a NaN or Inf entry");
+    require(std::fabs(atoms.col(j).norm() - 1.0f) < 1e-5f, "Dictionary::load: '", name, "' atom ", j,
             " has norm ", atoms.col(j).norm(), ", expected 1");
   }
   return Dictionary(std::move(atoms), std::move(metadata), false);

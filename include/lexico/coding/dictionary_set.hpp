@@ -5,25 +5,35 @@
 //
 // dir/manifest.json:
 //   {"format": "lexico-dictionaries", "version": 1, "model": ..., "method": ...,
-//    "layers": L, "head_dim": d, "atoms": N, "sparsity": s,
+//    "layers": L, "head_dim": d, "atoms": N, "sparsity": s, "keys": "after_rope",
 //    "settings": {"key": "value", ...},
 //    "files": [{"layer": 0, "keys": "layer00.k.dict", "values": "layer00.v.dict"}, ...],
 //    "errors": [{"layer": 0, "kind": "K", "sparsity": 8, "train": 0.31, "dev": 0.33}, ...]}
-// File names are relative to dir. Errors are mean ||x − x̂|| / ||x|| with FP8
-// coefficients.
+// File names are relative to dir and may not leave it (no "..", no absolute path). Errors
+// are mean ||x − x̂|| / ||x|| with FP8 coefficients. "keys" says whether the key
+// dictionaries code keys before or after RoPE (what a cache must match); manifests
+// written before it existed say so, if at all, in settings.keys, and still load.
+//
+// Sets are read through a Folder (on disk or in memory); the manifest is capped at
+// json::Limits::config(). A set is written so that an interruption never leaves a
+// manifest announcing dictionaries it does not describe: the new dictionaries are
+// written to temporary files first (the previous set stays whole meanwhile), then the
+// previous manifest is removed, the dictionaries are renamed into place, and the new
+// manifest comes last.
 
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "code_space.hpp"
 #include "dictionary.hpp"
 #include "../base/error.hpp"
+#include "../base/files.hpp"
 #include "../base/json.hpp"
 
 namespace lexico {
@@ -57,16 +67,31 @@ inline std::string json_number(double value) {
   return text;
 }
 
+inline constexpr const char* manifest_name = "manifest.json";
+
+// "after_rope" or "before_rope", from settings.keys (absent: after RoPE).
+inline std::string manifest_key_form(const DictionarySetManifest& m, const std::string& what) {
+  const auto found = m.settings.find("keys");
+  if (found == m.settings.end()) return "after_rope";
+  require(found->second == "after_rope" || found->second == "before_rope", what, ": settings.keys '", found->second,
+          "' is neither after_rope nor before_rope");
+  return found->second;
+}
+
+inline std::string join(const std::string& dir, const std::string& file) {
+  return (std::filesystem::path(dir) / file).string();
+}
+
 }  // namespace detail
 
-// Writes manifest.json into dir (which must exist).
-inline void save_manifest(const std::string& dir, const DictionarySetManifest& m) {
+// The text of manifest.json.
+inline std::string manifest_json(const DictionarySetManifest& m) {
   std::ostringstream out;
   out << "{\n  \"format\": " << json::quote(detail::dictionary_set_format)
       << ",\n  \"version\": " << detail::dictionary_set_version << ",\n  \"model\": " << json::quote(m.model)
       << ",\n  \"method\": " << json::quote(m.method) << ",\n  \"layers\": " << m.layers
       << ",\n  \"head_dim\": " << m.head_dim << ",\n  \"atoms\": " << m.atoms << ",\n  \"sparsity\": " << m.sparsity
-      << ",\n  \"settings\": {";
+      << ",\n  \"keys\": " << json::quote(detail::manifest_key_form(m, "save_manifest")) << ",\n  \"settings\": {";
   const char* separator = "\n    ";
   for (const auto& [key, value] : m.settings) {
     out << separator << json::quote(key) << ": " << json::quote(value);
@@ -85,36 +110,45 @@ inline void save_manifest(const std::string& dir, const DictionarySetManifest& m
         << ", \"dev\": " << detail::json_number(e.dev) << "}";
   }
   out << "\n  ]\n}\n";
-  const std::string path = (std::filesystem::path(dir) / "manifest.json").string();
-  std::ofstream file(path, std::ios::binary);
-  require(file.good(), "save_manifest: cannot open '", path, "' for writing");
-  file << out.str();
-  file.close();
-  require(!file.fail(), "save_manifest: writing '", path, "' failed");
+  return out.str();
 }
 
-// Writes every layer's dictionaries and the manifest into dir (created if needed).
+// Writes manifest.json into dir (which must exist), atomically.
+inline void save_manifest(const std::string& dir, const DictionarySetManifest& m) {
+  write_file_atomically(detail::join(dir, detail::manifest_name), manifest_json(m));
+}
+
+// Writes every layer's dictionaries and the manifest into dir (created if needed); see
+// the top of this file for what an interruption leaves.
 inline void save_dictionaries(const std::string& dir, const std::vector<LayerDictionaries>& layers,
                               const DictionarySetManifest& manifest) {
   require(static_cast<int>(layers.size()) == manifest.layers, "save_dictionaries: ", layers.size(),
           " layers of dictionaries, the manifest says ", manifest.layers);
+  const std::string text = manifest_json(manifest);
   std::filesystem::create_directories(dir);
+  std::vector<std::unique_ptr<AtomicFile>> staged;
   for (int l = 0; l < manifest.layers; ++l) {
     const LayerDictionaries& layer = layers[static_cast<std::size_t>(l)];
     require(layer.keys && layer.values, "save_dictionaries: layer ", l, " lacks a key or value dictionary");
-    layer.keys->save((std::filesystem::path(dir) / detail::dictionary_file_name(l, true)).string());
-    layer.values->save((std::filesystem::path(dir) / detail::dictionary_file_name(l, false)).string());
+    for (const bool keys : {true, false}) {
+      const Dictionary& dictionary = keys ? *layer.keys : *layer.values;
+      // A set that would not load is refused before anything is written.
+      require(dictionary.dim() == manifest.head_dim && dictionary.size() == manifest.atoms, "save_dictionaries: layer ",
+              l, keys ? " keys" : " values", " is ", dictionary.dim(), " x ", dictionary.size(), ", the manifest says ",
+              manifest.head_dim, " x ", manifest.atoms);
+      staged.push_back(std::make_unique<AtomicFile>(detail::join(dir, detail::dictionary_file_name(l, keys))));
+      staged.back()->write(dictionary.to_bytes());
+    }
   }
-  save_manifest(dir, manifest);
+  const std::string manifest_path = detail::join(dir, detail::manifest_name);
+  std::error_code ec;
+  std::filesystem::remove(manifest_path, ec);
+  require(!ec, "save_dictionaries: cannot remove the previous '", manifest_path, "': ", ec.message());
+  for (const auto& file : staged) file->commit();
+  write_file_atomically(manifest_path, text);
 }
 
 namespace detail {
-
-inline std::string manifest_path(const std::string& dir) {
-  const std::string path = (std::filesystem::path(dir) / "manifest.json").string();
-  require(std::filesystem::exists(path), "load_dictionaries: '", dir, "' has no manifest.json (not a dictionary set)");
-  return path;
-}
 
 inline DictionarySetManifest parse_manifest(const json::Value& root, const std::string& path) {
   require(root.is_object(), path, ": must hold a JSON object");
@@ -132,6 +166,13 @@ inline DictionarySetManifest parse_manifest(const json::Value& root, const std::
   m.sparsity = manifest_int(root.at("sparsity", path), path + ": sparsity", 1, 255);
   for (const auto& [key, value] : root.at("settings", path).as_object(path + ": settings"))
     m.settings[key] = value.as_string(path + ": settings." + key);
+  const std::string setting = manifest_key_form(m, path);
+  if (const json::Value* keys = root.find("keys")) {
+    const std::string& form = keys->as_string(path + ": keys");
+    require(form == "after_rope" || form == "before_rope", path, ": keys '", form,
+            "' is neither after_rope nor before_rope");
+    require(form == setting, path, ": keys '", form, "' but settings.keys '", setting, "'");
+  }
   for (const json::Value& entry : root.at("errors", path).as_array(path + ": errors")) {
     const std::string where = path + ": errors entry";
     DictionaryError e;
@@ -147,18 +188,38 @@ inline DictionarySetManifest parse_manifest(const json::Value& root, const std::
   return m;
 }
 
-}  // namespace detail
-
-// Reads dir/manifest.json only.
-inline DictionarySetManifest load_manifest(const std::string& dir) {
-  const std::string path = detail::manifest_path(dir);
-  return detail::parse_manifest(json::parse_file(path), path);
+// The manifest of `folder`, parsed under the size and value caps of small JSON files.
+inline json::Value read_manifest(const Folder& folder, std::string& path) {
+  require(folder.contains(manifest_name), "load_dictionaries: '", folder.name(),
+          "' has no manifest.json (not a dictionary set)");
+  const std::unique_ptr<ByteSource> file = folder.open(manifest_name);
+  path = file->name();
+  return json::parse(*file, json::Limits::config());
 }
 
-// Every layer's key and value dictionaries, checked against the manifest.
-inline DictionarySet load_dictionaries(const std::string& dir) {
-  const std::string path = detail::manifest_path(dir);
-  const json::Value root = json::parse_file(path);
+// The folder of the set in `dir`; a missing folder is reported as a missing set.
+inline DiskFolder set_folder(const std::string& dir) {
+  std::error_code ec;
+  require(std::filesystem::is_regular_file(join(dir, manifest_name), ec), "load_dictionaries: '", dir,
+          "' has no manifest.json (not a dictionary set)");
+  return DiskFolder(dir);
+}
+
+}  // namespace detail
+
+// Reads the manifest only.
+inline DictionarySetManifest load_manifest(const Folder& folder) {
+  std::string path;
+  const json::Value root = detail::read_manifest(folder, path);
+  return detail::parse_manifest(root, path);
+}
+inline DictionarySetManifest load_manifest(const std::string& dir) { return load_manifest(detail::set_folder(dir)); }
+
+// Every layer's key and value dictionaries, checked against the manifest. A file named by
+// several layers is read once and shared.
+inline DictionarySet load_dictionaries(const Folder& folder) {
+  std::string path;
+  const json::Value root = detail::read_manifest(folder, path);
   DictionarySet set;
   set.manifest = detail::parse_manifest(root, path);
   const DictionarySetManifest& m = set.manifest;
@@ -167,14 +228,21 @@ inline DictionarySet load_dictionaries(const std::string& dir) {
           " layers");
   set.layers.resize(static_cast<std::size_t>(m.layers));
   std::vector<char> seen(static_cast<std::size_t>(m.layers), 0);
+  std::map<std::string, std::shared_ptr<const Dictionary>> loaded;
   for (const json::Value& entry : files) {
     const std::string where = path + ": files entry";
     const int l = detail::manifest_int(entry.at("layer", where), where + " layer", 0, m.layers - 1);
     require(!seen[static_cast<std::size_t>(l)], path, ": layer ", l, " is listed twice");
     seen[static_cast<std::size_t>(l)] = 1;
     auto load = [&](const char* key) {
-      const std::string file = entry.at(key, where).as_string(where + " " + key);
-      auto dictionary = std::make_shared<const Dictionary>(Dictionary::load((std::filesystem::path(dir) / file).string()));
+      const std::string what = detail::concat(where, " layer ", l, " ", key);
+      const std::string& file = entry.at(key, where).as_string(what);
+      Folder::check_name(file, what);
+      std::shared_ptr<const Dictionary>& dictionary = loaded[file];
+      if (!dictionary) {
+        require(folder.contains(file), what, ": '", file, "' does not exist in ", folder.name());
+        dictionary = std::make_shared<const Dictionary>(Dictionary::load(*folder.open(file)));
+      }
       require(dictionary->dim() == m.head_dim && dictionary->size() == m.atoms, path, ": layer ", l, " ", key, " '",
               file, "' is ", dictionary->dim(), " x ", dictionary->size(), ", the manifest says ", m.head_dim, " x ",
               m.atoms);
@@ -184,17 +252,21 @@ inline DictionarySet load_dictionaries(const std::string& dir) {
   }
   return set;
 }
+inline DictionarySet load_dictionaries(const std::string& dir) { return load_dictionaries(detail::set_folder(dir)); }
 
 }  // namespace lexico
 
 namespace lexico {
 
-// The CodeSpace of the dictionary set in `dir`: its dictionaries, with the RoPE of a set
-// trained on keys before RoPE (unless options name one) and its manifest.
-inline std::shared_ptr<const CodeSpace> load_code_space(const std::string& dir, CodeSpaceOptions options = {}) {
-  DictionarySet set = load_dictionaries(dir);
+// The CodeSpace of the dictionary set in `dir` (or a Folder): its dictionaries, with the
+// RoPE of a set trained on keys before RoPE (unless options name one) and its manifest.
+inline std::shared_ptr<const CodeSpace> load_code_space(const Folder& folder, CodeSpaceOptions options = {}) {
+  DictionarySet set = load_dictionaries(folder);
   if (!options.key_rope) options.key_rope = manifest_key_rope(set.manifest, set.manifest.head_dim);
   return std::make_shared<const CodeSpace>(set.layers, std::move(options), std::move(set.manifest));
+}
+inline std::shared_ptr<const CodeSpace> load_code_space(const std::string& dir, CodeSpaceOptions options = {}) {
+  return load_code_space(detail::set_folder(dir), std::move(options));
 }
 
 }  // namespace lexico
