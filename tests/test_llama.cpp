@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include <lexico/cache/dense.hpp>
+#include <lexico/base/files.hpp>
 #include <lexico/base/json.hpp>
 #include <lexico/model/safetensors.hpp>
 #include <lexico/model/llama.hpp>
@@ -28,6 +31,7 @@ namespace fs = std::filesystem;
 using lexico::DenseCache;
 using lexico::LlamaModel;
 using lexico::LlamaRunner;
+using lexico::LlamaWeights;
 using lexico::RowMatrix;
 
 template <typename T>
@@ -450,6 +454,205 @@ TEST(LlamaErrors, RunnerRejectsBadTokensAndCaches) {
   uneven.append(3, kv.data(), kv.data());
   EXPECT_NE(error_of([&] { runner.decode(1, uneven); }).find("cache layer 3 is at position 1, layer 0 at 0"),
             std::string::npos);
+}
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in) << "cannot open " << path;
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+void expect_same_model(const LlamaModel& a, const LlamaModel& b) {
+  const auto &ca = a.config(), &cb = b.config();
+  EXPECT_EQ(ca.dim, cb.dim);
+  EXPECT_EQ(ca.hidden_dim, cb.hidden_dim);
+  EXPECT_EQ(ca.layers, cb.layers);
+  EXPECT_EQ(ca.heads, cb.heads);
+  EXPECT_EQ(ca.kv_heads, cb.kv_heads);
+  EXPECT_EQ(ca.head_dim, cb.head_dim);
+  EXPECT_EQ(ca.vocab, cb.vocab);
+  EXPECT_EQ(ca.max_context, cb.max_context);
+  EXPECT_EQ(ca.norm_eps, cb.norm_eps);
+  EXPECT_EQ(ca.rope_theta, cb.rope_theta);
+  EXPECT_EQ(ca.rope, cb.rope);
+  const auto &wa = a.weights(), &wb = b.weights();
+  EXPECT_EQ(wa.embedding, wb.embedding);
+  EXPECT_EQ(wa.lm_head, wb.lm_head);
+  EXPECT_EQ(wa.final_norm, wb.final_norm);
+  ASSERT_EQ(wa.layers.size(), wb.layers.size());
+  for (std::size_t l = 0; l < wa.layers.size(); ++l) {
+    EXPECT_EQ(wa.layers[l].attn_norm, wb.layers[l].attn_norm) << "layer " << l;
+    EXPECT_EQ(wa.layers[l].mlp_norm, wb.layers[l].mlp_norm) << "layer " << l;
+    EXPECT_EQ(wa.layers[l].wqkv, wb.layers[l].wqkv) << "layer " << l;
+    EXPECT_EQ(wa.layers[l].wo, wb.layers[l].wo) << "layer " << l;
+    EXPECT_EQ(wa.layers[l].w_gate_up, wb.layers[l].w_gate_up) << "layer " << l;
+    EXPECT_EQ(wa.layers[l].w_down, wb.layers[l].w_down) << "layer " << l;
+  }
+}
+
+TEST(LlamaLoaders, InMemoryAndFileLoadersAgree) {
+  const std::string bin = LEXICO_REPO_DATA "/stories260k/stories260K.bin";
+  const std::string bytes = file_bytes(bin);
+  expect_same_model(LlamaModel::load_llama2c(lexico::MemoryBytes(bytes, "mem.bin")), LlamaModel::load(bin));
+
+  const std::string dir = LEXICO_REPO_DATA "/tinystories-656k";
+  lexico::MemoryFolder folder("mem");
+  for (const char* file : {"config.json", "model.safetensors"}) folder.add(file, file_bytes(dir + "/" + file));
+  expect_same_model(LlamaModel::load_hf(folder), LlamaModel::load(dir));
+}
+
+// A llama2.c header, then `floats` zero floats.
+std::string llama2c_bytes(std::vector<std::int32_t> header, std::size_t floats = 0) {
+  std::string bytes(4 * header.size() + 4 * floats, '\0');
+  std::memcpy(bytes.data(), header.data(), 4 * header.size());
+  return bytes;
+}
+
+std::string llama2c_error(const std::string& bytes) {
+  return error_of([&] { LlamaModel::load_llama2c(lexico::MemoryBytes(bytes, "mem.bin")); });
+}
+
+// Header fields are bounded before any size is computed from them (these headers
+// overflowed int and int64 before), and the size they imply must be the file's before
+// anything is allocated.
+TEST(LlamaErrors, Llama2cHeaderSizesAreCheckedBeforeUse) {
+  EXPECT_EQ(llama2c_error(llama2c_bytes({4, 6, 1, 2, 1 << 20, 8, 4})),
+            "mem.bin: header field n_kv_heads = 1048576 is outside [1, 4096]");
+  EXPECT_EQ(llama2c_error(llama2c_bytes({4, 6, 1, 2, 1, std::numeric_limits<std::int32_t>::min(), 4})),
+            "mem.bin: header field vocab_size = 2147483648 is outside [1, 4194304]");
+  EXPECT_EQ(llama2c_error(llama2c_bytes({4, -6, 1, 2, 1, 8, 4})), "mem.bin: header field hidden_dim = -6 is outside [1, 1048576]");
+  EXPECT_EQ(llama2c_error(llama2c_bytes({4, 6, 1, 2, 3, 8, 4})), "mem.bin: heads 2 not a multiple of kv_heads 3");
+  EXPECT_EQ(llama2c_error(llama2c_bytes({6, 6, 1, 2, 1, 8, 4})), "mem.bin: RoPE needs an even head_dim, got 3");
+  // Every field at its bound: a size of about 2^53 bytes, computed without wrapping and
+  // refused before a byte is allocated.
+  const std::string m = llama2c_error(llama2c_bytes({1 << 17, 1 << 20, 1 << 12, 1 << 12, 1 << 12, -(1 << 22), 1 << 30}));
+  EXPECT_NE(m.find("mem.bin: 28 bytes, but the header (dim 131072, hidden 1048576, layers 4096, heads 4096/4096, "
+                   "vocab -4194304, seq_len 1073741824) needs 7885839128854556"),
+            std::string::npos)
+      << m;
+  // One float short of the header's size.
+  const std::size_t tiny_floats = 8 * 4 + (2 * 4 + 2 * 16 + 2 * 2 * 4 + 3 * 6 * 4) + 4 + 4 * 2;
+  EXPECT_NO_THROW(LlamaModel::load_llama2c(lexico::MemoryBytes(llama2c_bytes({4, 6, 1, 2, 1, 8, 4}, tiny_floats))));
+  EXPECT_EQ(llama2c_error(llama2c_bytes({4, 6, 1, 2, 1, 8, 4}, tiny_floats - 1)).rfind("mem.bin: 712 bytes, but the header", 0),
+            0u);
+}
+
+TEST(LlamaErrors, ConfigWidthsNeverWrap) {
+  lexico::LlamaConfig c;
+  c.dim = c.hidden_dim = c.layers = c.vocab = 8;
+  c.heads = c.kv_heads = c.head_dim = 1 << 20;
+  EXPECT_NE(error_of([&] { (void)c.q_width(); }).find("q_width"), std::string::npos);
+  EXPECT_NE(error_of([&] { (void)c.kv_width(); }).find("kv_width"), std::string::npos);
+  EXPECT_NE(error_of([&] { c.check("cfg"); }).find("cfg: heads = 1048576 is outside [1, 4096]"), std::string::npos);
+}
+
+// A Hugging Face checkpoint in memory: a config.json with `config` spliced into a tiny
+// valid one (dim 4, FFN 6, 1 layer, 2 heads over 1 kv head, vocab 8), whose tensors
+// model.safetensors holds.
+class LlamaHfInMemory : public ::testing::Test {
+ protected:
+  static std::string config(const std::string& extra) {
+    return R"({"model_type": "llama", "hidden_act": "silu", "hidden_size": 4, "intermediate_size": 6,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 8,
+               "tie_word_embeddings": true)" +
+           extra + "}";
+  }
+  static std::string weights(float scale = 0.25f) {
+    lexico::SafetensorsWriter out;
+    auto add = [&](const std::string& name, std::vector<std::int64_t> shape) {
+      std::int64_t n = 1;
+      for (const auto d : shape) n *= d;
+      std::vector<float> values(static_cast<std::size_t>(n));
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] = scale * std::sin(static_cast<float>(i + 1));
+      out.add(name, shape, values.data());
+    };
+    add("model.embed_tokens.weight", {8, 4});
+    add("model.norm.weight", {4});
+    add("model.layers.0.input_layernorm.weight", {4});
+    add("model.layers.0.post_attention_layernorm.weight", {4});
+    add("model.layers.0.self_attn.q_proj.weight", {4, 4});
+    add("model.layers.0.self_attn.k_proj.weight", {2, 4});
+    add("model.layers.0.self_attn.v_proj.weight", {2, 4});
+    add("model.layers.0.self_attn.o_proj.weight", {4, 4});
+    add("model.layers.0.mlp.gate_proj.weight", {6, 4});
+    add("model.layers.0.mlp.up_proj.weight", {6, 4});
+    add("model.layers.0.mlp.down_proj.weight", {4, 6});
+    return out.bytes();
+  }
+  static std::string load_error(const std::string& config_text, const std::string& weight_bytes = weights()) {
+    lexico::MemoryFolder folder("mem");
+    folder.add("config.json", config_text).add("model.safetensors", weight_bytes);
+    return error_of([&] { LlamaModel::load_hf(folder); });
+  }
+};
+
+TEST_F(LlamaHfInMemory, LoadsAndRuns) {
+  lexico::MemoryFolder folder("mem");
+  folder.add("config.json", config("")).add("model.safetensors", weights());
+  const LlamaModel model = LlamaModel::load_hf(folder);
+  LlamaRunner runner(model);
+  DenseCache<float> cache(model.config().cache_shape());
+  EXPECT_TRUE(runner.prefill({1, 2, 3}, cache).allFinite());
+}
+
+// Config sizes are bounded where they are read (naming the file and the key), and a
+// config within bounds that the tensors do not back fails on the tensor's header shape
+// before its matrix is allocated (4M x 128K floats here: 2 TiB).
+TEST_F(LlamaHfInMemory, ConfigSizesAreCheckedBeforeAllocation) {
+  EXPECT_EQ(load_error(config(R"(, "head_dim": 1073741824)")), "mem/config.json: head_dim = 1073741824 is outside [1, 4096]");
+  EXPECT_EQ(load_error(R"({"hidden_size": 1073741824})"), "mem/config.json: hidden_size = 1073741824 is outside [1, 131072]");
+  std::string uneven = config("");
+  uneven.replace(uneven.find("\"num_key_value_heads\": 1"), 24, "\"num_key_value_heads\": 3");
+  EXPECT_EQ(load_error(uneven), "mem/config.json: heads 2 not a multiple of kv_heads 3");
+  EXPECT_EQ(load_error(config(R"(, "rms_norm_eps": 1e300)")).find("mem/config.json: norm_eps must be positive"), 0u);
+  std::string huge = config(R"(, "head_dim": 2)");
+  huge.replace(huge.find("\"hidden_size\": 4"), 16, "\"hidden_size\": 131072");
+  huge.replace(huge.find("\"vocab_size\": 8"), 15, "\"vocab_size\": 4194304");
+  EXPECT_EQ(load_error(huge),
+            "mem/model.safetensors: tensor 'model.embed_tokens.weight' has shape [8, 4], expected [4194304, 131072]");
+  std::string wide = config("");
+  wide.replace(wide.find("\"intermediate_size\": 6"), 22, "\"intermediate_size\": 1048576");
+  EXPECT_EQ(load_error(wide),
+            "mem/model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape [6, 4], expected [1048576, 4]");
+  const std::string padded = config("") + std::string(1 << 20, ' ');
+  EXPECT_EQ(load_error(padded), "mem/config.json: " + std::to_string(padded.size()) +
+                                    " bytes, above the limit of 1048576 for this kind of file");
+}
+
+// Finite weights that overflow fp32 in the forward pass raise, naming the layer and the
+// position, instead of returning NaN logits.
+TEST(LlamaErrors, NonFiniteActivationsRaise) {
+  const LlamaModel good = LlamaModel::load(LEXICO_REPO_DATA "/stories260k/stories260K.bin");
+  LlamaWeights weights = good.weights();
+  weights.layers[2].mlp_norm.setConstant(3e38f);  // finite, so validate() accepts it
+  const LlamaModel bad(good.config(), std::move(weights));
+  LlamaRunner runner(bad);
+  DenseCache<float> cache(bad.config().cache_shape());
+  EXPECT_EQ(error_of([&] { runner.prefill({1, 2, 3}, cache); }),
+            "LlamaRunner: non-finite activations after layer 2 at position 0 (token 0 of this call): the weights "
+            "overflow fp32 on this input");
+  // Through decode, after three good positions.
+  DenseCache<float> used(good.config().cache_shape());
+  LlamaRunner(good).prefill({1, 2, 3}, used);
+  EXPECT_NE(error_of([&] { runner.decode(4, used); }).find("after layer 2 at position 3 (token 0 of this call)"),
+            std::string::npos);
+  // The final norm overflows the logits alone.
+  LlamaWeights last = good.weights();
+  last.final_norm.setConstant(3e38f);
+  const LlamaModel bad_logits(good.config(), std::move(last));
+  LlamaRunner logits_runner(bad_logits);
+  DenseCache<float> fresh(good.config().cache_shape());
+  EXPECT_NE(error_of([&] { logits_runner.prefill({1, 2}, fresh); }).find("LlamaRunner: non-finite logits at position 0"),
+            std::string::npos);
+}
+
+// RMSNorm of a finite row whose squares overflow fp32 still normalises it.
+TEST(LlamaRunnerMath, RmsNormOfHugeFiniteRows) {
+  RowMatrix x(2, 3), out(2, 3);
+  x << 1, -2, 3, 1e30f, -2e30f, 3e30f;
+  const Eigen::VectorXf weight = Eigen::VectorXf::Ones(3);
+  lexico::detail::rms_norm(x, weight, 1e-6f, out);
+  EXPECT_LT((out.row(0) - out.row(1)).cwiseAbs().maxCoeff(), 1e-5f) << out;
 }
 
 // Speed of the runner with the dense cache (not part of the suite: run with

@@ -6,14 +6,19 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include <lexico/base/files.hpp>
 #include <lexico/model/safetensors.hpp>
 
 namespace {
 
 namespace fs = std::filesystem;
+using lexico::MemoryBytes;
+using lexico::MemoryFolder;
 using lexico::SafetensorsCheckpoint;
 using lexico::SafetensorsFile;
 using lexico::SafetensorsWriter;
@@ -219,6 +224,113 @@ TEST_F(Safetensors, ShardedCheckpoint) {
   EXPECT_NE(error_of([&] { SafetensorsCheckpoint c(dir_.string()); }).find("weight_map entry 'a'"), std::string::npos);
   fs::remove(path("model.safetensors.index.json"));
   EXPECT_NE(error_of([&] { SafetensorsCheckpoint c(dir_.string()); }).find("neither"), std::string::npos);
+}
+
+// The same bytes from memory and from a file: the same header, tensors and values.
+TEST_F(Safetensors, InMemoryAndFileAgree) {
+  const std::vector<float> weights = {1.5f, -2.0f, 3.25f, 0.0f, 1e-30f, -7.0f};
+  const std::vector<std::int32_t> tokens = {0, 5, -1, 2147483647};
+  SafetensorsWriter writer;
+  writer.add_metadata("format", "pt");
+  writer.add("w", {2, 3}, weights.data());
+  writer.add("tokens", {4}, tokens.data());
+  writer.write(path("w.safetensors"));
+  const std::string bytes = writer.bytes();
+  std::ifstream in(path("w.safetensors"), std::ios::binary);
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()), bytes);
+
+  const SafetensorsFile disk(path("w.safetensors"));
+  const SafetensorsFile memory(std::make_shared<MemoryBytes>(bytes, "mem.safetensors"));
+  EXPECT_EQ(memory.path(), "mem.safetensors");
+  ASSERT_EQ(memory.tensors().size(), disk.tensors().size());
+  for (std::size_t i = 0; i < disk.tensors().size(); ++i) {
+    const auto& a = disk.tensors()[i];
+    const auto& b = memory.tensors()[i];
+    EXPECT_EQ(a.name, b.name);
+    EXPECT_EQ(a.shape, b.shape);
+    EXPECT_EQ(a.dtype, b.dtype);
+  }
+  EXPECT_EQ(memory.read_f32("w"), disk.read_f32("w"));
+  EXPECT_EQ(memory.read_i32("tokens"), tokens);
+  EXPECT_EQ(memory.metadata(), disk.metadata());
+  // Errors name the in-memory source as they name a file.
+  const std::string truncated = bytes.substr(0, bytes.size() - 4);
+  const std::string m = error_of([&] { SafetensorsFile f(std::make_shared<MemoryBytes>(truncated, "cut.safetensors")); });
+  EXPECT_NE(m.find("cut.safetensors: tensor 'tokens': data_offsets [24, 40) outside the data area of 36 bytes"),
+            std::string::npos)
+      << m;
+}
+
+TEST_F(Safetensors, CheckpointInMemoryFolderAgreesWithDisk) {
+  const std::vector<float> a = {1, 2, 3}, b = {4, 5};
+  SafetensorsWriter first, second;
+  first.add("a", {3}, a.data());
+  second.add("b", {1, 2}, b.data());
+  const std::string index = R"({"weight_map":{"a":"m-1.safetensors","b":"sub/m-2.safetensors"}})";
+  first.write(path("m-1.safetensors"));
+  fs::create_directories(dir_ / "sub");
+  second.write(path("sub/m-2.safetensors"));
+  std::ofstream(path("model.safetensors.index.json")) << index;
+  MemoryFolder folder("mem");
+  folder.add("m-1.safetensors", first.bytes()).add("sub/m-2.safetensors", second.bytes());
+  folder.add("model.safetensors.index.json", index);
+
+  const SafetensorsCheckpoint disk(dir_.string()), memory(folder);
+  EXPECT_EQ(memory.names(), disk.names());
+  EXPECT_EQ(memory.read_f32("a"), a);
+  EXPECT_EQ(memory.read_f32("b"), disk.read_f32("b"));
+  EXPECT_EQ(memory.file_of("b").path(), "mem/sub/m-2.safetensors");
+  EXPECT_EQ(SafetensorsCheckpoint(folder, "m-1.safetensors").names(), std::vector<std::string>{"a"});
+  EXPECT_NE(error_of([] { SafetensorsCheckpoint c(MemoryFolder("empty")); })
+                .find("empty: neither model.safetensors.index.json nor model.safetensors found"),
+            std::string::npos);
+}
+
+// Shard names from the index stay inside the checkpoint's folder, on disk and in memory;
+// the error names the index and the tensor whose entry is at fault.
+TEST_F(Safetensors, ShardNamesAreConfinedToTheFolder) {
+  const float x = 1;
+  SafetensorsWriter shard;
+  shard.add("x.weight", {1}, &x);
+  shard.write(path("inside.safetensors"));
+  fs::create_directories(dir_ / "model");
+  fs::create_directories(dir_ / "model" / "folder.safetensors");
+  const std::string index = path("model/model.safetensors.index.json");
+  const struct {
+    const char* shard;
+    const char* expected;
+  } cases[] = {
+      {"../inside.safetensors", "file name '../inside.safetensors' leaves its folder"},
+      {"/etc/passwd", "file name '/etc/passwd' is absolute"},
+      {"", "empty file name"},
+      {"a/./b", "leaves its folder or has an empty, '.' or '..' component"},
+      {"a\\\\..\\\\b", "holds a backslash"},
+  };
+  for (const auto& c : cases) {
+    const std::string json = std::string(R"({"weight_map":{"x.weight":")") + c.shard + "\"}}";
+    std::ofstream(index, std::ios::trunc) << json;
+    MemoryFolder memory("mem");
+    memory.add("model.safetensors.index.json", json);
+    for (const std::string& m : {error_of([&] { SafetensorsCheckpoint ckpt(dir_.string() + "/model"); }),
+                                 error_of([&] { SafetensorsCheckpoint ckpt(index); }),
+                                 error_of([&] { SafetensorsCheckpoint ckpt(memory); })}) {
+      EXPECT_NE(m.find("model.safetensors.index.json: weight_map entry 'x.weight': "), std::string::npos) << m;
+      EXPECT_NE(m.find(c.expected), std::string::npos) << c.shard << " -> " << m;
+    }
+  }
+  // A shard that names a folder is refused when opened, never read as bytes.
+  std::ofstream(index, std::ios::trunc) << R"({"weight_map":{"x.weight":"folder.safetensors"}})";
+  const std::string folder = error_of([&] { SafetensorsCheckpoint ckpt(index); });
+  EXPECT_NE(folder.find("folder.safetensors: not a regular file"), std::string::npos) << folder;
+  EXPECT_NE(error_of([&] { SafetensorsFile f(dir_.string()); }).find(": not a regular file"), std::string::npos);
+}
+
+TEST_F(Safetensors, IndexSizeIsCapped) {
+  MemoryFolder folder("mem");
+  folder.add("model.safetensors.index.json", std::string((16u << 20) + 1, ' '));
+  const std::string m = error_of([&] { SafetensorsCheckpoint c(folder); });
+  EXPECT_NE(m.find("mem/model.safetensors.index.json: 16777217 bytes, above the limit of 16777216"), std::string::npos)
+      << m;
 }
 
 TEST(SafetensorsData, BundledTinyStories656K) {

@@ -13,8 +13,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <functional>
+#include <initializer_list>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,7 +24,9 @@
 
 #include "../cache/attention.hpp"
 #include "../cache/cache.hpp"
+#include "../base/checked.hpp"
 #include "../base/error.hpp"
+#include "../base/files.hpp"
 #include "../base/json.hpp"
 #include "safetensors.hpp"
 #include "../base/rope.hpp"
@@ -44,11 +47,42 @@ struct LlamaConfig {
   RopeStyle rope = RopeStyle::rotate_half;
   int bos_id = -1, eos_id = -1;
 
-  int q_width() const { return heads * head_dim; }
-  int kv_width() const { return kv_heads * head_dim; }
+  // Bounds on the sizes a checkpoint may declare: far above any released Llama (405B:
+  // dim 16384, FFN 53248, 126 layers, 128 heads of 128, vocab 128256) and small enough
+  // that every width below fits int and every matrix's element count int64.
+  static constexpr int max_dim = 1 << 17, max_hidden_dim = 1 << 20, max_layers = 1 << 12, max_heads = 1 << 12,
+                       max_head_dim = 1 << 12, max_vocab = 1 << 22, max_context_limit = 1 << 30;
+
+  // Checked, so that a config built by hand cannot wrap them either.
+  int q_width() const { return width(heads, "LlamaConfig: q_width (heads x head_dim)"); }
+  int kv_width() const { return width(kv_heads, "LlamaConfig: kv_width (kv_heads x head_dim)"); }
   Rope rotary() const { return Rope(head_dim, rope_theta, rope); }
-  int qkv_width() const { return q_width() + 2 * kv_width(); }
+  int qkv_width() const {
+    return checked_int(std::int64_t{q_width()} + 2 * std::int64_t{kv_width()}, "LlamaConfig: qkv_width");
+  }
   CacheShape cache_shape() const { return {layers, kv_heads, head_dim}; }
+
+  // Throws, naming `where` (the file read) and the field, unless every size is within the
+  // bounds above, the heads share kv heads evenly and RoPE's parameters are usable. The
+  // loaders call it before allocating anything.
+  void check(const std::string& where) const {
+    const struct {
+      int value;
+      const char* name;
+      int lo, hi;
+    } sizes[] = {{dim, "dim", 1, max_dim},           {hidden_dim, "hidden_dim", 1, max_hidden_dim},
+                 {layers, "layers", 1, max_layers},  {heads, "heads", 1, max_heads},
+                 {kv_heads, "kv_heads", 1, max_heads}, {head_dim, "head_dim", 1, max_head_dim},
+                 {vocab, "vocab", 1, max_vocab},     {max_context, "max_context", 0, max_context_limit}};
+    for (const auto& size : sizes) checked_int(size.value, where + ": " + size.name, size.lo, size.hi);
+    require(heads % kv_heads == 0, where, ": heads ", heads, " not a multiple of kv_heads ", kv_heads);
+    require(head_dim % 2 == 0, where, ": RoPE needs an even head_dim, got ", head_dim);
+    require(norm_eps > 0 && std::isfinite(norm_eps) && rope_theta > 1 && std::isfinite(rope_theta), where,
+            ": norm_eps must be positive and rope_theta above 1 (both finite), got ", norm_eps, " and ", rope_theta);
+  }
+
+ private:
+  int width(int count, const char* what) const { return checked_int(checked_mul(count, head_dim, what), what); }
 };
 
 // One decoder layer. Projections are [out, in] (y = W x) and fused where they read
@@ -69,7 +103,7 @@ struct LlamaWeights {
 
 class LlamaModel {
  public:
-  // Checks every shape against the config and every weight for NaN/Inf.
+  // Checks the config, every shape against it and every weight for NaN/Inf.
   LlamaModel(LlamaConfig config, LlamaWeights weights) : config_(config), weights_(std::move(weights)) { validate(); }
 
   // A directory is a Hugging Face checkpoint (config.json + safetensors), a file a
@@ -77,8 +111,12 @@ class LlamaModel {
   static LlamaModel load(const std::string& path) {
     return std::filesystem::is_directory(path) ? load_hf(path) : load_llama2c(path);
   }
-  static LlamaModel load_hf(const std::string& directory);
-  static LlamaModel load_llama2c(const std::string& file);
+  // config.json and model.safetensors (or model.safetensors.index.json and its shards) of `folder`.
+  static LlamaModel load_hf(const Folder& folder);
+  static LlamaModel load_hf(const std::string& directory) { return load_hf(DiskFolder(directory)); }
+  // A whole llama2.c checkpoint.
+  static LlamaModel load_llama2c(const ByteSource& file);
+  static LlamaModel load_llama2c(const std::string& file) { return load_llama2c(FileBytes(file)); }
 
   const LlamaConfig& config() const { return config_; }
   const LlamaWeights& weights() const { return weights_; }
@@ -92,6 +130,9 @@ class LlamaModel {
 
 namespace detail {
 
+// config.json of a Hugging Face checkpoint: a few KB; anything near this is not one.
+constexpr std::uint64_t llama_max_config = 1u << 20;
+
 inline void check_shape(const std::string& what, Eigen::Index rows, Eigen::Index cols, Eigen::Index want_rows,
                         Eigen::Index want_cols) {
   require(rows == want_rows && cols == want_cols, "LlamaModel: ", what, " is ", rows, "x", cols, ", expected ",
@@ -104,30 +145,52 @@ void check_weight(const std::string& what, const Eigen::MatrixBase<Derived>& w, 
   require(w.allFinite(), "LlamaModel: ", what, " holds NaN or Inf");
 }
 
-// Reads tensor `name` of shape [rows, cols] (or [rows] when cols is 0) into dst.
-inline void read_tensor(const SafetensorsCheckpoint& ckpt, const std::string& name, float* dst, std::int64_t rows,
-                        std::int64_t cols) {
+// Throws unless tensor `name` has shape [rows, cols] ([rows] when cols is 0) in its header.
+inline void check_tensor_shape(const SafetensorsCheckpoint& ckpt, const std::string& name, std::int64_t rows,
+                               std::int64_t cols) {
   const SafetensorsTensor& t = ckpt.tensor(name);
   const std::vector<std::int64_t> want = cols > 0 ? std::vector<std::int64_t>{rows, cols} : std::vector<std::int64_t>{rows};
-  if (t.shape != want) {
-    std::string found, expected;
-    for (const auto d : t.shape) found += (found.empty() ? "" : ", ") + std::to_string(d);
-    for (const auto d : want) expected += (expected.empty() ? "" : ", ") + std::to_string(d);
-    throw error(concat(ckpt.file_of(name).path(), ": tensor '", name, "' has shape [", found, "], expected [", expected,
-                       "]"));
-  }
-  ckpt.read_f32(name, dst, static_cast<std::size_t>(rows * (cols > 0 ? cols : 1)));
+  if (t.shape == want) return;
+  std::string found, expected;
+  for (const auto d : t.shape) found += (found.empty() ? "" : ", ") + std::to_string(d);
+  for (const auto d : want) expected += (expected.empty() ? "" : ", ") + std::to_string(d);
+  throw error(concat(ckpt.file_of(name).path(), ": tensor '", name, "' has shape [", found, "], expected [", expected,
+                     "]"));
 }
 
-inline int config_int(const json::Value& config, const std::string& source, const char* key, int fallback = -1) {
+inline void allocate(RowMatrix& dst, std::int64_t rows, std::int64_t cols) { dst.resize(rows, cols); }
+inline void allocate(Eigen::VectorXf& dst, std::int64_t rows, std::int64_t) { dst.resize(rows); }
+
+// Reads the tensors `parts` ({name, rows} each; all `cols` wide, or vectors when cols is
+// 0) stacked into dst, as the fused matrices hold them. Every part's header shape is
+// checked before dst is allocated: the header bounds each tensor by the file's size, so
+// no config can make this allocate more than the file holds.
+template <typename Dst>
+void read_stacked(const SafetensorsCheckpoint& ckpt, Dst& dst,
+                  std::initializer_list<std::pair<std::string, std::int64_t>> parts, std::int64_t cols) {
+  std::int64_t rows = 0;
+  for (const auto& [name, n] : parts) {
+    check_tensor_shape(ckpt, name, n, cols);
+    rows = checked_add(rows, n, name);
+  }
+  allocate(dst, rows, cols);
+  float* out = dst.data();
+  for (const auto& [name, n] : parts) {
+    const std::size_t count = static_cast<std::size_t>(n * std::max<std::int64_t>(cols, 1));
+    ckpt.read_f32(name, out, count);
+    out += count;
+  }
+}
+
+// An integer of config.json within [lo, hi]; `fallback` when absent or null (none when negative).
+inline int config_int(const json::Value& config, const std::string& source, const char* key, std::int64_t lo,
+                      std::int64_t hi, int fallback = -1) {
   const json::Value* v = config.find(key);
   if (v == nullptr || v->is_null()) {
     require(fallback >= 0, source, ": missing key \"", key, "\"");
     return fallback;
   }
-  const std::int64_t n = v->as_int(source + ": " + key);
-  require(n >= 0 && n <= (1 << 30), source, ": ", key, " = ", n, " out of range");
-  return static_cast<int>(n);
+  return checked_int(v->as_int(source + ": " + key), source + ": " + key, lo, hi);
 }
 
 inline double config_number(const json::Value& config, const std::string& source, const char* key, double fallback) {
@@ -144,13 +207,7 @@ inline bool config_bool(const json::Value& config, const std::string& source, co
 
 inline void LlamaModel::validate() const {
   const LlamaConfig& c = config_;
-  require(c.dim > 0 && c.hidden_dim > 0 && c.layers > 0 && c.heads > 0 && c.kv_heads > 0 && c.head_dim > 0 &&
-              c.vocab > 0,
-          "LlamaModel: config needs positive dim, hidden_dim, layers, heads, kv_heads, head_dim and vocab");
-  require(c.heads % c.kv_heads == 0, "LlamaModel: heads ", c.heads, " not a multiple of kv_heads ", c.kv_heads);
-  require(c.head_dim % 2 == 0, "LlamaModel: RoPE needs an even head_dim, got ", c.head_dim);
-  require(c.norm_eps > 0 && std::isfinite(c.norm_eps) && c.rope_theta > 1 && std::isfinite(c.rope_theta),
-          "LlamaModel: norm_eps must be positive and rope_theta above 1");
+  c.check("LlamaModel: config");
   const LlamaWeights& w = weights_;
   detail::check_weight("embedding", w.embedding, c.vocab, c.dim);
   if (w.lm_head.size() > 0) detail::check_weight("lm_head", w.lm_head, c.vocab, c.dim);
@@ -169,9 +226,10 @@ inline void LlamaModel::validate() const {
   }
 }
 
-inline LlamaModel LlamaModel::load_hf(const std::string& directory) {
-  const std::string config_path = directory + "/config.json";
-  const json::Value json = json::parse_file(config_path);
+inline LlamaModel LlamaModel::load_hf(const Folder& folder) {
+  const std::unique_ptr<ByteSource> config_file = folder.open("config.json");
+  const std::string config_path = config_file->name();
+  const json::Value json = json::parse(config_file->read_all(detail::llama_max_config), config_path);
   require(json.is_object(), config_path, ": must hold a JSON object");
   if (const json::Value* type = json.find("model_type"))
     require(type->as_string(config_path + ": model_type") == "llama", config_path, ": model_type '", type->as_string(),
@@ -186,104 +244,117 @@ inline LlamaModel LlamaModel::load_hf(const std::string& directory) {
           config_path, ": attention_bias and mlp_bias are not supported");
 
   LlamaConfig c;
-  c.dim = detail::config_int(json, config_path, "hidden_size");
-  c.hidden_dim = detail::config_int(json, config_path, "intermediate_size");
-  c.layers = detail::config_int(json, config_path, "num_hidden_layers");
-  c.heads = detail::config_int(json, config_path, "num_attention_heads");
-  require(c.heads > 0, config_path, ": num_attention_heads must be positive");
-  c.kv_heads = detail::config_int(json, config_path, "num_key_value_heads", c.heads);
-  c.head_dim = detail::config_int(json, config_path, "head_dim", c.dim / c.heads);
-  c.vocab = detail::config_int(json, config_path, "vocab_size");
-  c.max_context = detail::config_int(json, config_path, "max_position_embeddings", 2048);
+  auto size = [&](const char* key, int hi, int fallback = -1) {
+    return detail::config_int(json, config_path, key, 1, hi, fallback);
+  };
+  c.dim = size("hidden_size", LlamaConfig::max_dim);
+  c.hidden_dim = size("intermediate_size", LlamaConfig::max_hidden_dim);
+  c.layers = size("num_hidden_layers", LlamaConfig::max_layers);
+  c.heads = size("num_attention_heads", LlamaConfig::max_heads);
+  c.kv_heads = size("num_key_value_heads", LlamaConfig::max_heads, c.heads);
+  c.head_dim = size("head_dim", LlamaConfig::max_head_dim, c.dim / c.heads);
+  c.vocab = size("vocab_size", LlamaConfig::max_vocab);
+  c.max_context =
+      detail::config_int(json, config_path, "max_position_embeddings", 0, LlamaConfig::max_context_limit, 2048);
   c.norm_eps = static_cast<float>(detail::config_number(json, config_path, "rms_norm_eps", 1e-6));
   c.rope_theta = static_cast<float>(detail::config_number(json, config_path, "rope_theta", 10000.0));
   c.rope = RopeStyle::rotate_half;
-  c.bos_id = detail::config_int(json, config_path, "bos_token_id", 1);
-  c.eos_id = detail::config_int(json, config_path, "eos_token_id", 2);
+  c.bos_id = detail::config_int(json, config_path, "bos_token_id", 0, LlamaConfig::max_vocab, 1);
+  c.eos_id = detail::config_int(json, config_path, "eos_token_id", 0, LlamaConfig::max_vocab, 2);
   const bool tied = detail::config_bool(json, config_path, "tie_word_embeddings", false);
-  require(c.dim > 0 && c.hidden_dim > 0 && c.layers > 0 && c.kv_heads > 0 && c.head_dim > 0 && c.vocab > 0,
-          config_path, ": sizes must be positive");
+  c.check(config_path);
 
-  const SafetensorsCheckpoint ckpt(directory);
+  const SafetensorsCheckpoint ckpt(folder);
   LlamaWeights w;
   // Tied checkpoints may store the shared matrix under either name (656K keeps only lm_head).
   const std::string embedding_name =
       ckpt.contains("model.embed_tokens.weight") || !tied ? "model.embed_tokens.weight" : "lm_head.weight";
-  w.embedding.resize(c.vocab, c.dim);
-  detail::read_tensor(ckpt, embedding_name, w.embedding.data(), c.vocab, c.dim);
-  if (!tied) {
-    w.lm_head.resize(c.vocab, c.dim);
-    detail::read_tensor(ckpt, "lm_head.weight", w.lm_head.data(), c.vocab, c.dim);
-  }
-  w.final_norm.resize(c.dim);
-  detail::read_tensor(ckpt, "model.norm.weight", w.final_norm.data(), c.dim, 0);
+  detail::read_stacked(ckpt, w.embedding, {{embedding_name, c.vocab}}, c.dim);
+  if (!tied) detail::read_stacked(ckpt, w.lm_head, {{"lm_head.weight", c.vocab}}, c.dim);
+  detail::read_stacked(ckpt, w.final_norm, {{"model.norm.weight", c.dim}}, 0);
   for (int l = 0; l < c.layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
     LlamaLayer layer;
-    layer.attn_norm.resize(c.dim);
-    layer.mlp_norm.resize(c.dim);
-    detail::read_tensor(ckpt, p + "input_layernorm.weight", layer.attn_norm.data(), c.dim, 0);
-    detail::read_tensor(ckpt, p + "post_attention_layernorm.weight", layer.mlp_norm.data(), c.dim, 0);
-    layer.wqkv.resize(c.qkv_width(), c.dim);
-    detail::read_tensor(ckpt, p + "self_attn.q_proj.weight", layer.wqkv.data(), c.q_width(), c.dim);
-    detail::read_tensor(ckpt, p + "self_attn.k_proj.weight", layer.wqkv.row(c.q_width()).data(), c.kv_width(), c.dim);
-    detail::read_tensor(ckpt, p + "self_attn.v_proj.weight", layer.wqkv.row(c.q_width() + c.kv_width()).data(),
-                        c.kv_width(), c.dim);
-    layer.wo.resize(c.dim, c.q_width());
-    detail::read_tensor(ckpt, p + "self_attn.o_proj.weight", layer.wo.data(), c.dim, c.q_width());
-    layer.w_gate_up.resize(2 * c.hidden_dim, c.dim);
-    detail::read_tensor(ckpt, p + "mlp.gate_proj.weight", layer.w_gate_up.data(), c.hidden_dim, c.dim);
-    detail::read_tensor(ckpt, p + "mlp.up_proj.weight", layer.w_gate_up.row(c.hidden_dim).data(), c.hidden_dim, c.dim);
-    layer.w_down.resize(c.dim, c.hidden_dim);
-    detail::read_tensor(ckpt, p + "mlp.down_proj.weight", layer.w_down.data(), c.dim, c.hidden_dim);
+    detail::read_stacked(ckpt, layer.attn_norm, {{p + "input_layernorm.weight", c.dim}}, 0);
+    detail::read_stacked(ckpt, layer.mlp_norm, {{p + "post_attention_layernorm.weight", c.dim}}, 0);
+    detail::read_stacked(ckpt, layer.wqkv,
+                         {{p + "self_attn.q_proj.weight", c.q_width()},
+                          {p + "self_attn.k_proj.weight", c.kv_width()},
+                          {p + "self_attn.v_proj.weight", c.kv_width()}},
+                         c.dim);
+    detail::read_stacked(ckpt, layer.wo, {{p + "self_attn.o_proj.weight", c.dim}}, c.q_width());
+    detail::read_stacked(ckpt, layer.w_gate_up,
+                         {{p + "mlp.gate_proj.weight", c.hidden_dim}, {p + "mlp.up_proj.weight", c.hidden_dim}}, c.dim);
+    detail::read_stacked(ckpt, layer.w_down, {{p + "mlp.down_proj.weight", c.dim}}, c.hidden_dim);
     w.layers.push_back(std::move(layer));
   }
   return LlamaModel(c, std::move(w));
 }
 
-inline LlamaModel LlamaModel::load_llama2c(const std::string& file) {
-  std::ifstream in(file, std::ios::binary);
-  require(static_cast<bool>(in), file, ": cannot open file");
-  in.seekg(0, std::ios::end);
-  const std::int64_t size = static_cast<std::int64_t>(in.tellg());
-  in.seekg(0);
+inline LlamaModel LlamaModel::load_llama2c(const ByteSource& file) {
+  const std::string& name = file.name();
+  const std::uint64_t size = file.size();
   std::int32_t header[7];
-  require(size >= static_cast<std::int64_t>(sizeof header), file, ": truncated: ", size,
-          " bytes, shorter than the 28-byte llama2.c header");
-  in.read(reinterpret_cast<char*>(header), sizeof header);
-  const char* names[7] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"};
+  require(size >= sizeof header, name, ": truncated: ", size, " bytes, shorter than the 28-byte llama2.c header");
+  file.read(0, header, sizeof header, "the header");
+  // A negative vocab_size announces a separate classifier; its magnitude is the vocabulary.
+  const bool shared = header[5] > 0;
+  const struct {
+    const char* name;
+    std::int64_t value;
+    int hi;
+  } fields[7] = {{"dim", header[0], LlamaConfig::max_dim},
+                 {"hidden_dim", header[1], LlamaConfig::max_hidden_dim},
+                 {"n_layers", header[2], LlamaConfig::max_layers},
+                 {"n_heads", header[3], LlamaConfig::max_heads},
+                 {"n_kv_heads", header[4], LlamaConfig::max_heads},
+                 {"vocab_size", shared ? header[5] : -static_cast<std::int64_t>(header[5]), LlamaConfig::max_vocab},
+                 {"seq_len", header[6], LlamaConfig::max_context_limit}};
+  int value[7];
   for (int i = 0; i < 7; ++i)
-    require(header[i] != 0 && header[i] > -(1 << 24) && header[i] < (1 << 24) && (i == 5 || header[i] > 0), file,
-            ": header field ", names[i], " = ", header[i], " is out of range");
+    value[i] = checked_int(fields[i].value, name + ": header field " + fields[i].name, 1, fields[i].hi);
   LlamaConfig c;
-  c.dim = header[0];
-  c.hidden_dim = header[1];
-  c.layers = header[2];
-  c.heads = header[3];
-  c.kv_heads = header[4];
-  const bool shared = header[5] > 0;  // a negative vocab_size announces a separate classifier
-  c.vocab = shared ? header[5] : -header[5];
-  c.max_context = header[6];
-  require(c.dim % c.heads == 0, file, ": dim ", c.dim, " is not a multiple of n_heads ", c.heads);
+  c.dim = value[0];
+  c.hidden_dim = value[1];
+  c.layers = value[2];
+  c.heads = value[3];
+  c.kv_heads = value[4];
+  c.vocab = value[5];
+  c.max_context = value[6];
+  require(c.dim % c.heads == 0, name, ": dim ", c.dim, " is not a multiple of n_heads ", c.heads);
   c.head_dim = c.dim / c.heads;
   c.norm_eps = 1e-5f;
   c.rope_theta = 10000.0f;
   c.rope = RopeStyle::interleaved;
   c.bos_id = 1;
   c.eos_id = 2;
+  c.check(name);
 
+  // The bounds above keep these far from overflow; checked all the same, since a wrapped
+  // count could pass the size check below and leave the allocations after it unguarded.
+  const std::string what = name + ": the size the header implies";
+  const auto mul = [&](std::int64_t a, std::int64_t b) { return checked_mul(a, b, what); };
+  const auto add = [&](std::initializer_list<std::int64_t> terms) {
+    std::int64_t sum = 0;
+    for (const std::int64_t t : terms) sum = checked_add(sum, t, what);
+    return sum;
+  };
   const std::int64_t L = c.layers, dim = c.dim, kv = c.kv_width(), hidden = c.hidden_dim, vocab = c.vocab;
-  const std::int64_t rope_tables = 2 * static_cast<std::int64_t>(c.max_context) * (c.head_dim / 2);
-  const std::int64_t floats = vocab * dim + L * (2 * dim + 2 * dim * dim + 2 * kv * dim + 3 * hidden * dim) + dim +
-                              rope_tables + (shared ? 0 : vocab * dim);
-  require(size == 28 + 4 * floats, file, ": ", size, " bytes, but the header (dim ", c.dim, ", hidden ", c.hidden_dim,
-          ", layers ", c.layers, ", heads ", c.heads, "/", c.kv_heads, ", vocab ", header[5], ", seq_len ",
-          c.max_context, ") needs ", 28 + 4 * floats);
+  const std::int64_t rope_tables = mul(c.max_context, c.head_dim);  // cos and sin, head_dim / 2 each
+  const std::int64_t per_layer =
+      add({mul(2, dim), mul(2, mul(dim, dim)), mul(2, mul(kv, dim)), mul(3, mul(hidden, dim))});
+  const std::int64_t floats = add({mul(vocab, dim), mul(L, per_layer), dim, rope_tables, shared ? 0 : mul(vocab, dim)});
+  const std::int64_t expected = add({28, mul(4, floats)});
+  require(size == static_cast<std::uint64_t>(expected), name, ": ", size, " bytes, but the header (dim ", c.dim,
+          ", hidden ", c.hidden_dim, ", layers ", c.layers, ", heads ", c.heads, "/", c.kv_heads, ", vocab ", header[5],
+          ", seq_len ", c.max_context, ") needs ", expected);
 
-  // Each tensor is stored for all layers before the next one.
-  auto read = [&](float* dst, std::int64_t n, const char* what) {
-    in.read(reinterpret_cast<char*>(dst), static_cast<std::streamsize>(4 * n));
-    require(in.good(), file, ": read error in ", what);
+  // Each tensor is stored for all layers before the next one. Every allocation below is
+  // part of the `floats` the file was just found to hold.
+  std::uint64_t offset = sizeof header;
+  auto read = [&](float* dst, std::int64_t n, const char* tensor) {
+    file.read(offset, dst, static_cast<std::size_t>(4 * n), tensor);
+    offset += static_cast<std::uint64_t>(4 * n);
   };
   LlamaWeights w;
   w.embedding.resize(vocab, dim);
@@ -308,7 +379,7 @@ inline LlamaModel LlamaModel::load_llama2c(const std::string& file) {
   for (auto& layer : w.layers) read(layer.w_down.data(), dim * hidden, "w2");
   for (auto& layer : w.layers) read(layer.w_gate_up.row(c.hidden_dim).data(), hidden * dim, "w3");  // up
   read(w.final_norm.data(), dim, "rms_final_weight");
-  in.seekg(4 * rope_tables, std::ios::cur);  // legacy RoPE tables: recomputed instead
+  offset += static_cast<std::uint64_t>(4 * rope_tables);  // legacy RoPE tables: recomputed instead
   if (!shared) {
     w.lm_head.resize(vocab, dim);
     read(w.lm_head.data(), vocab * dim, "the classifier");
@@ -340,10 +411,32 @@ inline void linear(ConstRowsRef x, const RowMatrix& w, RowsRef y, bool accumulat
 }
 
 inline void rms_norm(ConstRowsRef x, const Eigen::VectorXf& weight, float eps, RowsRef out) {
+  const auto n = static_cast<float>(x.cols());
   for (Eigen::Index t = 0; t < x.rows(); ++t) {
-    const float inverse = 1.0f / std::sqrt(x.row(t).squaredNorm() / static_cast<float>(x.cols()) + eps);
-    out.row(t) = (x.row(t) * inverse).cwiseProduct(weight.transpose());
+    const float mean_square = x.row(t).squaredNorm() / n;
+    if (std::isfinite(mean_square) || !x.row(t).allFinite()) {
+      const float inverse = 1.0f / std::sqrt(mean_square + eps);
+      out.row(t) = (x.row(t) * inverse).cwiseProduct(weight.transpose());
+    } else {
+      // A finite row above ~1e19 overflows the fp32 sum of squares and would normalise
+      // to 0: such rows, and only they, are normalised in double (every other row rounds
+      // as before), where neither the sum nor 1 / rms can leave the range.
+      const Eigen::RowVectorXd row = x.row(t).cast<double>();
+      const double inverse = 1.0 / std::sqrt(row.squaredNorm() / static_cast<double>(n) + eps);
+      out.row(t) = (row * inverse).cast<float>().cwiseProduct(weight.transpose());
+    }
   }
+}
+
+// Throws unless every row of `rows` (tokens from position `start`) is finite: the
+// residual stream after `layer`, or the logits when layer < 0. Allocates nothing unless it throws.
+inline void require_finite(ConstRowsRef rows, std::int64_t start, int layer) {
+  if (rows.allFinite()) return;
+  Eigen::Index t = 0;
+  while (rows.row(t).allFinite()) ++t;
+  const std::string what = layer < 0 ? std::string("logits") : concat("activations after layer ", layer);
+  throw error(concat("LlamaRunner: non-finite ", what, " at position ", start + t, " (token ", t,
+                     " of this call): the weights overflow fp32 on this input"));
 }
 
 }  // namespace detail
@@ -448,9 +541,15 @@ class LlamaRunner {
       auto gate = ws.mlp.leftCols(c.hidden_dim);
       gate = gate.array() / (1.0f + (-gate.array()).exp()) * ws.mlp.rightCols(c.hidden_dim).array();  // SwiGLU
       detail::linear(gate, layer.w_down, ws.x, true);
+      // Finite weights can still overflow fp32 (validate() admits 3e38); no bound on
+      // single weights rules that out without refusing real checkpoints with outliers, so
+      // the residual stream is checked instead: T x dim compares beside the layer's
+      // T x dim x dim multiply-adds. NaN from the attention surfaces here too.
+      detail::require_finite(ws.x, start, l);
     }
     detail::rms_norm(ws.x, w.final_norm, c.norm_eps, ws.xn);
     detail::linear(ws.xn, w.output(), ws.logits, false);
+    detail::require_finite(ws.logits, start, -1);
   }
 
   void rope_angles(std::int64_t start, Workspace& ws) const {

@@ -4,15 +4,17 @@
 // of JSON {name: {dtype, shape, data_offsets [begin, end)}, "__metadata__": {...}},
 // then the data area; offsets count from its first byte.
 //
-// Reading is streamed (std::ifstream): portable, and a checkpoint is read once into
-// fp32 matrices anyway. The whole header is validated when a file is opened, so a
-// corrupt file fails up front with its name and the tensor at fault, never later.
+// Bytes come from a ByteSource (a file, or memory for fuzzing and tests) and a
+// checkpoint's files from a Folder; the path constructors are thin wrappers. The whole
+// header is validated when a file is opened (every shape against the bytes the file
+// holds), so a corrupt file fails up front with its name and the tensor at fault, and no
+// read allocates more than the file backs.
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <fstream>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <memory>
@@ -24,7 +26,9 @@
 
 #include <Eigen/Core>
 
+#include "../base/checked.hpp"
 #include "../base/error.hpp"
+#include "../base/files.hpp"
 #include "../base/half.hpp"
 #include "../base/json.hpp"
 
@@ -59,7 +63,7 @@ struct SafetensorsTensor {
 
   std::int64_t elements() const {
     std::int64_t n = 1;
-    for (const std::int64_t d : shape) n *= d;
+    for (const std::int64_t d : shape) n = checked_mul(n, d, "safetensors: shape of tensor '" + name + "'");
     return n;
   }
   bool is_float() const { return dtype != SafetensorsDtype::I32; }
@@ -69,13 +73,8 @@ namespace detail {
 
 // Headers larger than this are corrupt (the reference implementation's bound too).
 constexpr std::uint64_t safetensors_max_header = 100u << 20;
-
-inline std::uint64_t file_size(std::ifstream& in, const std::string& path) {
-  in.seekg(0, std::ios::end);
-  const std::streamoff size = in.tellg();
-  require(in.good() && size >= 0, path, ": cannot determine the file size");
-  return static_cast<std::uint64_t>(size);
-}
+// model.safetensors.index.json: about 100 bytes a tensor, so far below this for any model.
+constexpr std::uint64_t safetensors_max_index = 16u << 20;
 
 inline SafetensorsTensor parse_tensor_entry(const std::string& path, const std::string& name,
                                             const json::Value& entry, std::uint64_t data_size) {
@@ -99,6 +98,7 @@ inline SafetensorsTensor parse_tensor_entry(const std::string& path, const std::
       for (const json::Value& d : value.as_array(where + ": shape")) {
         require(d.is_integer() && d.as_int() >= 0, where, ": shape must hold non-negative integers");
         const std::int64_t dim = d.as_int();
+        // Bytes of any dtype must fit int64, whatever the data_offsets say.
         require(dim == 0 || elements <= std::numeric_limits<std::int64_t>::max() / 8 / dim, where,
                 ": shape is too large");
         elements *= dim;
@@ -127,34 +127,39 @@ inline SafetensorsTensor parse_tensor_entry(const std::string& path, const std::
   return tensor;
 }
 
+inline bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 }  // namespace detail
 
 // One .safetensors file: the validated header, and tensors read on request.
 class SafetensorsFile {
  public:
-  explicit SafetensorsFile(std::string path) : path_(std::move(path)) {
-    std::ifstream in(path_, std::ios::binary);
-    require(static_cast<bool>(in), path_, ": cannot open file");
-    const std::uint64_t size = detail::file_size(in, path_);
-    require(size >= 8, path_, ": truncated: ", size, " bytes, shorter than the 8-byte header length");
-    in.seekg(0);
+  // Reads and validates the header of `source`, which the file keeps for later reads.
+  explicit SafetensorsFile(std::shared_ptr<const ByteSource> source) : source_(std::move(source)) {
+    require(source_ != nullptr, "SafetensorsFile: no source");
+    const std::uint64_t size = source_->size();
+    require(size >= 8, path(), ": truncated: ", size, " bytes, shorter than the 8-byte header length");
     unsigned char length_bytes[8];
-    in.read(reinterpret_cast<char*>(length_bytes), 8);
+    source_->read(0, length_bytes, 8, "the header length");
     std::uint64_t header_size = 0;
     for (int i = 7; i >= 0; --i) header_size = (header_size << 8) | length_bytes[i];
-    require(header_size <= size - 8, path_, ": header length ", header_size, " runs beyond the end of the file (",
+    require(header_size <= size - 8, path(), ": header length ", header_size, " runs beyond the end of the file (",
             size, " bytes)");
-    require(header_size <= detail::safetensors_max_header, path_, ": header length ", header_size,
+    require(header_size <= detail::safetensors_max_header, path(), ": header length ", header_size,
             " above the 100 MiB limit");
     std::string header(static_cast<std::size_t>(header_size), '\0');
-    in.read(header.data(), static_cast<std::streamsize>(header_size));
-    require(in.good(), path_, ": read error in the header");
+    source_->read(8, header.data(), header.size(), "the header");
     data_start_ = 8 + header_size;
     data_size_ = size - data_start_;
-    parse_header(json::parse(header, path_ + " (header)"));
+    parse_header(json::parse(header, path() + " (header)"));
   }
+  // A file on disk.
+  explicit SafetensorsFile(std::string path) : SafetensorsFile(std::make_shared<FileBytes>(std::move(path))) {}
 
-  const std::string& path() const { return path_; }
+  // The source's name: the file's path for a file on disk.
+  const std::string& path() const { return source_->name(); }
   // Tensors in header order.
   const std::vector<SafetensorsTensor>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -163,7 +168,7 @@ class SafetensorsFile {
 
   const SafetensorsTensor& tensor(std::string_view name) const {
     const auto it = index_.find(std::string(name));
-    require(it != index_.end(), path_, ": no tensor '", name, "'");
+    require(it != index_.end(), path(), ": no tensor '", name, "'");
     return tensors_[it->second];
   }
 
@@ -171,20 +176,18 @@ class SafetensorsFile {
   // floats: exactly the tensor's element count.
   void read_f32(std::string_view name, float* dst, std::size_t count) const {
     const SafetensorsTensor& t = tensor(name);
-    require(t.is_float(), path_, ": tensor '", name, "' has dtype ", dtype_name(t.dtype), ", expected F32, F16 or BF16");
-    require(count == static_cast<std::size_t>(t.elements()), path_, ": tensor '", name, "' holds ", t.elements(),
+    require(t.is_float(), path(), ": tensor '", name, "' has dtype ", dtype_name(t.dtype), ", expected F32, F16 or BF16");
+    require(count == static_cast<std::size_t>(t.elements()), path(), ": tensor '", name, "' holds ", t.elements(),
             " elements, the destination ", count);
-    std::ifstream in = open_at(t);
-    // 16-bit types convert in chunks so no second copy of a large tensor is held.
-    constexpr std::size_t chunk = std::size_t(1) << 20;
     switch (t.dtype) {
-      case SafetensorsDtype::F32: read_bytes(in, t, dst, count * 4); break;
-      case SafetensorsDtype::F16: convert_chunks<Eigen::half>(in, t, dst, count, chunk); break;
-      case SafetensorsDtype::BF16: convert_chunks<Eigen::bfloat16>(in, t, dst, count, chunk); break;
+      case SafetensorsDtype::F32: read_data(t, 0, dst, count * 4); break;
+      case SafetensorsDtype::F16: convert_chunks<Eigen::half>(t, dst, count); break;
+      case SafetensorsDtype::BF16: convert_chunks<Eigen::bfloat16>(t, dst, count); break;
       case SafetensorsDtype::I32: break;
     }
   }
 
+  // The header bounds every tensor by the file's size, so these allocations are too.
   std::vector<float> read_f32(std::string_view name) const {
     std::vector<float> out(static_cast<std::size_t>(tensor(name).elements()));
     read_f32(name, out.data(), out.size());
@@ -193,25 +196,24 @@ class SafetensorsFile {
 
   std::vector<std::int32_t> read_i32(std::string_view name) const {
     const SafetensorsTensor& t = tensor(name);
-    require(t.dtype == SafetensorsDtype::I32, path_, ": tensor '", name, "' has dtype ", dtype_name(t.dtype),
+    require(t.dtype == SafetensorsDtype::I32, path(), ": tensor '", name, "' has dtype ", dtype_name(t.dtype),
             ", expected I32");
     std::vector<std::int32_t> out(static_cast<std::size_t>(t.elements()));
-    std::ifstream in = open_at(t);
-    read_bytes(in, t, out.data(), out.size() * 4);
+    read_data(t, 0, out.data(), out.size() * 4);
     return out;
   }
 
  private:
   void parse_header(const json::Value& header) {
-    require(header.is_object(), path_, ": header must be a JSON object");
+    require(header.is_object(), path(), ": header must be a JSON object");
     for (const auto& [name, entry] : header.as_object()) {
       if (name == "__metadata__") {
-        for (const auto& [key, value] : entry.as_object(path_ + ": __metadata__"))
-          metadata_[key] = value.as_string(detail::concat(path_, ": __metadata__ value of '", key, "'"));
+        for (const auto& [key, value] : entry.as_object(path() + ": __metadata__"))
+          metadata_[key] = value.as_string(detail::concat(path(), ": __metadata__ value of '", key, "'"));
         continue;
       }
       index_.emplace(name, tensors_.size());
-      tensors_.push_back(detail::parse_tensor_entry(path_, name, entry, data_size_));
+      tensors_.push_back(detail::parse_tensor_entry(path(), name, entry, data_size_));
     }
     // No two tensors may share bytes: sort the non-empty ranges and compare neighbours.
     std::vector<const SafetensorsTensor*> order;
@@ -219,36 +221,35 @@ class SafetensorsFile {
       if (t.end > t.begin) order.push_back(&t);
     std::sort(order.begin(), order.end(), [](const auto* a, const auto* b) { return a->begin < b->begin; });
     for (std::size_t i = 1; i < order.size(); ++i)
-      require(order[i]->begin >= order[i - 1]->end, path_, ": tensor '", order[i]->name, "' [", order[i]->begin,
+      require(order[i]->begin >= order[i - 1]->end, path(), ": tensor '", order[i]->name, "' [", order[i]->begin,
               ", ", order[i]->end, ") overlaps tensor '", order[i - 1]->name, "' [", order[i - 1]->begin, ", ",
               order[i - 1]->end, ")");
   }
 
-  std::ifstream open_at(const SafetensorsTensor& t) const {
-    std::ifstream in(path_, std::ios::binary);
-    require(static_cast<bool>(in), path_, ": cannot open file to read tensor '", t.name, "'");
-    in.seekg(static_cast<std::streamoff>(data_start_ + t.begin));
-    return in;
+  // `bytes` bytes of tensor t's data from `offset` into it. A file that shrank or failed
+  // since its header was read reports the tensor it was reading.
+  void read_data(const SafetensorsTensor& t, std::uint64_t offset, void* dst, std::size_t bytes) const {
+    try {
+      source_->read(data_start_ + t.begin + offset, dst, bytes, "the data of tensor '" + t.name + "'");
+    } catch (const error& e) {
+      throw error(detail::concat(path(), ": tensor '", t.name, "': file truncated or changed while reading its data (",
+                                 e.what(), ")"));
+    }
   }
 
-  void read_bytes(std::ifstream& in, const SafetensorsTensor& t, void* dst, std::size_t bytes) const {
-    in.read(static_cast<char*>(dst), static_cast<std::streamsize>(bytes));
-    require(in.good() && static_cast<std::size_t>(in.gcount()) == bytes, path_, ": tensor '", t.name,
-            "': file truncated while reading its data");
-  }
-
+  // 16-bit types convert in chunks so no second copy of a large tensor is held.
   template <typename Half>
-  void convert_chunks(std::ifstream& in, const SafetensorsTensor& t, float* dst, std::size_t count,
-                      std::size_t chunk) const {
+  void convert_chunks(const SafetensorsTensor& t, float* dst, std::size_t count) const {
+    constexpr std::size_t chunk = std::size_t(1) << 20;
     std::vector<Half> buffer(std::min(count, chunk));
     for (std::size_t done = 0; done < count; done += buffer.size()) {
       const std::size_t n = std::min(buffer.size(), count - done);
-      read_bytes(in, t, buffer.data(), n * sizeof(Half));
+      read_data(t, done * sizeof(Half), buffer.data(), n * sizeof(Half));
       to_float(buffer.data(), dst + done, static_cast<int>(n));
     }
   }
 
-  std::string path_;
+  std::shared_ptr<const ByteSource> source_;
   std::uint64_t data_start_ = 0, data_size_ = 0;
   std::vector<SafetensorsTensor> tensors_;
   std::unordered_map<std::string, std::size_t> index_;
@@ -256,20 +257,31 @@ class SafetensorsFile {
 };
 
 // A checkpoint: one .safetensors file, or the shards named by a
-// model.safetensors.index.json. A directory stands for the index inside it when there
-// is one, else for its model.safetensors.
+// model.safetensors.index.json, all in one Folder. Shard names from the index are
+// confined to that folder (no "..", no absolute path). A MemoryFolder must outlive the
+// checkpoint (its files are read in place).
 class SafetensorsCheckpoint {
  public:
+  // The folder's model.safetensors.index.json when it has one, else its model.safetensors.
+  explicit SafetensorsCheckpoint(const Folder& folder) { open_folder(folder); }
+  // `file` in `folder`: an index (.json) or a single .safetensors file.
+  SafetensorsCheckpoint(const Folder& folder, std::string_view file) {
+    if (detail::ends_with(file, ".json")) open_index(folder, file);
+    else open_single(folder.open(file));
+  }
+  // A folder on disk (as above), an index file (its shards beside it) or one .safetensors file.
   explicit SafetensorsCheckpoint(const std::string& path) {
-    const std::string source = resolve(path);
-    if (ends_with(source, ".json")) {
-      open_index(source);
+    if (detail::ends_with(path, ".safetensors")) {
+      open_single(std::make_shared<FileBytes>(path));
+    } else if (detail::ends_with(path, ".json")) {
+      const std::filesystem::path p(path);
+      const std::string parent = p.parent_path().string();
+      open_index(DiskFolder(parent.empty() ? "." : parent), p.filename().string());
     } else {
-      files_.push_back(std::make_unique<SafetensorsFile>(source));
-      for (const auto& t : files_.front()->tensors()) {
-        owner_.emplace(t.name, files_.front().get());
-        names_.push_back(t.name);
-      }
+      std::error_code ec;
+      require(std::filesystem::is_directory(path, ec), path,
+              ": neither model.safetensors.index.json nor model.safetensors found (not a folder)");
+      open_folder(DiskFolder(path));
     }
   }
 
@@ -286,41 +298,43 @@ class SafetensorsCheckpoint {
   std::vector<std::int32_t> read_i32(std::string_view name) const { return file_of(name).read_i32(name); }
 
  private:
-  static bool ends_with(const std::string& s, std::string_view suffix) {
-    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  void open_folder(const Folder& folder) {
+    if (folder.contains("model.safetensors.index.json")) open_index(folder, "model.safetensors.index.json");
+    else if (folder.contains("model.safetensors")) open_single(folder.open("model.safetensors"));
+    else throw error(detail::concat(folder.name(), ": neither model.safetensors.index.json nor model.safetensors found"));
   }
 
-  static bool exists(const std::string& path) { return static_cast<bool>(std::ifstream(path)); }
-
-  std::string resolve(const std::string& path) {
-    source_ = path;
-    if (ends_with(path, ".json") || ends_with(path, ".safetensors")) return path;
-    const std::string dir = ends_with(path, "/") ? path : path + "/";
-    if (exists(dir + "model.safetensors.index.json")) source_ = dir + "model.safetensors.index.json";
-    else if (exists(dir + "model.safetensors")) source_ = dir + "model.safetensors";
-    else throw error(detail::concat(path, ": neither model.safetensors.index.json nor model.safetensors found"));
-    return source_;
+  void open_single(std::shared_ptr<const ByteSource> source) {
+    files_.push_back(std::make_unique<SafetensorsFile>(std::move(source)));
+    source_ = files_.front()->path();
+    for (const auto& t : files_.front()->tensors()) {
+      owner_.emplace(t.name, files_.front().get());
+      names_.push_back(t.name);
+    }
   }
 
-  void open_index(const std::string& index_path) {
-    const json::Value index = json::parse_file(index_path);
-    const std::string folder = index_path.substr(0, index_path.find_last_of('/') + 1);
+  void open_index(const Folder& folder, std::string_view index_file) {
+    const std::unique_ptr<ByteSource> bytes = folder.open(index_file);
+    source_ = bytes->name();
+    const json::Value index = json::parse(bytes->read_all(detail::safetensors_max_index), source_);
     std::map<std::string, SafetensorsFile*> shards;
-    for (const auto& [name, shard] : index.at("weight_map", index_path).as_object(index_path + ": weight_map")) {
-      const std::string& file = shard.as_string(detail::concat(index_path, ": weight_map entry '", name, "'"));
+    for (const auto& [name, shard] : index.at("weight_map", source_).as_object(source_ + ": weight_map")) {
+      const std::string what = detail::concat(source_, ": weight_map entry '", name, "'");
+      const std::string& file = shard.as_string(what);
+      Folder::check_name(file, what);
       auto it = shards.find(file);
       if (it == shards.end()) {
-        files_.push_back(std::make_unique<SafetensorsFile>(folder + file));
+        files_.push_back(std::make_unique<SafetensorsFile>(folder.open(file)));
         it = shards.emplace(file, files_.back().get()).first;
       }
-      require(it->second->contains(name), index_path, ": tensor '", name, "' is mapped to ", file,
+      require(it->second->contains(name), source_, ": tensor '", name, "' is mapped to ", file,
               ", which does not hold it");
       owner_.emplace(name, it->second);
       names_.push_back(name);
     }
   }
 
-  std::string source_;
+  std::string source_;  // names the checkpoint in errors: the index or the single file
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::unordered_map<std::string, const SafetensorsFile*> owner_;
   std::vector<std::string> names_;
@@ -338,7 +352,8 @@ class SafetensorsWriter {
     add_raw(name, shape, SafetensorsDtype::I32, data);
   }
 
-  void write(const std::string& path) const {
+  // The whole file: header length, header, data.
+  std::string bytes() const {
     std::string header = "{";
     if (!metadata_.empty()) {
       header += "\"__metadata__\":{";
@@ -357,16 +372,15 @@ class SafetensorsWriter {
     }
     header += "}";
     header.append((8 - header.size() % 8) % 8, ' ');  // keeps the data area 8-byte aligned
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    require(static_cast<bool>(out), path, ": cannot open for writing");
-    unsigned char length[8];
-    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>(static_cast<std::uint64_t>(header.size()) >> (8 * i));
-    out.write(reinterpret_cast<const char*>(length), 8);
-    out.write(header.data(), static_cast<std::streamsize>(header.size()));
-    out.write(data_.data(), static_cast<std::streamsize>(data_.size()));
-    out.close();
-    require(out.good(), path, ": write error");
+    std::string out(8, '\0');
+    for (std::size_t i = 0; i < 8; ++i) out[i] = static_cast<char>(static_cast<std::uint64_t>(header.size()) >> (8 * i));
+    out += header;
+    out.append(data_.data(), data_.size());
+    return out;
   }
+
+  // Written to a temporary file renamed into place: an interrupted write leaves no half file.
+  void write(const std::string& path) const { write_file_atomically(path, bytes()); }
 
  private:
   void add_raw(const std::string& name, const std::vector<std::int64_t>& shape, SafetensorsDtype dtype,
@@ -378,7 +392,8 @@ class SafetensorsWriter {
     t.dtype = dtype;
     t.shape = shape;
     for (const std::int64_t d : shape) require(d >= 0, "SafetensorsWriter: tensor '", name, "' has a negative dimension");
-    const std::size_t bytes = static_cast<std::size_t>(t.elements()) * dtype_size(dtype);
+    const std::size_t bytes = static_cast<std::size_t>(
+        checked_mul(t.elements(), static_cast<std::int64_t>(dtype_size(dtype)), "SafetensorsWriter: tensor '" + name + "'"));
     t.begin = data_.size();
     t.end = t.begin + bytes;
     data_.resize(data_.size() + bytes);
