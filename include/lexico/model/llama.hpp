@@ -158,8 +158,8 @@ inline void check_tensor_shape(const SafetensorsCheckpoint& ckpt, const std::str
                      "]"));
 }
 
-inline void allocate(RowMatrix& dst, std::int64_t rows, std::int64_t cols) { dst.resize(rows, cols); }
-inline void allocate(Eigen::VectorXf& dst, std::int64_t rows, std::int64_t) { dst.resize(rows); }
+inline void resize_for_read(RowMatrix& dst, std::int64_t rows, std::int64_t cols) { dst.resize(rows, cols); }
+inline void resize_for_read(Eigen::VectorXf& dst, std::int64_t rows, std::int64_t) { dst.resize(rows); }
 
 // Reads the tensors `parts` ({name, rows} each; all `cols` wide, or vectors when cols is
 // 0) stacked into dst, as the fused matrices hold them. Every part's header shape is
@@ -173,7 +173,7 @@ void read_stacked(const SafetensorsCheckpoint& ckpt, Dst& dst,
     check_tensor_shape(ckpt, name, n, cols);
     rows = checked_add(rows, n, name);
   }
-  allocate(dst, rows, cols);
+  resize_for_read(dst, rows, cols);
   float* out = dst.data();
   for (const auto& [name, n] : parts) {
     const std::size_t count = static_cast<std::size_t>(n * std::max<std::int64_t>(cols, 1));
