@@ -184,8 +184,8 @@ class HfTokenizer final : public Tokenizer {
  public:
   // Size caps: published tokenizer.json files are a few MB (the largest ~20 MB), and
   // tokenizer_config.json a few KB to a few hundred (chat templates).
-  static constexpr std::uint64_t max_json_bytes = std::uint64_t{64} << 20;
-  static constexpr std::uint64_t max_config_bytes = std::uint64_t{4} << 20;
+  static constexpr std::uint64_t max_json_bytes = json::Limits::tokenizer().max_bytes;
+  static constexpr std::uint64_t max_config_bytes = json::Limits::config().max_bytes;
 
   // Reads tokenizer.json; BOS and EOS come from a tokenizer_config.json beside it when
   // there is one, else from the post-processor's template, else from the usual names.
@@ -268,7 +268,7 @@ class HfTokenizer final : public Tokenizer {
     path_ = std::move(source);
     require(text.size() <= max_json_bytes, path_, ": ", text.size(), " bytes, above the limit of ", max_json_bytes,
             " for tokenizer.json");
-    const json::Value root = json::parse(text, path_);
+    const json::Value root = json::parse(text, path_, json::Limits::tokenizer());
     require(root.is_object(), path_, ": must hold a JSON object");
     const json::Value& model = root.at("model", path_);
     read_model_options(model);
@@ -495,7 +495,7 @@ class HfTokenizer final : public Tokenizer {
       const std::string config_name = config_path_beside(path_);
       require(config_text->size() <= max_config_bytes, config_name, ": ", config_text->size(),
               " bytes, above the limit of ", max_config_bytes, " for tokenizer_config.json");
-      const json::Value config = json::parse(*config_text, config_name);
+      const json::Value config = json::parse(*config_text, config_name, json::Limits::config());
       require(config.is_object(), config_name, ": must hold a JSON object");
       auto token = [&](const char* key) -> std::string {
         const json::Value* v = config.find(key);

@@ -130,8 +130,6 @@ class LlamaModel {
 
 namespace detail {
 
-// config.json of a Hugging Face checkpoint: a few KB; anything near this is not one.
-constexpr std::uint64_t llama_max_config = 1u << 20;
 
 inline void check_shape(const std::string& what, Eigen::Index rows, Eigen::Index cols, Eigen::Index want_rows,
                         Eigen::Index want_cols) {
@@ -229,7 +227,7 @@ inline void LlamaModel::validate() const {
 inline LlamaModel LlamaModel::load_hf(const Folder& folder) {
   const std::unique_ptr<ByteSource> config_file = folder.open("config.json");
   const std::string config_path = config_file->name();
-  const json::Value json = json::parse(config_file->read_all(detail::llama_max_config), config_path);
+  const json::Value json = json::parse(*config_file, json::Limits::config());
   require(json.is_object(), config_path, ": must hold a JSON object");
   if (const json::Value* type = json.find("model_type"))
     require(type->as_string(config_path + ": model_type") == "llama", config_path, ": model_type '", type->as_string(),

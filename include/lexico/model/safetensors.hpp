@@ -153,7 +153,7 @@ class SafetensorsFile {
     source_->read(8, header.data(), header.size(), "the header");
     data_start_ = 8 + header_size;
     data_size_ = size - data_start_;
-    parse_header(json::parse(header, path() + " (header)"));
+    parse_header(json::parse(header, path() + " (header)", json::Limits::safetensors_header()));
   }
   // A file on disk.
   explicit SafetensorsFile(std::string path) : SafetensorsFile(std::make_shared<FileBytes>(std::move(path))) {}
@@ -316,7 +316,7 @@ class SafetensorsCheckpoint {
   void open_index(const Folder& folder, std::string_view index_file) {
     const std::unique_ptr<ByteSource> bytes = folder.open(index_file);
     source_ = bytes->name();
-    const json::Value index = json::parse(bytes->read_all(detail::safetensors_max_index), source_);
+    const json::Value index = json::parse(*bytes, json::Limits{detail::safetensors_max_index, 1u << 20});
     std::map<std::string, SafetensorsFile*> shards;
     for (const auto& [name, shard] : index.at("weight_map", source_).as_object(source_ + ": weight_map")) {
       const std::string what = detail::concat(source_, ": weight_map entry '", name, "'");
