@@ -60,6 +60,7 @@ import datetime
 import functools
 import hashlib
 import html
+import io
 import json
 import math
 import os
@@ -163,6 +164,18 @@ EVICTION = (  # (method, cache name, needs a prefill)
 
 
 # ----------------------------------------------------------------------------- settings
+
+def write_atomically(path, text):
+    """Writes `text` to `path` through a temporary file beside it and a rename, so that an
+    interrupted run leaves the previous file or the complete new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
 
 def make_setting(model, protocol, windows, method, family, label, cache, options, extra=None):
     """One point of the grid: everything lexico-eval needs plus how to label it."""
@@ -515,9 +528,7 @@ def execute(setting, eval_binary, nice, threads, timeout):
     if tokens is not None:  # one line, not one per token
         text = text[:-2] + ',\n "token_delta_nll": ' + json.dumps(tokens, separators=(",", ":")) + "\n}"
     path = run_path(setting)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)
+    write_atomically(path, text + "\n")
     return setting, None
 
 
@@ -927,7 +938,7 @@ def dictionary_records(directories):
         if manifest is not None:
             stored[name] = dictionary_record(manifest, directory)
         records[directory] = stored.get(name)
-    DICTIONARIES_PATH.write_text(json.dumps(dict(sorted(stored.items())), indent=1) + "\n")
+    write_atomically(DICTIONARIES_PATH, json.dumps(dict(sorted(stored.items())), indent=1) + "\n")
     recorded_dictionaries.cache_clear()
     return records
 
@@ -1000,20 +1011,21 @@ def display_label(run, ids):
 
 def write_csv(groups, ids):
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CSV_PATH, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["model", "protocol", "windows", "window", "prefill", "scored_tokens", "method", "setting",
-                      "cache", "options", "dictionary", "kv_size_pct", "mean_nll", "dense_mean_nll", "delta_nll",
-                      "delta_nll_se", "mean_kl", "top1_agreement_pct", "tokens_per_second", "pareto", "run_file"])
-        for key in sorted(groups, key=lambda k: (model_order(k[0]), PROTOCOLS.index(k[1]), -k[2])):
-            for r in groups[key]:
-                out.writerow([r["model"], r["protocol"], r["windows"], r["window"], r["prefill"], r["scored"],
-                              r["method"], display_label(r, ids), r["cache"],
-                              ",".join(f"{k}={v}" for k, v in r["options"].items()), r["dict_dir"],
-                              f"{r['kv']:.3f}", f"{r['nll']:.6f}", f"{r['dense_nll']:.6f}", f"{r['delta']:.6f}",
-                              "" if r["delta_se"] is None else f"{r['delta_se']:.6f}",
-                              "" if r["kl"] is None else f"{r['kl']:.7f}",
-                              f"{r['top1']:.3f}", f"{r['tps']:.1f}", int(r["pareto"]), r["run_file"]])
+    text = io.StringIO()
+    out = csv.writer(text)
+    out.writerow(["model", "protocol", "windows", "window", "prefill", "scored_tokens", "method", "setting",
+                  "cache", "options", "dictionary", "kv_size_pct", "mean_nll", "dense_mean_nll", "delta_nll",
+                  "delta_nll_se", "mean_kl", "top1_agreement_pct", "tokens_per_second", "pareto", "run_file"])
+    for key in sorted(groups, key=lambda k: (model_order(k[0]), PROTOCOLS.index(k[1]), -k[2])):
+        for r in groups[key]:
+            out.writerow([r["model"], r["protocol"], r["windows"], r["window"], r["prefill"], r["scored"],
+                          r["method"], display_label(r, ids), r["cache"],
+                          ",".join(f"{k}={v}" for k, v in r["options"].items()), r["dict_dir"],
+                          f"{r['kv']:.3f}", f"{r['nll']:.6f}", f"{r['dense_nll']:.6f}", f"{r['delta']:.6f}",
+                          "" if r["delta_se"] is None else f"{r['delta_se']:.6f}",
+                          "" if r["kl"] is None else f"{r['kl']:.7f}",
+                          f"{r['top1']:.3f}", f"{r['tps']:.1f}", int(r["pareto"]), r["run_file"]])
+    write_atomically(CSV_PATH, text.getvalue())
 
 
 # ---- SVG plots, written by hand (no matplotlib on this machine)
@@ -1129,8 +1141,8 @@ def plot_group(model, protocol, windows, rows):
         dashed = family.startswith("Lexico") and not family.endswith("n_b=128")
         delta.add(family, [(r["kv"], r["delta"]) for r in members], color, dashed)
         top1.add(family, [(r["kv"], r["top1"]) for r in members], color, dashed)
-    (PLOTS_DIR / f"{stem}_delta_nll.svg").write_text(delta.render())
-    (PLOTS_DIR / f"{stem}_top1.svg").write_text(top1.render())
+    write_atomically(PLOTS_DIR / f"{stem}_delta_nll.svg", delta.render())
+    write_atomically(PLOTS_DIR / f"{stem}_top1.svg", top1.render())
     return f"results/plots/{stem}_delta_nll.svg", f"results/plots/{stem}_top1.svg"
 
 
@@ -1393,7 +1405,7 @@ def write_report(quiet=False):
         md.append("")
     md += shared_state_section()
     md += tier_formats_section()
-    REPORT_PATH.write_text("\n".join(md) + "\n")
+    write_atomically(REPORT_PATH, "\n".join(md) + "\n")
     if not quiet:
         print(f"results_sweep: {len(runs)} runs -> {REPORT_PATH.relative_to(REPO)}, "
               f"{CSV_PATH.relative_to(REPO)}, {PLOTS_DIR.relative_to(REPO)}/", file=sys.stderr)
@@ -1428,7 +1440,7 @@ def cmd_shared(args):
                 "command": " ".join(relative(c) if "/" in c else c for c in cmd)}
             print(f"{name} {policy}: shared {runs[0]['bytes_shared'] / 2**20:.1f} MiB, "
                   f"peak RSS {runs[0]['peak_rss_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
-    SHARED_STATE_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    write_atomically(SHARED_STATE_PATH, json.dumps(records, indent=1, sort_keys=True) + "\n")
     write_report()
 
 
@@ -1459,7 +1471,7 @@ def cmd_tiers(args):
                   "kl": r["mean_kl"], "top1": r["top1_agreement"], "decode": r["tokens_per_second"],
                   "prefill": r["prefill_tokens_per_second"], "tokens": r.get("token_delta_nll"),
                   "windows": r["windows"]} for (name, _), r in zip(formats, runs)]}
-    TIER_FORMATS_PATH.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    write_atomically(TIER_FORMATS_PATH, json.dumps(records, indent=1, sort_keys=True) + "\n")
     write_report()
 
 

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from results_sweep import write_atomically
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
 MODELS = ["proxy-lm-hd128", "proxy-lm-hd64"]
@@ -76,8 +78,7 @@ def train(build, model, method, atoms, vectors, sparsity, threads):
     print("run " + " ".join(command), flush=True)
     begin = time.time()
     subprocess.run(command, check=True)
-    with open(os.path.join(out, "wall_seconds.txt"), "w") as f:
-        f.write(f"{time.time() - begin:.1f}\n")
+    write_atomically(os.path.join(out, "wall_seconds.txt"), f"{time.time() - begin:.1f}\n")
 
 
 def load_runs(build):
@@ -307,8 +308,7 @@ def report(build):
     missing = [os.path.basename(run_dir(build, *r)) for stage in STAGES
                for r in stage_runs(stage) if not is_done(build, *r)]
     out += ["## Not run", ""] + ([f"- {name}" for name in missing] if missing else ["Everything ran."]) + [""]
-    with open(os.path.join(ROOT, "TRAINING.md"), "w") as f:
-        f.write("\n".join(out))
+    write_atomically(os.path.join(ROOT, "TRAINING.md"), "\n".join(out))
     print(f"wrote {os.path.join(ROOT, 'TRAINING.md')} from {len(runs)} runs", flush=True)
 
 
