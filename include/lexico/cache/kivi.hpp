@@ -145,7 +145,9 @@ class KiviCache final : public KVCache {
  public:
   explicit KiviCache(CacheShape shape, KiviOptions options = {}) : KVCache(shape), options_(options) {
     require(options.bits == 2 || options.bits == 4, "KiviCache: bits must be 2 or 4 (got ", options.bits, ")");
-    require(options.group > 0 && options.group * options.bits % 8 == 0 && shape.head_dim % options.group == 0,
+    // group <= head_dim first: the product below must not overflow for a group from an option string.
+    require(options.group > 0 && options.group <= shape.head_dim && shape.head_dim % options.group == 0 &&
+                options.group * options.bits % 8 == 0,
             "KiviCache: group ", options.group, " must divide head_dim ", shape.head_dim, " and fill whole bytes at ",
             options.bits, " bits");
     require(options.residual >= options.group && options.residual % options.group == 0, "KiviCache: residual ",
