@@ -316,7 +316,9 @@ TEST(LexicoCache, EqualsDenseFp16WhileEverythingIsBuffered) {
   for (Eigen::Index t = 0; t < tokens; ++t) {
     cache.decode(1, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), a);
     dense.decode(1, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), b);
-    ASSERT_EQ((a - b).cwiseAbs().maxCoeff(), 0.0f) << "token " << t;
+    // Equal to rounding: the dense cache streams its tokens with an online softmax and
+    // divides by the sum at the end; Lexico's decode step normalises the weights first.
+    ASSERT_LE((a - b).cwiseAbs().maxCoeff(), 1e-6f) << "token " << t;
   }
   EXPECT_EQ(cache.coded_tokens(1), 0);
   EXPECT_EQ(cache.bytes().total(), dense.bytes().total());

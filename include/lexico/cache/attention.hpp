@@ -24,17 +24,10 @@ inline void softmax_rows(float* scores, int rows, Eigen::Index cols, Eigen::Inde
                          float* log_sum_exp = nullptr) {
   for (int r = 0; r < rows; ++r) {
     float* row = scores + r * ld;
-    float top = -std::numeric_limits<float>::infinity();
-    for (Eigen::Index t = 0; t < cols; ++t) top = std::max(top, row[t]);
+    const float top = detail::max_value(row, cols, -std::numeric_limits<float>::infinity());
     for (Eigen::Index t = 0; t < cols; ++t) row[t] = (row[t] - top) * scale;
     detail::exp_nonpositive(row, cols);
-    float partial[detail::lanes] = {};
-    Eigen::Index t = 0;
-    for (; t + detail::lanes <= cols; t += detail::lanes)
-      for (int l = 0; l < detail::lanes; ++l) partial[l] += row[t + l];
-    float sum = 0.0f;
-    for (; t < cols; ++t) sum += row[t];
-    for (int l = 0; l < detail::lanes; ++l) sum += partial[l];
+    const float sum = detail::sum_values(row, cols);
     const float inverse = 1.0f / sum;
     for (Eigen::Index t = 0; t < cols; ++t) row[t] *= inverse;
     if (log_sum_exp) log_sum_exp[r] = top * scale + std::log(sum);
@@ -116,19 +109,103 @@ void grouped_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index t
   }
 }
 
+// Decode attention streamed over blocks of tokens with an online softmax: each query
+// keeps a running maximum and sum, and its output is rescaled when the maximum grows,
+// so a block's keys, scores and values are read while they are in cache and no pass
+// ever runs over a whole context's scores. Each head's tokens are cut into parts of
+// `part_tokens` (fixed, so results never depend on the thread count), the parts of all
+// heads run in parallel once tokens x kv_heads reaches `parallel_from`, and each head's
+// parts are merged by their log-sum-exp. score(h, queries, group, first, count, scores, ld)
+// fills group x count raw dot products for tokens [first, first + count) of KV head h;
+// accumulate(h, weights, ld, group, first, count, out) adds Σ_t weights[g * ld + t] ·
+// value first + t into out (group x head_dim); the weights are the softmax's numerators,
+// not yet divided by its sum, so callers that need probabilities use grouped_decode_attention.
+template <typename ScoreFn, typename AccumulateFn>
+void streamed_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index tokens, RowsRef out,
+                               ScoreFn&& score, AccumulateFn&& accumulate, float* log_sum_exp = nullptr,
+                               int threads = 0, Eigen::Index parallel_from = 4096) {
+  constexpr Eigen::Index block = 128, part_tokens = 4096;
+  const int q_heads = static_cast<int>(queries.rows());
+  const int head_dim = static_cast<int>(queries.cols());
+  const int group = q_heads / kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const Eigen::Index parts = std::max<Eigen::Index>(1, (tokens + part_tokens - 1) / part_tokens);
+  // Per (head, part): group x head_dim output sums, then group maxima, then group sums.
+  const Eigen::Index state_size = group * (head_dim + 2);
+  std::vector<float> states(static_cast<std::size_t>(kv_heads * parts * state_size));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(thread_budget(threads)) if (tokens * kv_heads >= parallel_from)
+  for (Eigen::Index item = 0; item < kv_heads * parts; ++item) {
+    serial_eigen_products();
+    const int h = static_cast<int>(item / parts);
+    const Eigen::Index begin = item % parts * part_tokens, end = std::min(tokens, begin + part_tokens);
+    float* sums = states.data() + item * state_size;
+    float* top = sums + group * head_dim;
+    float* total = top + group;
+    std::fill(sums, sums + group * head_dim, 0.0f);
+    std::fill(top, top + group, -std::numeric_limits<float>::infinity());
+    std::fill(total, total + group, 0.0f);
+    thread_local std::vector<float> query_rows, weights;
+    query_rows.resize(static_cast<std::size_t>(group * head_dim));
+    weights.resize(static_cast<std::size_t>(group * block));
+    for (int g = 0; g < group; ++g)
+      for (int i = 0; i < head_dim; ++i) query_rows[static_cast<std::size_t>(g * head_dim + i)] = queries(h * group + g, i);
+    for (Eigen::Index first = begin; first < end; first += block) {
+      const Eigen::Index count = std::min(block, end - first);
+      score(h, static_cast<const float*>(query_rows.data()), group, first, count, weights.data(), block);
+      for (int g = 0; g < group; ++g) {
+        float* row = weights.data() + g * block;
+        const float previous = top[g], now = detail::max_value(row, count, previous);
+        if (now > previous) {  // rescale what the earlier blocks summed (exp(-inf) = 0 the first time)
+          const float factor = std::exp((previous - now) * scale);
+          total[g] *= factor;
+          for (int i = 0; i < head_dim; ++i) sums[g * head_dim + i] *= factor;
+          top[g] = now;
+        }
+        for (Eigen::Index t = 0; t < count; ++t) row[t] = (row[t] - now) * scale;
+        detail::exp_nonpositive(row, count);
+        total[g] += detail::sum_values(row, count);
+      }
+      accumulate(h, static_cast<const float*>(weights.data()), block, group, first, count, sums);
+    }
+  }
+  // Merge each query's parts: rescaled to their common maximum, summed, divided.
+  for (int h = 0; h < kv_heads; ++h)
+    for (int g = 0; g < group; ++g) {
+      float common = -std::numeric_limits<float>::infinity();
+      for (Eigen::Index p = 0; p < parts; ++p) common = std::max(common, states[static_cast<std::size_t>((h * parts + p) * state_size + group * head_dim + g)]);
+      float denominator = 0.0f;
+      auto row = out.row(h * group + g);
+      row.setZero();
+      for (Eigen::Index p = 0; p < parts; ++p) {
+        const float* state = states.data() + (h * parts + p) * state_size;
+        const float part_top = state[group * head_dim + g];
+        if (part_top == -std::numeric_limits<float>::infinity()) continue;  // a part with no tokens
+        const float factor = std::exp((part_top - common) * scale);
+        denominator += factor * state[group * head_dim + group + g];
+        row += factor * Eigen::Map<const Eigen::RowVectorXf>(state + g * head_dim, head_dim);
+      }
+      if (denominator > 0.0f) row /= denominator;
+      if (log_sum_exp) log_sum_exp[h * group + g] = common * scale + std::log(denominator);
+    }
+}
+
 }  // namespace lexico
 
 namespace lexico::detail {
 
 // Decode attention over a key store and a value store with TokenStore's interface
-// (scores, accumulate), `tokens` tokens in every head.
+// (scores and accumulate over a range of tokens), `tokens` tokens in every head.
 template <typename KeyStore, typename ValueStore>
 void attend_stores(const KeyStore& keys, const ValueStore& values, Eigen::Index tokens, ConstRowsRef queries,
                    RowsRef out, float* log_sum_exp, int threads) {
-  grouped_decode_attention(
+  streamed_decode_attention(
       queries, keys.heads(), tokens, out,
-      [&](int h, const float* q, int group, float* scores, Eigen::Index ld) { keys.scores(h, q, group, scores, ld); },
-      [&](int h, const float* p, Eigen::Index ld, int group, float* o) { values.accumulate(h, p, ld, group, o); },
+      [&](int h, const float* q, int group, Eigen::Index first, Eigen::Index count, float* scores, Eigen::Index ld) {
+        keys.scores(h, q, group, first, count, scores, ld);
+      },
+      [&](int h, const float* p, Eigen::Index ld, int group, Eigen::Index first, Eigen::Index count, float* o) {
+        values.accumulate(h, p, ld, group, first, count, o);
+      },
       log_sum_exp, threads);
 }
 

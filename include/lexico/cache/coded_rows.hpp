@@ -110,28 +110,35 @@ class CodedRows {
                   out);
   }
 
-  // scores[g * ld + t] = <query g, key t> for the group's queries (group x head_dim);
-  // each row is decoded once for the whole group.
-  void scores(int head, const float* queries, int group, float* scores, Eigen::Index ld) const {
+  // scores[g * ld + t] = <query g, key first + t> for the group's queries (group x
+  // head_dim) and tokens [first, first + count); each row is decoded once for the group.
+  void scores(int head, const float* queries, int group, Eigen::Index first, Eigen::Index count, float* scores,
+              Eigen::Index ld) const {
     const Eigen::Map<const RowMatrix> q(queries, group, head_dim_);
-    Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>> s(scores, group, tokens_, Eigen::OuterStride<>(ld));
+    Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>> s(scores, group, count, Eigen::OuterStride<>(ld));
     float key[max_head_dim];
-    for (Eigen::Index t = 0; t < tokens_; ++t) {
-      row(head, t, key);
+    for (Eigen::Index t = 0; t < count; ++t) {
+      row(head, first + t, key);
       s.col(t).noalias() = q * Eigen::Map<const Eigen::VectorXf>(key, head_dim_);
     }
   }
+  void scores(int head, const float* queries, int group, float* scores, Eigen::Index ld) const {
+    this->scores(head, queries, group, 0, tokens_, scores, ld);
+  }
 
-  // out[g] += Σ_t probabilities[g * ld + t] · value t.
-  void accumulate(int head, const float* probabilities, Eigen::Index ld, int group, float* out) const {
-    const Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>> p(probabilities, group, tokens_,
-                                                                 Eigen::OuterStride<>(ld));
+  // out[g] += Σ_t weights[g * ld + t] · value first + t, tokens [first, first + count).
+  void accumulate(int head, const float* weights, Eigen::Index ld, int group, Eigen::Index first, Eigen::Index count,
+                  float* out) const {
+    const Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>> p(weights, group, count, Eigen::OuterStride<>(ld));
     Eigen::Map<RowMatrix> o(out, group, head_dim_);
     float value[max_head_dim];
-    for (Eigen::Index t = 0; t < tokens_; ++t) {
-      row(head, t, value);
+    for (Eigen::Index t = 0; t < count; ++t) {
+      row(head, first + t, value);
       o.noalias() += p.col(t) * Eigen::Map<const Eigen::RowVectorXf>(value, head_dim_);
     }
+  }
+  void accumulate(int head, const float* probabilities, Eigen::Index ld, int group, float* out) const {
+    accumulate(head, probabilities, ld, group, 0, tokens_, out);
   }
 
  private:

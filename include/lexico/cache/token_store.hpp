@@ -102,32 +102,39 @@ class TokenStore {
     return static_cast<Eigen::Index>(rows_[static_cast<std::size_t>(head)].size() - front()) / head_dim_;
   }
 
-  // scores[g * ld + t] = <query g, key t> for the group's queries (group x head_dim).
-  void scores(int head, const float* queries, int group, float* scores, Eigen::Index ld) const {
+  // scores[g * ld + t] = <query g, key first + t> for the group's queries (group x
+  // head_dim) and tokens [first, first + count) of a head.
+  void scores(int head, const float* queries, int group, Eigen::Index first, Eigen::Index count, float* scores,
+              Eigen::Index ld) const {
     float key[max_head_dim], dots[max_gqa_group];
-    const Eigen::Index count = head_tokens(head);
     if constexpr (std::is_same_v<Scalar, Eigen::half>)
-      if (count > 0 && detail::fp16_scores(reinterpret_cast<const std::uint16_t*>(data(head, 0)), count, head_dim_,
-                                           queries, group, scores, ld))
+      if (count > 0 && detail::fp16_scores(reinterpret_cast<const std::uint16_t*>(data(head, first)), count, head_dim_,
+                                           queries, group, scores, ld, rows_after(head, first, count)))
         return;
     for (Eigen::Index t = 0; t < count; ++t) {
-      detail::dot_group(as_float(head, t, key), queries, group, head_dim_, dots);
+      detail::dot_group(as_float(head, first + t, key), queries, group, head_dim_, dots);
       for (int g = 0; g < group; ++g) scores[g * ld + t] = dots[g];
     }
   }
+  void scores(int head, const float* queries, int group, float* scores, Eigen::Index ld) const {
+    this->scores(head, queries, group, 0, head_tokens(head), scores, ld);
+  }
 
-  // out[g] += Σ_t probabilities[g * ld + t] · value t.
-  void accumulate(int head, const float* probabilities, Eigen::Index ld, int group, float* out) const {
-    float value[max_head_dim], weights[max_gqa_group];
-    const Eigen::Index count = head_tokens(head);
+  // out[g] += Σ_t weights[g * ld + t] · value first + t, tokens [first, first + count).
+  void accumulate(int head, const float* weights, Eigen::Index ld, int group, Eigen::Index first, Eigen::Index count,
+                  float* out) const {
+    float value[max_head_dim], column[max_gqa_group];
     if constexpr (std::is_same_v<Scalar, Eigen::half>)
-      if (count > 0 && detail::fp16_accumulate(reinterpret_cast<const std::uint16_t*>(data(head, 0)), count,
-                                               head_dim_, probabilities, ld, group, out))
+      if (count > 0 && detail::fp16_accumulate(reinterpret_cast<const std::uint16_t*>(data(head, first)), count,
+                                               head_dim_, weights, ld, group, out, rows_after(head, first, count)))
         return;
     for (Eigen::Index t = 0; t < count; ++t) {
-      for (int g = 0; g < group; ++g) weights[g] = probabilities[g * ld + t];
-      detail::axpy_group(as_float(head, t, value), weights, group, head_dim_, out);
+      for (int g = 0; g < group; ++g) column[g] = weights[g * ld + t];
+      detail::axpy_group(as_float(head, first + t, value), column, group, head_dim_, out);
     }
+  }
+  void accumulate(int head, const float* probabilities, Eigen::Index ld, int group, float* out) const {
+    accumulate(head, probabilities, ld, group, 0, head_tokens(head), out);
   }
 
   static constexpr int max_head_dim = 256;
@@ -138,6 +145,12 @@ class TokenStore {
 
   const Scalar* data(int head, Eigen::Index t) const {
     return rows_[static_cast<std::size_t>(head)].data() + front() + static_cast<std::size_t>(t * head_dim_);
+  }
+
+  // Rows held after tokens [first, first + count), at most count: what a streamed reader
+  // of blocks of `count` tokens reads next.
+  long rows_after(int head, Eigen::Index first, Eigen::Index count) const {
+    return static_cast<long>(std::min(count, head_tokens(head) - first - count));
   }
 
   // Moves the held rows to the start of their storage (capacity is kept for reuse).
