@@ -134,33 +134,22 @@ inline __m512 sum_lanes16(const __m512* v) {
 inline __m512 load_fp16x16(const std::uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-
-// Asks for the cache lines of the fp16 row `count` rows after `row`, if it is one of the
-// `ahead` rows that follow the range: a streamed caller's next block, fetched while this
-// one is computed (the hardware prefetcher alone left the kernels waiting on memory).
-inline void prefetch_next_block_row(const std::uint16_t* row, long t, long count, long ahead, int d) {
-  if (t >= ahead) return;
-  const char* next = reinterpret_cast<const char*>(row + count * d);
-  for (int byte = 0; byte < 2 * d; byte += 64) _mm_prefetch(next + byte, _MM_HINT_T0);
-}
 #endif
 
 // Decode attention over fp16 rows (count x d, contiguous, d a multiple of 16), the
 // kernels that set a dense cache's pace: each row is read once for the whole GQA group.
-// Both prefetch the first `ahead` rows after the range (0: none) and return false
-// (nothing done) where the CPU or the shape has no fast path.
+// Both return false (nothing done) where the CPU or the shape has no fast path.
 #if defined(__AVX512F__)
 // out[g] += Σ_t probabilities[g * ld + t] · row t over columns [16 c0, 16 (c0 + Width)):
 // Group x Width sums in registers (the group is a template argument: with a run-time
 // group the compiler kept the sums on the stack).
 template <int Group, int Width>
 void fp16_accumulate_columns(const std::uint16_t* rows, long count, int d, int c0, const float* probabilities, long ld,
-                             float* out, long ahead) {
+                             float* out) {
   __m512 sum[Group][Width];
   for (int g = 0; g < Group; ++g)
     for (int c = 0; c < Width; ++c) sum[g][c] = _mm512_loadu_ps(out + g * d + 16 * (c0 + c));
   for (long t = 0; t < count; ++t) {
-    if (c0 == 0) prefetch_next_block_row(rows + t * d, t, count, ahead, d);
     const std::uint16_t* row = rows + t * d + 16 * c0;
     __m512 value[Width];
     for (int c = 0; c < Width; ++c) value[c] = load_fp16x16(row + 16 * c);
@@ -176,13 +165,13 @@ void fp16_accumulate_columns(const std::uint16_t* rows, long count, int d, int c
 // Passes of as many columns as keep at most 32 sums (the register file) live.
 template <int Group>
 void fp16_accumulate_group(const std::uint16_t* rows, long count, int d, const float* probabilities, long ld,
-                           float* out, long ahead) {
+                           float* out) {
   constexpr int width = Group <= 4 ? 8 : 4;
   const int chunks = d / 16;
   int c0 = 0;
   for (; c0 + width <= chunks; c0 += width)
-    fp16_accumulate_columns<Group, width>(rows, count, d, c0, probabilities, ld, out, ahead);
-  for (; c0 < chunks; ++c0) fp16_accumulate_columns<Group, 1>(rows, count, d, c0, probabilities, ld, out, ahead);
+    fp16_accumulate_columns<Group, width>(rows, count, d, c0, probabilities, ld, out);
+  for (; c0 < chunks; ++c0) fp16_accumulate_columns<Group, 1>(rows, count, d, c0, probabilities, ld, out);
 }
 
 // Calls kernel(std::integral_constant<int, G>()) for the group size G in 1..8.
@@ -208,14 +197,13 @@ void with_group(int group, Kernel&& kernel) {
 // waited behind a bounds check (1.7x slower at d = 128); 0 takes it from d.
 template <int Chunks>
 void fp16_scores_chunks(const std::uint16_t* rows, long count, int d, const float* queries, int group, float* scores,
-                        long ld, long ahead) {
+                        long ld) {
   const int chunks = Chunks > 0 ? Chunks : d / 16;
   __m512 partial[8][16];
   long t0 = 0;
   for (; t0 + 16 <= count; t0 += 16) {
     for (int r = 0; r < 16; ++r) {
       const std::uint16_t* row = rows + (t0 + r) * d;
-      prefetch_next_block_row(row, t0 + r, count, ahead, d);
       __m512 key[16];
       for (int c = 0; c < chunks; ++c) key[c] = load_fp16x16(row + 16 * c);
       for (int g = 0; g < group; ++g) {
@@ -228,7 +216,6 @@ void fp16_scores_chunks(const std::uint16_t* rows, long count, int d, const floa
     for (int g = 0; g < group; ++g) _mm512_storeu_ps(scores + g * ld + t0, sum_lanes16(partial[g]));
   }
   for (long t = t0; t < count; ++t) {
-    prefetch_next_block_row(rows + t * d, t, count, ahead, d);
     for (int g = 0; g < group; ++g) {
       __m512 sum = _mm512_setzero_ps();
       for (int c = 0; c < chunks; ++c)
@@ -241,33 +228,33 @@ void fp16_scores_chunks(const std::uint16_t* rows, long count, int d, const floa
 
 // scores[g * ld + t] = <queries[g], row t>.
 inline bool fp16_scores(const std::uint16_t* rows, long count, int d, const float* queries, int group, float* scores,
-                        long ld, long ahead = 0) {
+                        long ld) {
 #if defined(__AVX512F__)
   if (d % 16 != 0 || d > 256 || group < 1 || group > 8) return false;
   if (d == 128)
-    fp16_scores_chunks<8>(rows, count, d, queries, group, scores, ld, ahead);
+    fp16_scores_chunks<8>(rows, count, d, queries, group, scores, ld);
   else if (d == 64)
-    fp16_scores_chunks<4>(rows, count, d, queries, group, scores, ld, ahead);
+    fp16_scores_chunks<4>(rows, count, d, queries, group, scores, ld);
   else
-    fp16_scores_chunks<0>(rows, count, d, queries, group, scores, ld, ahead);
+    fp16_scores_chunks<0>(rows, count, d, queries, group, scores, ld);
   return true;
 #else
-  (void)rows, (void)count, (void)d, (void)queries, (void)group, (void)scores, (void)ld, (void)ahead;
+  (void)rows, (void)count, (void)d, (void)queries, (void)group, (void)scores, (void)ld;
   return false;
 #endif
 }
 
 // out[g] += Σ_t probabilities[g * ld + t] · row t.
 inline bool fp16_accumulate(const std::uint16_t* rows, long count, int d, const float* probabilities, long ld,
-                            int group, float* out, long ahead = 0) {
+                            int group, float* out) {
 #if defined(__AVX512F__)
   if (d % 16 != 0 || d > 256 || group < 1 || group > 8) return false;
   with_group(group, [&](auto g) {
-    fp16_accumulate_group<decltype(g)::value>(rows, count, d, probabilities, ld, out, ahead);
+    fp16_accumulate_group<decltype(g)::value>(rows, count, d, probabilities, ld, out);
   });
   return true;
 #else
-  (void)rows, (void)count, (void)d, (void)probabilities, (void)ld, (void)group, (void)out, (void)ahead;
+  (void)rows, (void)count, (void)d, (void)probabilities, (void)ld, (void)group, (void)out;
   return false;
 #endif
 }

@@ -109,7 +109,7 @@ class TokenStore {
     float key[max_head_dim], dots[max_gqa_group];
     if constexpr (std::is_same_v<Scalar, Eigen::half>)
       if (count > 0 && detail::fp16_scores(reinterpret_cast<const std::uint16_t*>(data(head, first)), count, head_dim_,
-                                           queries, group, scores, ld, rows_after(head, first, count)))
+                                           queries, group, scores, ld))
         return;
     for (Eigen::Index t = 0; t < count; ++t) {
       detail::dot_group(as_float(head, first + t, key), queries, group, head_dim_, dots);
@@ -126,7 +126,7 @@ class TokenStore {
     float value[max_head_dim], column[max_gqa_group];
     if constexpr (std::is_same_v<Scalar, Eigen::half>)
       if (count > 0 && detail::fp16_accumulate(reinterpret_cast<const std::uint16_t*>(data(head, first)), count,
-                                               head_dim_, weights, ld, group, out, rows_after(head, first, count)))
+                                               head_dim_, weights, ld, group, out))
         return;
     for (Eigen::Index t = 0; t < count; ++t) {
       for (int g = 0; g < group; ++g) column[g] = weights[g * ld + t];
@@ -145,12 +145,6 @@ class TokenStore {
 
   const Scalar* data(int head, Eigen::Index t) const {
     return rows_[static_cast<std::size_t>(head)].data() + front() + static_cast<std::size_t>(t * head_dim_);
-  }
-
-  // Rows held after tokens [first, first + count), at most count: what a streamed reader
-  // of blocks of `count` tokens reads next.
-  long rows_after(int head, Eigen::Index first, Eigen::Index count) const {
-    return static_cast<long>(std::min(count, head_tokens(head) - first - count));
   }
 
   // Moves the held rows to the start of their storage (capacity is kept for reuse).
