@@ -96,7 +96,7 @@ TEST(DenseCache, DecodeMatchesNaiveFp16) { check_decode_matches_naive<Eigen::hal
 TEST(DenseCache, DecodeMatchesNaiveBf16) { check_decode_matches_naive<Eigen::bfloat16>(1e-4); }
 
 // Decode attention over a long context goes through streamed_decode_attention: blocks of
-// 128 tokens with an online softmax, parts of 4,096 tokens merged by log-sum-exp. Keys
+// 512 tokens with an online softmax, parts of 4,096 tokens merged by log-sum-exp. Keys
 // whose norm grows along the context make the running maximum grow in most blocks (every
 // rescale is exercised), and the spread of scores makes early weights underflow. Checked
 // against a double-precision softmax, with the log-sum-exp, and for equal results on 1

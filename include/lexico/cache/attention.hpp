@@ -124,7 +124,7 @@ template <typename ScoreFn, typename AccumulateFn>
 void streamed_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index tokens, RowsRef out,
                                ScoreFn&& score, AccumulateFn&& accumulate, float* log_sum_exp = nullptr,
                                int threads = 0, Eigen::Index parallel_from = 4096) {
-  constexpr Eigen::Index block = 128, part_tokens = 4096;
+  constexpr Eigen::Index block = 512, part_tokens = 4096;
   const int q_heads = static_cast<int>(queries.rows());
   const int head_dim = static_cast<int>(queries.cols());
   const int group = q_heads / kv_heads;
