@@ -188,9 +188,7 @@ void with_group(int group, Kernel&& kernel) {
     default: return kernel(std::integral_constant<int, 8>());
   }
 }
-#endif
 
-#if defined(__AVX512F__)
 // scores[g * ld + t] = <queries[g], row t>: 16 rows at a time, one vector of partial
 // sums per (row, query), reduced together by sum_lanes16. Chunks (d / 16) is a template
 // argument for the common head sizes: with a run-time count every FMA of the dot product
@@ -215,14 +213,13 @@ void fp16_scores_chunks(const std::uint16_t* rows, long count, int d, const floa
     }
     for (int g = 0; g < group; ++g) _mm512_storeu_ps(scores + g * ld + t0, sum_lanes16(partial[g]));
   }
-  for (long t = t0; t < count; ++t) {
+  for (long t = t0; t < count; ++t)
     for (int g = 0; g < group; ++g) {
       __m512 sum = _mm512_setzero_ps();
       for (int c = 0; c < chunks; ++c)
         sum = _mm512_fmadd_ps(load_fp16x16(rows + t * d + 16 * c), _mm512_loadu_ps(queries + g * d + 16 * c), sum);
       scores[g * ld + t] = _mm512_reduce_add_ps(sum);
     }
-  }
 }
 #endif
 

@@ -74,6 +74,20 @@ inline void causal_attention(ConstRowsRef queries, ConstRowsRef keys, ConstRowsR
     }
 }
 
+namespace detail {
+
+// The group of query heads that reads KV head h (rows h * group ..), copied into `rows`
+// as group x head_dim contiguous floats, the layout score callbacks take.
+inline const float* group_queries(ConstRowsRef queries, int h, int group, std::vector<float>& rows) {
+  const int head_dim = static_cast<int>(queries.cols());
+  rows.resize(static_cast<std::size_t>(group * head_dim));
+  for (int g = 0; g < group; ++g)
+    for (int i = 0; i < head_dim; ++i) rows[static_cast<std::size_t>(g * head_dim + i)] = queries(h * group + g, i);
+  return rows.data();
+}
+
+}  // namespace detail
+
 // One decode step: for every KV head, the group of query heads that reads it gets
 // score(kv_head, queries, group, scores, ld) to fill group x tokens raw dot products,
 // the softmax, then accumulate(kv_head, probabilities, ld, group, out) to add
@@ -97,11 +111,8 @@ void grouped_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index t
     thread_local std::vector<float> scores;
     thread_local std::vector<float> query_rows, out_rows;
     scores.resize(static_cast<std::size_t>(group * tokens));
-    query_rows.resize(static_cast<std::size_t>(group * head_dim));
     out_rows.assign(static_cast<std::size_t>(group * head_dim), 0.0f);
-    for (int g = 0; g < group; ++g)
-      for (int i = 0; i < head_dim; ++i) query_rows[static_cast<std::size_t>(g * head_dim + i)] = queries(h * group + g, i);
-    score(h, query_rows.data(), group, scores.data(), tokens);
+    score(h, detail::group_queries(queries, h, group, query_rows), group, scores.data(), tokens);
     softmax_rows(scores.data(), group, tokens, tokens, scale, log_sum_exp ? log_sum_exp + h * group : nullptr);
     accumulate(h, static_cast<const float*>(scores.data()), tokens, group, out_rows.data());
     for (int g = 0; g < group; ++g)
@@ -145,13 +156,11 @@ void streamed_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index 
     std::fill(top, top + group, -std::numeric_limits<float>::infinity());
     std::fill(total, total + group, 0.0f);
     thread_local std::vector<float> query_rows, weights;
-    query_rows.resize(static_cast<std::size_t>(group * head_dim));
     weights.resize(static_cast<std::size_t>(group * block));
-    for (int g = 0; g < group; ++g)
-      for (int i = 0; i < head_dim; ++i) query_rows[static_cast<std::size_t>(g * head_dim + i)] = queries(h * group + g, i);
+    const float* group_rows = detail::group_queries(queries, h, group, query_rows);
     for (Eigen::Index first = begin; first < end; first += block) {
       const Eigen::Index count = std::min(block, end - first);
-      score(h, static_cast<const float*>(query_rows.data()), group, first, count, weights.data(), block);
+      score(h, group_rows, group, first, count, weights.data(), block);
       for (int g = 0; g < group; ++g) {
         float* row = weights.data() + g * block;
         const float previous = top[g], now = detail::max_value(row, count, previous);
@@ -169,15 +178,16 @@ void streamed_decode_attention(ConstRowsRef queries, int kv_heads, Eigen::Index 
     }
   }
   // Merge each query's parts: rescaled to their common maximum, summed, divided.
+  const auto part_state = [&](int h, Eigen::Index p) { return states.data() + (h * parts + p) * state_size; };
   for (int h = 0; h < kv_heads; ++h)
     for (int g = 0; g < group; ++g) {
       float common = -std::numeric_limits<float>::infinity();
-      for (Eigen::Index p = 0; p < parts; ++p) common = std::max(common, states[static_cast<std::size_t>((h * parts + p) * state_size + group * head_dim + g)]);
+      for (Eigen::Index p = 0; p < parts; ++p) common = std::max(common, part_state(h, p)[group * head_dim + g]);
       float denominator = 0.0f;
       auto row = out.row(h * group + g);
       row.setZero();
       for (Eigen::Index p = 0; p < parts; ++p) {
-        const float* state = states.data() + (h * parts + p) * state_size;
+        const float* state = part_state(h, p);
         const float part_top = state[group * head_dim + g];
         if (part_top == -std::numeric_limits<float>::infinity()) continue;  // a part with no tokens
         const float factor = std::exp((part_top - common) * scale);
