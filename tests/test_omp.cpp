@@ -230,6 +230,34 @@ TEST(Omp, AgreesWithNaiveOmpOnRealKeysAndValues) {
   if (checked == 0) GTEST_SKIP() << "no real KV vectors under " << LEXICO_SHARED_DATA;
 }
 
+// Vectors that one atom nearly explains (a repeated token's key that a learned atom
+// matches, as in real KV caches): after the first atom the residual is far below the
+// fp16 Gram's error at ‖x‖'s scale, so the encoder must re-base its pass on exact
+// correlations and still follow the fp32 OMP: every atom the naive OMP takes, and a
+// residual as small. The atoms are rounded to fp16 as a CodeSpace's are, so their
+// norms differ from 1 by more than these residuals.
+TEST(Omp, FollowsTheNaiveOmpWhenOneAtomNearlyExplainsTheVector) {
+  std::mt19937 rng(21);
+  const int d = 128, s = 8;
+  const Dictionary dictionary = random_dictionary(d, 1024, 9).rounded_to_fp16();
+  Eigen::MatrixXf vectors(d, 48);
+  for (Eigen::Index b = 0; b < vectors.cols(); ++b) {
+    const float noise = b % 3 == 0 ? 1e-2f : b % 3 == 1 ? 1e-3f : 3e-4f;
+    const Eigen::VectorXf e = gaussian(d, 1, rng);
+    vectors.col(b) = 30.0f * dictionary.atoms().col(static_cast<Eigen::Index>(b) * 17) + noise * 30.0f * e / e.norm();
+  }
+  const OmpOptions options{s};
+  const SparseCodes codes = OmpEncoder(dictionary, options).encode(vectors);
+  const Eigen::MatrixXf decoded = lexico::reconstruct(dictionary, codes);
+  for (Eigen::Index b = 0; b < vectors.cols(); ++b) {
+    const NaiveOmp ref = naive_omp(dictionary.atoms().cast<double>(), vectors.col(b).cast<double>(), options);
+    ASSERT_EQ(codes.counts(b), static_cast<int>(ref.atoms.size())) << "vector " << b;
+    EXPECT_EQ(codes.indices(0, b), ref.atoms[0]) << "vector " << b;
+    const double ours = (vectors.col(b) - decoded.col(b)).cast<double>().norm(), theirs = ref.residual.norm();
+    EXPECT_LE(ours, theirs * 1.02 + 1e-6 * vectors.col(b).norm()) << "vector " << b;
+  }
+}
+
 TEST(Omp, RecoversSparseSignalsExactly) {
   // d well above 2·s·ln N, where OMP recovers random supports with high probability.
   const int d = 128, n = 512, s = 6;

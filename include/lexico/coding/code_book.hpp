@@ -125,6 +125,9 @@ class PackedAtoms {
   // α⁰ of `count` vectors of d floats, `x_stride` apart, into `out` (column-major,
   // `out_stride` floats per vector, rows rounded up to whole panels).
   void project(const float* x, Eigen::Index x_stride, int count, float* out, Eigen::Index out_stride) const {
+#if defined(__AVX512F__)
+    if (count == 1) return project_one(x, out);
+#endif
     for (int p = 0; p < panel_count(n_); ++p) {
       const float* panel = data_.data() + static_cast<Eigen::Index>(p) * d_ * panel_atoms;
       for (int v0 = 0; v0 < count; v0 += tile_vectors) {
@@ -136,6 +139,34 @@ class PackedAtoms {
   }
 
  private:
+#if defined(__AVX512F__)
+  // One vector (an exact re-scoring, a Gram column): a tile of one vector has two
+  // accumulators, so it waits on FMA latency; four panels at a time give eight chains.
+  void project_one(const float* x, float* out) const {
+    constexpr int panels = 4;
+    const int count = panel_count(n_);
+    int p = 0;
+    for (; p + panels <= count; p += panels) {
+      const float* panel = data_.data() + static_cast<Eigen::Index>(p) * d_ * panel_atoms;
+      __m512 acc[2 * panels];
+      for (__m512& a : acc) a = _mm512_setzero_ps();
+      for (int k = 0; k < d_; ++k) {
+        const __m512 xv = _mm512_set1_ps(x[k]);
+#pragma GCC unroll 4
+        for (int q = 0; q < panels; ++q) {
+          const float* row = panel + static_cast<Eigen::Index>(q) * d_ * panel_atoms + panel_atoms * k;
+          acc[2 * q] = _mm512_fmadd_ps(_mm512_loadu_ps(row), xv, acc[2 * q]);
+          acc[2 * q + 1] = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16), xv, acc[2 * q + 1]);
+        }
+      }
+      for (int q = 0; q < 2 * panels; ++q) _mm512_storeu_ps(out + p * panel_atoms + 16 * q, acc[q]);
+    }
+    for (; p < count; ++p)
+      project_tile<1>(data_.data() + static_cast<Eigen::Index>(p) * d_ * panel_atoms, d_, x, d_, out + p * panel_atoms,
+                      0);
+  }
+#endif
+
   int d_, n_;
   Eigen::VectorXf data_;
 };

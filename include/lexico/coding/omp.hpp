@@ -8,7 +8,7 @@
 // chosen so far. The coefficients follow the inverse-Cholesky recursion of OMP v0
 // (Zhu, Chen, Wu, "Efficient Implementations for Orthogonal Matching Pursuit",
 // Electronics 9(9):1507, 2020): with G[I, I] = L Lᵀ and F = L⁻ᵀ (upper triangular),
-//   w = Fᵀ G[I, j],  pivot 1 − wᵀw  (G[j, j] = 1),  y_k = (α⁰_j − wᵀy) / sqrt(pivot)
+//   w = Fᵀ G[I, j],  pivot G[j, j] − wᵀw,  y_k = (α⁰_j − wᵀy) / sqrt(pivot)
 //   F gains the column f = (−F w, 1) / sqrt(pivot),  c += y_k f   (c = F y)
 // so a step is a few independent dot products and axpys in fp32: no triangular
 // solve (a chain of divisions) and no least-squares problem per step.
@@ -23,7 +23,10 @@
 //   provably the argmax; a wider band is re-scored exactly as d_nᵀr with the
 //   residual r = x − D[:, I] c in fp32. So the atom chosen is the one an fp32 OMP
 //   chooses; fp16 only saves bandwidth. When the band is too wide to list (the
-//   residual is tiny next to the fp16 error) the step scores every atom as Dᵀr.
+//   residual is tiny next to the fp16 error) the step scores every atom as Dᵀr, and
+//   later passes start from those exact correlations, weighing the Gram columns by
+//   the coefficients' change since: the bound shrinks with the residual, so a vector
+//   that one atom nearly explains (a few % of real keys) pays one such step, not s.
 // - The pass fuses the update with the maximum: α is not stored, one instruction
 //   per 16 atoms tracks maxima, and only the groups of 64 atoms that reach the band
 //   are recomputed to name the candidates.
@@ -115,8 +118,10 @@ inline void prefetch_bytes(const void* data, std::size_t bytes) {
 }
 
 // ---------------------------------------------------------------------------------
-// The correlation pass: α̃ = α⁰ − Σ_i coefs[i] · G̃[:, j_i] with fp16 Gram columns G̃,
-// maximum of |α̃| over atoms not excluded, and the band of candidates.
+// The correlation pass: α̃ = base − Σ_i coefs[i] · G̃[:, j_i] with fp16 Gram columns G̃
+// (base = α⁰ with the coefficients themselves, or exact correlations Dᵀr taken at an
+// earlier step with the coefficients' change since), maximum of |α̃| over atoms not
+// excluded, and the band of candidates.
 
 // One bit per atom, 16 atoms per word: atoms already chosen or rejected.
 inline bool is_excluded(const std::uint16_t* excluded, int atom) { return (excluded[atom >> 4] >> (atom & 15)) & 1; }
@@ -125,7 +130,7 @@ inline void exclude(std::uint16_t* excluded, int atom) {
 }
 
 struct PassInputs {
-  const float* alpha0;
+  const float* base;
   const Eigen::half* const* columns;
   const float* coefs;
   int k;
@@ -149,7 +154,7 @@ inline Band correlation_band_portable(const PassInputs& in, float margin, float*
   float largest = 0.0f;
   for (int first = 0; first < in.n; first += width) {
     const int w = std::min(width, in.n - first);
-    for (int t = 0; t < w; ++t) alpha[t] = in.alpha0[first + t];
+    for (int t = 0; t < w; ++t) alpha[t] = in.base[first + t];
     for (int i = 0; i < in.k; ++i) {
       const float c = in.coefs[i];
       const Eigen::half* column = in.columns[i] + first;
@@ -182,8 +187,9 @@ inline Band correlation_band_portable(const PassInputs& in, float margin, float*
 // vector reads soon: it is fetched into L2 during this sweep.
 // Masked = false skips the exclusion mask in the sweep, which is sound when only
 // chosen atoms are excluded: the residual is orthogonal to them, so their |α̃| is
-// within the error bound and can neither raise the band's threshold (a maximum that
-// small makes the band degenerate) nor survive collection, which masks.
+// near zero and does not survive collection, which masks. If fp32 error in the
+// coefficients makes one of them the maximum anyway, collection finds no atom and the
+// caller scores every atom exactly.
 template <int K, bool Masked>
 Band correlation_band_avx512(const PassInputs& in, float margin, const char* prefetch, float* group_max, int* out,
                              int cap) {
@@ -202,7 +208,7 @@ Band correlation_band_avx512(const PassInputs& in, float margin, const char* pre
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, base + first));
   };
   auto block = [&](int first, __mmask16 lanes, auto masked) {
-    __m512 alpha = _mm512_maskz_loadu_ps(lanes, in.alpha0 + first);
+    __m512 alpha = _mm512_maskz_loadu_ps(lanes, in.base + first);
     for (int i = 0; i < count; ++i) {
       if constexpr (K > 0) {
         alpha = _mm512_fnmadd_ps(coef[i], load_half(column[i], first, lanes), alpha);
@@ -257,7 +263,8 @@ Band correlation_band_avx512(const PassInputs& in, float margin, const char* pre
       }
     }
   }
-  return {largest, found};
+  // None found: the maximum was a chosen atom's (see Masked); score every atom exactly.
+  return {largest, found > 0 ? found : cap + 1};
 }
 
 template <bool Masked, int... Ks>
@@ -303,6 +310,15 @@ inline Eigen::Index omp_chunk(int n) {
 struct OmpVectorState {
   const float* x = nullptr;
   const float* alpha0 = nullptr;
+  // Where the pass starts: α⁰ with base_coefs all zero, or after a step that scored
+  // every atom exactly, that step's Dᵀr (in `rebased`) and the coefficients it was
+  // taken at. The pass then weighs the fp16 Gram columns by the coefficients' change
+  // only, so its error bound follows the residual instead of staying at ‖x‖'s scale.
+  const float* base = nullptr;
+  float* rebased = nullptr;     // padded N
+  float* base_coefs = nullptr;  // s
+  float* delta = nullptr;       // s: coefs − base_coefs, the pass's weights
+  float base_norm = 0;          // ‖x‖, or the residual norm of the rebased step
   float norm = 0, stop_norm = 0;
   double energy = 0;      // ‖x‖² − ‖y‖², the residual energy as the recursion sees it
   int count = 0, rejections = 0;
@@ -350,6 +366,9 @@ class OmpWorkspace {
     grow(y, lockstep * s);
     grow(inverse, lockstep * s * s);
     grow(w, lockstep * s);
+    grow(base_coefs, lockstep * s);
+    grow(delta, lockstep * s);
+    grow(rebased, lockstep * static_cast<std::size_t>(rows));
     grow(chosen, lockstep * d * s);
     grow(residual, lockstep * d);
     grow(excluded, lockstep * words);
@@ -364,6 +383,9 @@ class OmpWorkspace {
       state.y = y.data() + v * s;
       state.inverse = inverse.data() + v * s * s;
       state.w = w.data() + v * s;
+      state.base_coefs = base_coefs.data() + v * s;
+      state.delta = delta.data() + v * s;
+      state.rebased = rebased.data() + v * static_cast<std::size_t>(rows);
       state.chosen = chosen.data() + v * d * s;
       state.residual = residual.data() + v * d;
       state.excluded = excluded.data() + v * words;
@@ -373,14 +395,15 @@ class OmpWorkspace {
   std::size_t bytes() const {
     return sizeof(float) * static_cast<std::size_t>(alpha0.size() + scratch.size() + exact.size() + coefs.size() +
                                                      y.size() + inverse.size() + w.size() + chosen.size() +
-                                                     residual.size()) +
+                                                     residual.size() + base_coefs.size() + delta.size() +
+                                                     rebased.size()) +
            sizeof(int) * (atoms.size() + candidates.size()) + sizeof(void*) * columns.size() +
            sizeof(std::uint16_t) * excluded.size() + sizeof(Eigen::half) * gram_columns.size();
   }
 
   Eigen::MatrixXf alpha0;  // padded N x chunk: α⁰ of the current chunk
   Eigen::VectorXf scratch;  // pass scratch
-  Eigen::VectorXf exact;    // padded N: α = Dᵀr when the band is too wide; a computed Gram column
+  Eigen::VectorXf exact;    // padded N: scratch of a Gram column computed on demand
   detail::OmpVectorState states[lockstep];
 
  private:
@@ -391,7 +414,7 @@ class OmpWorkspace {
 
   std::vector<int> atoms, candidates;
   std::vector<const Eigen::half*> columns;
-  std::vector<float> coefs, y, inverse, w, chosen, residual;
+  std::vector<float> coefs, y, inverse, w, chosen, residual, base_coefs, delta, rebased;
   std::vector<std::uint16_t> excluded;
   std::vector<Eigen::half> gram_columns;
 };
@@ -479,13 +502,18 @@ class OmpEncoder {
             "OmpEncoder: pivot_threshold = ", options_.pivot_threshold, " outside [0, 1)");
     require(options_.threads >= 0, "OmpEncoder: threads = ", options_.threads, " is negative");
 
-    // Bound of the pass: |α̃_n − α_n| <= half_error·Σ|c| + fp32_slack·(‖x‖ + Σ|c|).
-    // fp16 rounds G entries of magnitude <= 1 by at most 2^-11; the fp32 slack covers
-    // the d-term dot products of α⁰, of G and of the exact re-scoring (γ_d = d·2^-24
-    // each, Σ|d_i x_i| <= ‖x‖ for unit atoms) and the k + 1 roundings of the pass.
+    // Bound of the pass, with Δc the coefficients' change since the base was taken and
+    // ρ the norm of the vector the base correlates (‖x‖ for α⁰, else that step's ‖r‖):
+    //   |α̃_n − α_n| <= half_error·Σ|Δc| + base_slack·(ρ + Σ|Δc|) + residual_slack·(‖x‖ + Σ|c|).
+    // fp16 rounds G entries of magnitude <= 1 by at most 2^-11. base_slack covers the
+    // d-term fp32 dot products of the base, of G and of the exact re-scoring (γ_d =
+    // d·2^-24 each; Σ|d_i v_i| <= ‖v‖ for unit atoms, and ‖r‖ <= ρ + Σ|Δc|) and the
+    // k + 1 roundings of the pass; residual_slack the fp32 residuals r = x − D[:, I] c
+    // behind a rebased base and behind the re-scoring (k + 1 roundings each).
     constexpr float unit = 1.0f / (1 << 24);
     half_error_ = 1.0f / 2048;
-    fp32_slack_ = (3.0f * static_cast<float>(d) + static_cast<float>(s) + 2.0f) * unit;
+    base_slack_ = (2.0f * static_cast<float>(d) + static_cast<float>(s) + 2.0f) * unit;
+    residual_slack_ = (2.0f * static_cast<float>(s) + 2.0f) * unit;
     chunk_ = detail::omp_chunk(n);
   }
 
@@ -605,6 +633,9 @@ class OmpEncoder {
     state.alpha0 = alpha0;
     state.energy = Eigen::Map<const Eigen::VectorXf>(x, d).cast<double>().squaredNorm();
     state.norm = static_cast<float>(std::sqrt(state.energy));
+    state.base = alpha0;
+    state.base_norm = state.norm;
+    std::fill_n(state.base_coefs, options_.sparsity, 0.0f);
     state.stop_norm = std::max(options_.tolerance, negligible) * state.norm;
     state.count = 0;
     state.rejections = 0;
@@ -618,10 +649,15 @@ class OmpEncoder {
   // low-precision pass; prefetches the candidates' atoms for phase 2.
   void survey(VectorState& state, const char* prefetch, float* scratch) const {
     const int k = state.count, d = book_->dim();
-    float sum_coefs = 0.0f;
-    for (int i = 0; i < k; ++i) sum_coefs += std::fabs(state.coefs[i]);
-    const float bound = half_error_ * sum_coefs + fp32_slack_ * (state.norm + sum_coefs);
-    const detail::PassInputs in{state.alpha0,   state.columns,        state.coefs,       k,
+    float sum_coefs = 0.0f, sum_delta = 0.0f;
+    for (int i = 0; i < k; ++i) {
+      state.delta[i] = state.coefs[i] - state.base_coefs[i];
+      sum_coefs += std::fabs(state.coefs[i]);
+      sum_delta += std::fabs(state.delta[i]);
+    }
+    const float bound = half_error_ * sum_delta + base_slack_ * (state.base_norm + sum_delta) +
+                        residual_slack_ * (state.norm + sum_coefs);
+    const detail::PassInputs in{state.base,     state.columns,        state.delta,       k,
                                 state.excluded, state.rejections == 0, book_->size()};
     const detail::Band band =
         detail::correlation_band(in, 2.0f * bound, prefetch, scratch, state.candidates, max_candidates);
@@ -653,11 +689,15 @@ class OmpEncoder {
           if (j < 0 || std::fabs(alpha) > std::fabs(alpha_j)) j = atom, alpha_j = alpha;
         }
       } else {
-        book_->packed().project(state.residual, d, 1, workspace.exact.data(), workspace.exact.size());
+        // Every atom exactly; later passes start from these correlations (see `base`).
+        book_->packed().project(state.residual, d, 1, state.rebased, detail::padded_atoms(n));
         for (int atom = 0; atom < n; ++atom)
           if (!detail::is_excluded(state.excluded, atom) &&
-              (j < 0 || std::fabs(workspace.exact(atom)) > std::fabs(alpha_j)))
-            j = atom, alpha_j = workspace.exact(atom);
+              (j < 0 || std::fabs(state.rebased[atom]) > std::fabs(alpha_j)))
+            j = atom, alpha_j = state.rebased[atom];
+        state.base = state.rebased;
+        state.base_norm = residual.norm();
+        std::copy(state.coefs, state.coefs + k, state.base_coefs);
       }
       if (j < 0 || std::fabs(alpha_j) <= negligible * state.norm) {
         state.active = false;
@@ -679,7 +719,10 @@ class OmpEncoder {
       w2 += value * value;
       wy += value * state.y[i];
     }
-    const float pivot = 1.0f - w2;
+    // G[j, j] itself, not 1: a CodeSpace's atoms are rounded to fp16, so their norms are
+    // 1 only to ~2^-11, and a unit diagonal would leave that much of each coefficient
+    // in the residual (above the whole residual of a vector one atom nearly explains).
+    const float pivot = atom_j.squaredNorm() - w2;
     if (!(pivot >= options_.pivot_threshold)) {
       // Nearly in the span of the chosen atoms: skip it and take the next best.
       if (++state.rejections > s) state.active = false;
@@ -761,7 +804,7 @@ class OmpEncoder {
   std::shared_ptr<const CodeBook> book_;
   OmpOptions options_;
   std::shared_ptr<OmpWorkspacePool> pool_;
-  float half_error_ = 0, fp32_slack_ = 0;
+  float half_error_ = 0, base_slack_ = 0, residual_slack_ = 0;
   Eigen::Index chunk_ = 0;
 };
 
