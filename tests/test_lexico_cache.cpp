@@ -166,8 +166,8 @@ RowMatrix query_at(const Sequence& s, Eigen::Index t, int q_heads, int d) {
   return Eigen::Map<const RowMatrix>(s.queries.row(t).data(), q_heads, d);
 }
 
-void check_against_reconstruction(int kv_heads, int q_heads, int layers, Config config = {}) {
-  const int d = config.head_dim, n = 64, tokens = 70;
+void check_against_reconstruction(int kv_heads, int q_heads, int layers, Config config = {}, int tokens = 70) {
+  const int d = config.head_dim, n = 64;
   lexico::LexicoOptions& options = config.options;
   options.key_sparsity = 4;
   options.value_sparsity = 6;
@@ -223,6 +223,18 @@ Config keys_before_rope(Config config, lexico::RopeStyle style) {
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_KeysBeforeRope) {
   check_against_reconstruction(2, 8, 2, keys_before_rope({}, lexico::RopeStyle::rotate_half));
   check_against_reconstruction(1, 5, 1, keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::interleaved));
+}
+
+// The vector kernel of keys before RoPE (rotate_half, d = 64 and 128): over several
+// RopeRun blocks of positions, with tiers starting inside a block.
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_KeysBeforeRopeVectorKernel) {
+  for (const int d : {64, 128}) {
+    Config config = with_sinks_and_tiers();
+    config.head_dim = d;
+    check_against_reconstruction(2, 4, 1, keys_before_rope(config, lexico::RopeStyle::rotate_half), 200);
+    config.options.tiers.clear();
+    check_against_reconstruction(1, 3, 1, keys_before_rope(config, lexico::RopeStyle::rotate_half), 200);
+  }
 }
 
 // Keys that are sparse over the dictionary before RoPE, then rotated as a model does:

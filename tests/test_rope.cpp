@@ -88,3 +88,25 @@ TEST(Rope, RunMatchesDirectAngles) {
     }
   }
 }
+
+// The block form: block k's angle is position first + k·run_block, and turning it by the
+// step table gives every position of the block.
+TEST(Rope, RunBlocksMatchDirectAngles) {
+  const lexico::Rope rope(64, 500000.0f, lexico::RopeStyle::rotate_half);
+  const std::int64_t first = 98765;
+  lexico::RopeRun run(rope, first);
+  std::vector<float> cos(32), sin(32);
+  for (int k = 0; k < 5; ++k) {
+    run.next_block(cos.data(), sin.data());
+    for (int t : {0, 1, lexico::Rope::run_block - 1}) {
+      const float* pc = rope.step_cos(t);
+      const float* ps = rope.step_sin(t);
+      for (int j = 0; j < 32; ++j) {
+        const double angle = static_cast<double>(first + k * lexico::Rope::run_block + t) * rope.frequency(j);
+        const double c = cos[j] * pc[j] - sin[j] * ps[j], s = sin[j] * pc[j] + cos[j] * ps[j];
+        ASSERT_NEAR(c, std::cos(angle), 2e-6) << k << " " << t << " " << j;
+        ASSERT_NEAR(s, std::sin(angle), 2e-6) << k << " " << t << " " << j;
+      }
+    }
+  }
+}

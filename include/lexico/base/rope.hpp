@@ -152,20 +152,13 @@ class RopeRun {
       base_cos_[j] = std::cos(angle);
       base_sin_[j] = std::sin(angle);
     }
-    load_block();
   }
 
   // cos and sin (pairs values each) of position first + t, for t = 0, 1, 2, ... in order.
   void next(float* cos, float* sin) {
     if (offset_ == Rope::run_block) {
-      const double* jump_cos = rope_.jump_cos();
-      const double* jump_sin = rope_.jump_sin();
-      for (int j = 0; j < pairs_; ++j) {
-        const double c = base_cos_[j] * jump_cos[j] - base_sin_[j] * jump_sin[j];
-        base_sin_[j] = base_sin_[j] * jump_cos[j] + base_cos_[j] * jump_sin[j];
-        base_cos_[j] = c;
-      }
-      load_block();
+      next_block(block_cos_.data(), block_sin_.data());
+      offset_ = 0;
     }
     const float* pc = rope_.step_cos(offset_);
     const float* ps = rope_.step_sin(offset_);
@@ -176,17 +169,28 @@ class RopeRun {
     ++offset_;
   }
 
- private:
-  void load_block() {
-    for (int j = 0; j < pairs_; ++j) {
-      block_cos_[j] = static_cast<float>(base_cos_[j]);
-      block_sin_[j] = static_cast<float>(base_sin_[j]);
+  // Whole blocks instead (a run uses one form or the other): cos and sin of position
+  // first + k·run_block for k = 0, 1, 2, ... in order. Position first + k·run_block + t is
+  // that angle turned by rope.step_cos(t) / step_sin(t).
+  void next_block(float* cos, float* sin) {
+    if (blocks_++ > 0) {
+      const double* jump_cos = rope_.jump_cos();
+      const double* jump_sin = rope_.jump_sin();
+      for (int j = 0; j < pairs_; ++j) {
+        const double c = base_cos_[j] * jump_cos[j] - base_sin_[j] * jump_sin[j];
+        base_sin_[j] = base_sin_[j] * jump_cos[j] + base_cos_[j] * jump_sin[j];
+        base_cos_[j] = c;
+      }
     }
-    offset_ = 0;
+    for (int j = 0; j < pairs_; ++j) {
+      cos[j] = static_cast<float>(base_cos_[j]);
+      sin[j] = static_cast<float>(base_sin_[j]);
+    }
   }
 
+ private:
   const Rope& rope_;
-  int pairs_, offset_ = 0;
+  int pairs_, offset_ = Rope::run_block, blocks_ = 0;
   std::vector<double> base_cos_, base_sin_;
   std::vector<float> block_cos_, block_sin_;
 };

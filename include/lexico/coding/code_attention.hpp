@@ -290,13 +290,18 @@ namespace detail {
 // rows, whose atoms are prefetched while the block's rows are listed; each key decoded
 // into Chunks vectors, rotated, dotted with the group's queries into one vector of
 // partial sums per (row, query), and the block's sums reduced together (sum_lanes16).
+// The rotation is split, qᵀR(p + t)k = (R(p)ᵀq)ᵀ(R(t)k) with p a RopeRun block's first
+// position: the queries turn back once per block of Rope::run_block positions and a key
+// turns by the step table's R(t), so no angle is computed per token (measured 0.7x the
+// time of turning every key by its own computed angle).
 template <int Chunks>
 void rotated_code_scores_avx512(const CodeStore& codes, const Eigen::half* atoms, const Rope& rope, std::int64_t first,
                                 const float* queries, int group, float* scores, Eigen::Index ld) {
   constexpr int d = 16 * Chunks, half = Chunks / 2;
   const auto& fp8 = fp8_e4m3_table();
   RopeRun run(rope, first);
-  alignas(64) float cos[d / 2], sin[d / 2];
+  alignas(64) float cos[d / 2], sin[d / 2], turned[8][d];
+  int step = Rope::run_block;  // position in the current RopeRun block
   struct Row {  // a code row as its atoms' addresses and coefficients (up to 255 atoms)
     const std::uint16_t* atom[255];
     float coefficient[255];
@@ -315,17 +320,27 @@ void rotated_code_scores_avx512(const CodeStore& codes, const Eigen::half* atoms
         const __m512 coefficient = _mm512_set1_ps(row.coefficient[i]);
         for (int c = 0; c < Chunks; ++c) key[c] = _mm512_fmadd_ps(coefficient, load_fp16x16(row.atom[i] + 16 * c), key[c]);
       }
-      run.next(cos, sin);
+      if (step == Rope::run_block) {
+        run.next_block(cos, sin);
+        for (int g = 0; g < group; ++g) {
+          std::copy(queries + g * d, queries + (g + 1) * d, turned[g]);
+          rope.rotate(turned[g], cos, sin, /*inverse=*/true);
+        }
+        step = 0;
+      }
+      const float* step_cos = rope.step_cos(step);
+      const float* step_sin = rope.step_sin(step);
+      ++step;
       __m512 rotated[Chunks];
       for (int c = 0; c < half; ++c) {
-        const __m512 cs = _mm512_load_ps(cos + 16 * c), sn = _mm512_load_ps(sin + 16 * c);
+        const __m512 cs = _mm512_loadu_ps(step_cos + 16 * c), sn = _mm512_loadu_ps(step_sin + 16 * c);
         rotated[c] = _mm512_fmsub_ps(key[c], cs, _mm512_mul_ps(key[half + c], sn));
         rotated[half + c] = _mm512_fmadd_ps(key[half + c], cs, _mm512_mul_ps(key[c], sn));
       }
       for (int g = 0; g < group; ++g) {
-        const float* q = queries + g * d;
-        __m512 sum = _mm512_mul_ps(rotated[0], _mm512_loadu_ps(q));
-        for (int c = 1; c < Chunks; ++c) sum = _mm512_fmadd_ps(rotated[c], _mm512_loadu_ps(q + 16 * c), sum);
+        const float* q = turned[g];
+        __m512 sum = _mm512_mul_ps(rotated[0], _mm512_load_ps(q));
+        for (int c = 1; c < Chunks; ++c) sum = _mm512_fmadd_ps(rotated[c], _mm512_load_ps(q + 16 * c), sum);
         partial[g][r] = sum;
       }
     }
