@@ -11,9 +11,15 @@
 // default "128,4096,8,8192") and writes to DIR: dictionary.f32 (d x N, atoms
 // contiguous), vectors.f32 (d x B, vectors contiguous), indices.u16 and
 // coefficients.f32 (s x B), counts.u8 (B) and lexico.txt (key value lines: shape,
-// best-of-5 throughput with 1 and 2 threads, mean relative error).
+// best-of-5 throughput with 1 and 2 threads, mean relative error). With
+// LEXICO_OMP_REAL=DIR (a dictionary set written by lexico-train, with the dev vectors it
+// collected) and LEXICO_OMP_LAYER="L,k|v" (default "0,k") the data are real instead: that
+// layer's dictionary rounded to fp16, as a CodeSpace codes with it, and its first B dev
+// vectors; d and N come from the set, s and B from LEXICO_OMP_SHAPE.
 
+#include <lexico/coding/dictionary_set.hpp>
 #include <lexico/coding/omp.hpp>
+#include <lexico/training/kv_collect.hpp>
 
 #include <benchmark/benchmark.h>
 
@@ -51,6 +57,25 @@ Problem make_problem(int d, int n, int s, int count, std::uint32_t seed = 1) {
     problem.vectors.col(b) = signal + 0.1f * signal.norm() / noise.norm() * noise;
   }
   return problem;
+}
+
+// One layer's dictionary (rounded to fp16, as a CodeSpace's) and its first `count` dev
+// vectors from a dictionary set (see the comparison mode above).
+Problem real_problem(const std::string& dir, int count) {
+  int layer = 0;
+  char part = 'k', comma = ',';
+  if (const char* which = std::getenv("LEXICO_OMP_LAYER")) {
+    std::istringstream in(which);
+    if (!(in >> layer >> comma >> part) || comma != ',' || (part != 'k' && part != 'v'))
+      throw lexico::error(std::string("bench_omp: LEXICO_OMP_LAYER must be L,k or L,v, got '") + which + "'");
+  }
+  const lexico::DictionarySet set = lexico::load_dictionaries(dir);
+  lexico::require(layer >= 0 && layer < static_cast<int>(set.layers.size()), "bench_omp: layer ", layer, " of a set of ",
+                  set.layers.size());
+  const lexico::LayerDictionaries& pair = set.layers[static_cast<std::size_t>(layer)];
+  const lexico::Dictionary& dictionary = part == 'k' ? *pair.keys : *pair.values;
+  return {dictionary.rounded_to_fp16(),
+          lexico::VectorFile(lexico::kv_vector_path(dir + "/vectors/dev", layer, part == 'k')).read_head(count)};
 }
 
 double mean_relative_error(const Problem& problem, const lexico::SparseCodes& codes) {
@@ -181,7 +206,9 @@ int dump(const std::string& dir) {
     if (!(in >> d >> comma >> n >> comma >> s >> comma >> count))
       throw lexico::error(std::string("bench_omp: LEXICO_OMP_SHAPE must be d,N,s,B, got '") + shape + "'");
   }
-  const Problem problem = make_problem(d, n, s, count);
+  const char* real = std::getenv("LEXICO_OMP_REAL");
+  const Problem problem = real ? real_problem(real, count) : make_problem(d, n, s, count);
+  d = problem.dictionary.dim(), n = problem.dictionary.size(), count = static_cast<int>(problem.vectors.cols());
   lexico::SparseCodes codes;
   lexico::OmpEncoder one(problem.dictionary, lexico::OmpOptions{s, 0.0f, 1e-4f, 1});
   lexico::OmpEncoder two(problem.dictionary, lexico::OmpOptions{s, 0.0f, 1e-4f, 2});

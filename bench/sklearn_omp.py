@@ -32,19 +32,25 @@ def main():
     parser.add_argument("--shape", default="128,4096,8,8192", help="d,N,s,B")
     parser.add_argument("--sklearn-vectors", type=int, default=512,
                         help="how many of the B vectors scikit-learn codes (it is slow)")
+    parser.add_argument("--real", metavar="DIR",
+                        help="a dictionary set written by lexico-train: code its dev vectors with its dictionary "
+                             "(d and N from the set)")
+    parser.add_argument("--layer", default="0,k", help="with --real: layer and part, L,k or L,v")
     args = parser.parse_args()
-    d, n, s, count = (int(v) for v in args.shape.split(","))
 
     with tempfile.TemporaryDirectory() as folder:
         env = dict(os.environ, LEXICO_OMP_DUMP=folder, LEXICO_OMP_SHAPE=args.shape)
+        if args.real:
+            env.update(LEXICO_OMP_REAL=args.real, LEXICO_OMP_LAYER=args.layer)
         subprocess.run([args.bench], env=env, check=True)
+        with open(os.path.join(folder, "lexico.txt")) as f:
+            info = dict(line.split() for line in f if line.strip())
+        d, n, s, count = (int(info[key]) for key in ("d", "N", "s", "B"))  # real data set d, N and B
         atoms = np.fromfile(os.path.join(folder, "dictionary.f32"), dtype=np.float32).reshape(n, d)  # row = atom
         vectors = np.fromfile(os.path.join(folder, "vectors.f32"), dtype=np.float32).reshape(count, d)
         indices = np.fromfile(os.path.join(folder, "indices.u16"), dtype=np.uint16).reshape(count, s)
         coefs = np.fromfile(os.path.join(folder, "coefficients.f32"), dtype=np.float32).reshape(count, s)
         counts = np.fromfile(os.path.join(folder, "counts.u8"), dtype=np.uint8)
-        with open(os.path.join(folder, "lexico.txt")) as f:
-            info = dict(line.split() for line in f if line.strip())
 
     m = min(args.sklearn_vectors, count)
     subset = vectors[:m]
@@ -69,7 +75,8 @@ def main():
         set(np.flatnonzero(theirs_coef[:, b])) == set(indices[b, :counts[b]].astype(np.int64)) for b in range(m)
     ])
 
-    print(f"d={d} N={n} s={s}; lexico timed on B={count} vectors, scikit-learn on the first {m}")
+    data = f"real: {args.real}, layer {args.layer}" if args.real else "synthetic"
+    print(f"d={d} N={n} s={s} ({data}); lexico timed on B={count} vectors, scikit-learn on the first {m}")
     print(f"{'encoder':<44}{'vectors/s':>12}{'mean rel. error':>18}")
     print(f"{'lexico OmpEncoder, 1 thread':<44}{float(info['vectors_per_s_1_thread']):>12.0f}{ours_error:>18.4f}")
     print(f"{'lexico OmpEncoder, 2 threads':<44}{float(info['vectors_per_s_2_threads']):>12.0f}{ours_error:>18.4f}")
