@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <random>
 #include <vector>
 
@@ -100,9 +101,11 @@ TEST(DenseCache, DecodeMatchesNaiveBf16) { check_decode_matches_naive<Eigen::bfl
 // whose norm grows along the context make the running maximum grow in most blocks (every
 // rescale is exercised), and the spread of scores makes early weights underflow. Checked
 // against a double-precision softmax, with the log-sum-exp, and for equal results on 1
-// and 2 threads (parts do not depend on the thread count).
+// and 2 threads (parts do not depend on the thread count). A head's 9,000 x 128 fp16 rows
+// (2.3 MB) take the large-page blocks of LargePageAllocator, and the kernels' prefetch runs
+// past each head's last row.
 TEST(DenseCache, LongContextDecodeMatchesNaiveAndIsThreadInvariant) {
-  const int q_heads = 6, kv_heads = 2, d = 64, group = q_heads / kv_heads;
+  const int q_heads = 6, kv_heads = 2, d = 128, group = q_heads / kv_heads;
   const Eigen::Index tokens = 9000;  // three parts, the last one partial
   std::mt19937 rng(41);
   RowMatrix keys = random_rows(tokens, kv_heads * d, rng), values = random_rows(tokens, kv_heads * d, rng);
@@ -282,6 +285,25 @@ TEST(DenseCache, BadShapesRaise) {
 
 // The fp16 decode kernels against a naive double loop: every row count around the
 // 16-row blocks, every GQA group up to 8, head sizes 16 to 256.
+// Blocks of 2 MiB or more are 2 MiB aligned; a vector that grows from small blocks into
+// large ones (and shrinks back) keeps its contents.
+TEST(LargePageAllocator, AlignsLargeBlocksAndKeepsContentsAcrossGrowth) {
+  lexico::LargePageAllocator<float> allocator;
+  float* large = allocator.allocate(3 << 18);  // 3 MiB
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(large) % lexico::LargePageAllocator<float>::page, 0u);
+  std::fill(large, large + (3 << 18), 2.0f);
+  EXPECT_EQ(large[(3 << 18) - 1], 2.0f);
+  allocator.deallocate(large, 3 << 18);
+  std::vector<std::uint16_t, lexico::LargePageAllocator<std::uint16_t>> rows;
+  for (std::uint32_t i = 0; i < (3u << 20); ++i) rows.push_back(static_cast<std::uint16_t>(i * 2654435761u >> 16));
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(rows.data()) % lexico::LargePageAllocator<float>::page, 0u);
+  for (std::uint32_t i = 0; i < (3u << 20); i += 4099) ASSERT_EQ(rows[i], static_cast<std::uint16_t>(i * 2654435761u >> 16));
+  rows.resize(1000);
+  rows.shrink_to_fit();
+  for (std::uint32_t i = 0; i < 1000; ++i) ASSERT_EQ(rows[i], static_cast<std::uint16_t>(i * 2654435761u >> 16));
+  EXPECT_THROW(allocator.allocate(static_cast<std::size_t>(-1) / 2), std::bad_array_new_length);
+}
+
 TEST(TokenStore, Fp16KernelsMatchNaive) {
   std::mt19937 rng(31);
   std::normal_distribution<float> normal;

@@ -18,6 +18,7 @@
 #include "../base/error.hpp"
 #include "../base/half.hpp"
 #include "../base/kernels.hpp"
+#include "../base/large_page_allocator.hpp"
 
 namespace lexico {
 
@@ -38,7 +39,7 @@ class TokenStore {
   }
   // Storage beyond bytes(): erased rows not yet compacted, vector capacity slack and headers.
   std::size_t overhead_bytes() const {
-    std::size_t capacity = rows_.capacity() * sizeof(std::vector<Scalar>);
+    std::size_t capacity = rows_.capacity() * sizeof(Rows);
     for (const auto& rows : rows_) capacity += rows.capacity() * sizeof(Scalar);
     return capacity - bytes();
   }
@@ -167,7 +168,9 @@ class TokenStore {
   int head_dim_;
   Eigen::Index tokens_ = 0;
   Eigen::Index offset_ = 0;                // tokens erased from the front, not yet compacted
-  std::vector<std::vector<Scalar>> rows_;  // [head] -> (offset_ + tokens) x head_dim
+  // Each head's rows in their own block: decode attention streams them (large pages).
+  using Rows = std::vector<Scalar, LargePageAllocator<Scalar>>;
+  std::vector<Rows> rows_;  // [head] -> (offset_ + tokens) x head_dim
 };
 
 }  // namespace lexico
