@@ -1234,8 +1234,10 @@ def write_report(quiet=False):
           "every decoded token (as published), so under the prefill protocol their KV size ends near "
           "50 % + budget/2, and under the streaming protocol they would keep everything: they are not run there.",
           "- **FP8** (vLLM-style per-tensor scale) fixes its scale from the first block a layer stores, with "
-          "headroom 1: under the prefill protocol that is the whole prefill, under the streaming protocol it is "
-          "the first token alone, so every later value larger than that token's saturates.",
+          "vLLM's constants (amax/200 for keys, amax/100 for values): under the prefill protocol that block is "
+          "the whole prefill, under the streaming protocol it is the first token alone, so values more than "
+          "2.24x (keys) or 4.48x (values) that token's largest saturate. Tables made before these constants "
+          "used headroom 1 (amax/448). `fp8:scale=token` (one fp16 scale per token row) has no such limit.",
           "- **Pareto**: ★ marks settings that no other setting beats on both KV size and ΔNLL.",
           "- **Tiny models** (head_dim 8 and 16): KIVI uses group = head_dim (its group must divide head_dim), "
           "q4_0/q8_0 do not apply (their 32-channel blocks exceed head_dim), and Lexico runs s ≤ head_dim "

@@ -4,6 +4,7 @@
 //
 // Every test token's value rows hold its position in every channel, so the kept
 // positions of a head are the first column of stored_values().
+#include <lexico/cache/factory.hpp>
 #include <lexico/cache/h2o.hpp>
 #include <lexico/cache/pyramidkv.hpp>
 #include <lexico/cache/snapkv.hpp>
@@ -212,7 +213,7 @@ TEST(H2O, MatchesAnIndependentSimulationWithGqa) {
 }
 
 TEST(Tova, MatchesAnIndependentSimulationWithGqa) {
-  lexico::TovaCache cache({1, 2, 8}, {Budget::count(12)});
+  lexico::TovaCache cache({1, 2, 8}, {Budget::count(12), /*layerwise=*/false});
   check_against_simulation(cache, {12, 0, false, {}, {}});
 }
 
@@ -242,8 +243,14 @@ TEST(Tova, LayerwiseKeepsTheSameTokensInEveryHead) {
   std::mt19937 rng(4);
   const RowMatrix keys = random_rows(steps, kv_heads * d, rng), values = position_values(steps, kv_heads * d);
   const RowMatrix queries = random_rows(steps, 2 * kv_heads * d, rng);
-  lexico::TovaCache layerwise({1, kv_heads, d}, {Budget::count(10), true}), per_head({1, kv_heads, d}, {Budget::count(10)});
-  EXPECT_EQ(layerwise.parameters(), "budget=10 scope=layer");
+  // Layer scope is TOVA's default (the reference's); head scope is the option.
+  lexico::TovaCache layerwise({1, kv_heads, d}, {Budget::count(10)}), per_head({1, kv_heads, d}, {Budget::count(10), false});
+  EXPECT_EQ(layerwise.parameters(), "budget=10");
+  EXPECT_EQ(per_head.parameters(), "budget=10 scope=head");
+  EXPECT_EQ(lexico::make_cache("tova", {1, kv_heads, d}, lexico::CacheOptions::parse("budget=10"))->parameters(),
+            "budget=10");
+  EXPECT_EQ(lexico::make_cache("tova", {1, kv_heads, d}, lexico::CacheOptions::parse("budget=10,scope=head"))->parameters(),
+            "budget=10 scope=head");
   RowMatrix out(20, 2 * kv_heads * d);
   layerwise.prefill(0, keys.topRows(20), values.topRows(20), queries.topRows(20), out);
   per_head.prefill(0, keys.topRows(20), values.topRows(20), queries.topRows(20), out);

@@ -109,8 +109,8 @@ TEST(Factory, OptionsReachTheCaches) {
   EXPECT_EQ(lexico::make_cache("pyramidkv", shape, CacheOptions::parse("budget=128,beta=10"))->parameters(),
             "budget=128 window=32 kernel=7 pool=max beta=10");
   EXPECT_EQ(lexico::make_cache("tova", shape, CacheOptions::parse("budget=100"))->parameters(), "budget=100");
-  EXPECT_EQ(lexico::make_cache("fp8", shape, CacheOptions::parse("headroom=2"))->parameters(),
-            "headroom=2");
+  EXPECT_EQ(lexico::make_cache("fp8", shape, CacheOptions::parse("k_headroom=2,v_headroom=2"))->parameters(),
+            "scale=tensor headroom=2");
   EXPECT_EQ(lexico::make_cache("q4_0", shape)->parameters(), "bits=4 block=32");
   // A fixed context turns a fraction into a token count: round(0.25 * 40) = 10 kept.
   auto tova = lexico::make_cache("tova", {1, 1, 32}, CacheOptions::parse("budget=0.25,context=40"));
@@ -135,12 +135,13 @@ TEST(Factory, UnknownNamesKeysAndBadValuesRaise) {
   const lexico::CacheShape shape{1, 2, 32};
   expect_error_mentioning([&] { lexico::make_cache("kivi", shape, CacheOptions::parse("bit=4")); },
                           {"'bit'", "bits, group, residual"});
-  expect_error_mentioning([&] { lexico::make_cache("q8_0", shape, CacheOptions::parse("bits=8")); }, {"none"});
+  expect_error_mentioning([&] { lexico::make_cache("q8_0", shape, CacheOptions::parse("bits=8")); }, {"'bits'", "rotate"});
   expect_error_mentioning([&] { lexico::make_cache("kiwi", shape); }, {"'kiwi'", "kivi"});
   expect_error_mentioning([&] { lexico::make_cache("h2o", shape); }, {"'budget'", "required"});
   const std::vector<std::pair<std::string, std::string>> bad = {
       {"q8_0", "bits=8"},           {"kivi", "bits=3"},          {"kivi", "group=abc"},
-      {"kivi", "residual=100"},     {"dense", "dtype=fp64"},     {"fp8", "headroom=0.5"},
+      {"kivi", "residual=100"},     {"dense", "dtype=fp64"},     {"fp8", "k_headroom=0.5"},
+      {"fp8", "scale=block"},       {"q4_0", "rotate=1"},
       {"streaming", ""},            {"streaming", "budget=abc"}, {"streaming", "budget=64,context=100"},
       {"h2o", "budget=0.2,context=0"}, {"h2o", "budget=16,window=32"}, {"h2o", "budget=16,scope=group"},
       {"snapkv", "budget=0.2,context=100"}, {"snapkv", "budget=64,kernel=4"}, {"snapkv", "budget=64,pool=min"},

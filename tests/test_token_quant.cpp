@@ -1,5 +1,7 @@
 // Per-token quantized caches: llama.cpp q8_0 / q4_0 and FP8 E4M3 with per-tensor scales,
 // against values worked out by hand, exact bytes, GQA attention over the stored tokens.
+#include <lexico/base/hadamard.hpp>
+#include <lexico/cache/factory.hpp>
 #include <lexico/cache/fp8_cache.hpp>
 #include <lexico/cache/token_quant.hpp>
 
@@ -238,6 +240,134 @@ TEST(TokenQuant, AFailedBlockStoresNothing) {
   EXPECT_EQ(fresh.bytes().total(), 0u);
   EXPECT_FALSE(fresh.keys(0).calibrated());
   EXPECT_EQ(fresh.truncate_floor(0), 0);
+}
+
+// The fast transform against the matrix written out: M_ij = (-1)^popcount(i & j) · s_j / √n.
+TEST(Hadamard, RotationIsTheSignedSylvesterMatrixAndOrthogonal) {
+  for (int n : {1, 2, 16, 128}) {
+    std::vector<float> x(static_cast<std::size_t>(n));
+    for (int j = 0; j < n; ++j) {
+      std::fill(x.begin(), x.end(), 0.0f);
+      x[static_cast<std::size_t>(j)] = 1.0f;
+      lexico::hadamard_rotate(x.data(), n);
+      for (int i = 0; i < n; ++i) {
+        const double want = (__builtin_popcount(static_cast<unsigned>(i & j)) % 2 ? -1.0 : 1.0) * lexico::hadamard_sign(j) /
+                            std::sqrt(static_cast<double>(n));
+        ASSERT_NEAR(x[static_cast<std::size_t>(i)], want, 1e-6) << n << " " << i << " " << j;
+      }
+    }
+    std::mt19937 rng(7);
+    std::normal_distribution<float> normal;
+    std::vector<float> y(static_cast<std::size_t>(n));
+    for (auto& v : y) v = normal(rng);
+    std::vector<float> z = y;
+    lexico::hadamard_rotate(z.data(), n);
+    double before = 0, after = 0;
+    for (int i = 0; i < n; ++i) before += y[i] * y[i], after += z[i] * z[i];
+    EXPECT_NEAR(after, before, 1e-4 * before);
+    lexico::hadamard_rotate(z.data(), n, /*inverse=*/true);
+    for (int i = 0; i < n; ++i) EXPECT_NEAR(z[i], y[i], 1e-5);
+  }
+  int negative = 0;
+  for (int i = 0; i < 128; ++i) negative += lexico::hadamard_sign(i) < 0;
+  EXPECT_GT(negative, 40);
+  EXPECT_LT(negative, 88);
+  float odd[12] = {};
+  EXPECT_THROW(lexico::hadamard_rotate(odd, 12), lexico::error);
+}
+
+// Keys and values with one outlier channel: q4_0's block holding it loses the others to
+// its scale; rotated, the outlier is spread over every channel and the error drops.
+// Attention is read in the model's basis (against the stored rows turned back).
+template <typename Cache>
+void check_rotation(Cache& plain, Cache& turned, bool lowers_the_error) {
+  const int heads = plain.shape().kv_heads, d = plain.shape().head_dim, tokens = 40, q_heads = 2 * heads;
+  std::mt19937 rng(11);
+  RowMatrix keys = random_rows(tokens, heads * d, rng), values = random_rows(tokens, heads * d, rng);
+  for (Eigen::Index t = 0; t < tokens; ++t) keys(t, 5) = values(t, d + 9) = 40.0f + static_cast<float>(t % 3);
+  const RowMatrix queries = random_rows(tokens, q_heads * d, rng);
+  EXPECT_TRUE(turned.rotates());
+  lexico_test::expect_decode_over_stored(turned, 0, keys, values, queries, 24, 2e-5);
+  RowMatrix out(tokens, q_heads * d);
+  plain.prefill(0, keys, values, queries, out);
+  const auto error = [&](const Cache& cache) {
+    double sum = 0;
+    for (int h = 0; h < heads; ++h) {
+      sum += (cache.stored_keys(0, h) - keys.middleCols(h * d, d)).squaredNorm();
+      sum += (cache.stored_values(0, h) - values.middleCols(h * d, d)).squaredNorm();
+    }
+    return sum;
+  };
+  if (lowers_the_error) {
+    EXPECT_LT(error(turned), 0.5 * error(plain));
+  }
+  EXPECT_EQ(turned.bytes().total(), plain.bytes().total());
+}
+
+TEST(TokenQuant, HadamardRotationTamesAnOutlierChannelAndAttendsInTheModelsBasis) {
+  const lexico::CacheShape shape{1, 2, 64};
+  for (const auto& codec : {lexico::q4_0_codec(), lexico::q8_0_codec()}) {
+    SCOPED_TRACE(codec.name());
+    BlockCache plain(shape, codec), turned(shape, codec, /*rotate=*/true);
+    check_rotation(plain, turned, true);
+  }
+  lexico::Fp8Cache plain(shape, lexico::Fp8Codec()), turned(shape, lexico::Fp8Codec(), true);
+  check_rotation(plain, turned, false);
+  EXPECT_EQ(lexico::make_cache("q4_0", shape, lexico::CacheOptions::parse("rotate=hadamard"))->parameters(),
+            "bits=4 block=32 rotate=hadamard");
+  EXPECT_THROW(lexico::make_cache("q8_0", {1, 1, 48}, lexico::CacheOptions::parse("rotate=hadamard")), lexico::error);
+  EXPECT_THROW(lexico::make_cache("q8_0", {1, 1, 64}, lexico::CacheOptions::parse("rotate=yes")), lexico::error);
+}
+
+// Per-token FP8 scales: a stream whose magnitude grows 1,000-fold keeps E4M3's relative
+// precision (3 mantissa bits: error <= 2^-4 of each row's largest value) where a tensor
+// scale taken from the first token saturates; 2 bytes of scale per row; any token can be
+// dropped.
+TEST(TokenQuant, Fp8TokenScalesFollowTheStreamAndRollBackAnywhere) {
+  const int d = 32, tokens = 30;
+  std::mt19937 rng(13);
+  RowMatrix rows = random_rows(tokens, d, rng);
+  for (Eigen::Index t = 0; t < tokens; ++t) rows.row(t) *= std::pow(10.0f, 3.0f * static_cast<float>(t) / tokens);
+  lexico::Fp8Cache token({1, 1, d}, lexico::Fp8Codec(1.0f, lexico::Fp8Scale::token));
+  lexico::Fp8Cache tensor({1, 1, d}, lexico::Fp8Codec(1.0f, lexico::Fp8Scale::tensor));
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    token.append(0, rows.row(t).data(), rows.row(t).data());
+    tensor.append(0, rows.row(t).data(), rows.row(t).data());
+  }
+  const RowMatrix a = token.stored_keys(0, 0), b = tensor.stored_keys(0, 0);
+  for (Eigen::Index t = 0; t < tokens; ++t) {
+    const float largest = rows.row(t).cwiseAbs().maxCoeff();
+    EXPECT_LE((a.row(t) - rows.row(t)).cwiseAbs().maxCoeff(), largest / 16.0f * 1.01f) << t;
+  }
+  EXPECT_GT((b.bottomRows(1) - rows.bottomRows(1)).cwiseAbs().maxCoeff(),
+            0.5f * rows.bottomRows(1).cwiseAbs().maxCoeff());  // saturated
+  EXPECT_EQ(token.bytes().metadata, 2u * tokens * 2u);          // K and V rows, fp16 scale each
+  EXPECT_EQ(token.truncate_floor(0), 0);
+  EXPECT_EQ(tensor.truncate_floor(0), 1);
+  token.truncate(3);
+  EXPECT_EQ(token.stored_keys(0, 0), a.topRows(3));
+  // An all-zero row codes to zeros; a row beyond fp16's scale range raises.
+  std::vector<float> x(d, 0.0f);
+  token.append(0, x.data(), x.data());
+  EXPECT_EQ(token.stored_keys(0, 0).bottomRows(1).cwiseAbs().maxCoeff(), 0.0f);
+  x[1] = 1e8f;
+  EXPECT_THROW(token.append(0, x.data(), x.data()), lexico::error);
+  EXPECT_EQ(token.stored_keys(0, 0).rows(), 4);
+}
+
+// The factory's FP8 takes vLLM's constants by default: scale = amax / 200 for keys and
+// amax / 100 for values (headroom 448 / 200 and 448 / 100).
+TEST(TokenQuant, Fp8FactoryDefaultsAreVllmsScales) {
+  auto cache = lexico::make_cache("fp8", {1, 1, 32});
+  EXPECT_EQ(cache->parameters(), "keys: scale=tensor headroom=2.24; values: scale=tensor headroom=4.48");
+  std::vector<float> x(32, 0.0f);
+  x[0] = 100.0f;
+  cache->append(0, x.data(), x.data());
+  const auto& fp8 = dynamic_cast<const lexico::Fp8Cache&>(*cache);
+  EXPECT_FLOAT_EQ(fp8.keys(0).codec().scale(), 0.5f);
+  EXPECT_FLOAT_EQ(fp8.values(0).codec().scale(), 1.0f);
+  EXPECT_EQ(lexico::make_cache("fp8", {1, 1, 32}, lexico::CacheOptions::parse("scale=token"))->parameters(),
+            "scale=token");
 }
 
 TEST(TokenQuant, BadInputRaises) {

@@ -139,11 +139,12 @@ inline __m512 load_fp16x16(const std::uint16_t* p) {
 // (64k tokens), the hardware prefetcher alone left dense decode attention waiting on
 // memory half the time; 8 rows (2 KiB at d = 128) ahead: 10.4 -> 17-19 GB/s on 2
 // threads with large pages (BENCHMARKS.md, session 11). A prefetch never faults, so
-// the rows past the end of a head need no bound.
+// the rows past the end of a head need no bound (the address is formed as an integer:
+// a pointer past the end of the array would be undefined).
 inline constexpr long rows_ahead = 8;
-inline void prefetch_row(const std::uint16_t* row, int d) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int line = 0; line < 2 * d; line += 64) _mm_prefetch(bytes + line, _MM_HINT_T0);
+inline void prefetch_row_ahead(const std::uint16_t* row, int d) {
+  const std::uintptr_t ahead = reinterpret_cast<std::uintptr_t>(row) + static_cast<std::uintptr_t>(2 * rows_ahead * d);
+  for (int line = 0; line < 2 * d; line += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
 }
 #endif
 
@@ -161,7 +162,7 @@ void fp16_accumulate_columns(const std::uint16_t* rows, long count, int d, int c
   for (int g = 0; g < Group; ++g)
     for (int c = 0; c < Width; ++c) sum[g][c] = _mm512_loadu_ps(out + g * d + 16 * (c0 + c));
   for (long t = 0; t < count; ++t) {
-    if (c0 == 0) prefetch_row(rows + (t + rows_ahead) * d, d);  // later passes find the rows in cache
+    if (c0 == 0) prefetch_row_ahead(rows + t * d, d);  // later passes find the rows in cache
     const std::uint16_t* row = rows + t * d + 16 * c0;
     __m512 value[Width];
     for (int c = 0; c < Width; ++c) value[c] = load_fp16x16(row + 16 * c);
@@ -214,7 +215,7 @@ void fp16_scores_chunks(const std::uint16_t* rows, long count, int d, const floa
   for (; t0 + 16 <= count; t0 += 16) {
     for (int r = 0; r < 16; ++r) {
       const std::uint16_t* row = rows + (t0 + r) * d;
-      prefetch_row(row + rows_ahead * d, d);
+      prefetch_row_ahead(row, d);
       __m512 key[16];
       for (int c = 0; c < chunks; ++c) key[c] = load_fp16x16(row + 16 * c);
       for (int g = 0; g < group; ++g) {

@@ -172,7 +172,7 @@ class BlockCodec {
     return head_dim / block_ * quantizer_.parameters() * static_cast<int>(sizeof(Eigen::half));
   }
   std::size_t shared_bytes() const { return 0; }
-  static constexpr bool data_dependent = false;
+  bool data_dependent() const { return false; }
   void calibrate(ConstRowsRef /*tokens*/) {}
 
   void encode(const float* x, int head_dim, std::uint8_t* row) const {

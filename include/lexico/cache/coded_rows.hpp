@@ -8,7 +8,7 @@
 //   int payload_bytes(int head_dim) const;             // codes of one row
 //   int metadata_bytes(int head_dim) const;            // per-row scales, minima
 //   std::size_t shared_bytes() const;                  // per-store parameters (FP8 scale)
-//   static constexpr bool data_dependent;              // whether calibrate() fixes anything
+//   bool data_dependent() const;                       // whether calibrate() fixes anything
 //   void calibrate(ConstRowsRef tokens);               // fixes data-dependent parameters
 //   void encode(const float* x, int head_dim, std::uint8_t* row) const;   // payload, metadata
 //   void decode(const std::uint8_t* row, int head_dim, float* x) const;

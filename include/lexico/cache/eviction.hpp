@@ -133,6 +133,7 @@ struct EvictionPolicy {
   DecodeRule decode = DecodeRule::keep;
   double pyramid_beta = 0;  // > 0: PyramidKV's layer budgets (prefill-based policies only)
   bool layerwise = false;   // one choice of tokens for every KV head of a layer
+  bool layerwise_by_default = false;  // the method's own scope (parameters() names the other one)
 };
 
 // PyramidKV's layer limits (Cai et al., arXiv 2406.02069; Zefan-Cai/PyramidKV
@@ -256,7 +257,7 @@ class EvictionCache : public KVCache {
     if (p.window != 0) text += p.window < 0 ? std::string(" window=half") : detail::concat(" window=", p.window);
     if (p.kernel > 1) text += detail::concat(" kernel=", p.kernel, " pool=", p.pool == Pool::max ? "max" : "avg");
     if (p.pyramid_beta > 0) text += detail::concat(" beta=", p.pyramid_beta);
-    if (p.layerwise) text += " scope=layer";
+    if (p.layerwise != p.layerwise_by_default) text += p.layerwise ? " scope=layer" : " scope=head";
     return text;
   }
   const EvictionPolicy& policy() const { return policy_; }

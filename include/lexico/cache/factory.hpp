@@ -62,6 +62,11 @@ inline Budget budget_option(const CacheOptions& options) {
   return budget;
 }
 
+inline bool rotate_option(const CacheOptions& options) {
+  return options.get_choice("rotate", {"none", "hadamard"}) == "hadamard";
+}
+
+// scope=layer|head; the default comes from the method's option table.
 inline bool layerwise_option(const CacheOptions& options) {
   return options.get_choice("scope", {"head", "layer"}) == "layer";
 }
@@ -119,6 +124,8 @@ inline std::vector<CacheType> builtin_cache_types() {
   using Made = std::unique_ptr<KVCache>;
   const CacheOptionInfo budget{"budget", "", "kept tokens per KV head: a count (256) or a fraction (0.2); required"};
   const CacheOptionInfo context{"context", "", "a fractional budget is of this length (default: of the tokens seen)"};
+  const CacheOptionInfo rotate{"rotate", "none",
+                               "hadamard: turn keys and values by a fixed Hadamard rotation before coding (QuaRot)"};
   const CacheOptionInfo scope{"scope", "head", "head: per KV head, by its GQA group's mean; layer: same tokens in all"};
   const std::vector<CacheOptionInfo> snapkv{budget,
                                             {"window", "32", "observation window, always kept"},
@@ -143,18 +150,24 @@ inline std::vector<CacheType> builtin_cache_types() {
          return std::make_unique<KiviCache>(shape, KiviOptions{o.get_int("bits"), o.get_int("group"),
                                                                 o.get_int("residual")});
        }},
-      {"q8_0", "llama.cpp q8_0: per token, blocks of 32 channels, int8 + fp16 scale (8.5 bits)", {},
-       [](CacheShape shape, const CacheOptions&) -> Made {
-         return std::make_unique<TokenQuantCache<BlockCodec>>(shape, q8_0_codec());
-       }},
-      {"q4_0", "llama.cpp q4_0: per token, blocks of 32 channels, 4 bits + fp16 scale (4.5 bits)", {},
-       [](CacheShape shape, const CacheOptions&) -> Made {
-         return std::make_unique<TokenQuantCache<BlockCodec>>(shape, q4_0_codec());
-       }},
-      {"fp8", "FP8 E4M3, one fp32 scale per layer for K and for V, from the first stored block",
-       {{"headroom", "1", "scale = max|x| * headroom / 448 (>= 1; room for later, larger values)"}},
+      {"q8_0", "llama.cpp q8_0: per token, blocks of 32 channels, int8 + fp16 scale (8.5 bits)", {rotate},
        [](CacheShape shape, const CacheOptions& o) -> Made {
-         return std::make_unique<Fp8Cache>(shape, Fp8Codec(static_cast<float>(o.get_number("headroom"))));
+         return std::make_unique<TokenQuantCache<BlockCodec>>(shape, q8_0_codec(), rotate_option(o));
+       }},
+      {"q4_0", "llama.cpp q4_0: per token, blocks of 32 channels, 4 bits + fp16 scale (4.5 bits)", {rotate},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         return std::make_unique<TokenQuantCache<BlockCodec>>(shape, q4_0_codec(), rotate_option(o));
+       }},
+      {"fp8", "FP8 E4M3: one fp32 scale per layer for K and for V from the first stored block, or one per token",
+       {{"scale", "tensor", "tensor: per layer, max|x| * headroom / 448 of the first stored block; token: per row"},
+        {"k_headroom", "2.24", "keys' tensor scale headroom (>= 1; vLLM's amax / 200 is 448 / 200)"},
+        {"v_headroom", "4.48", "values' tensor scale headroom (>= 1; vLLM's amax / 100 is 448 / 100)"},
+        rotate},
+       [](CacheShape shape, const CacheOptions& o) -> Made {
+         const Fp8Scale form = o.get_choice("scale", {"tensor", "token"}) == "token" ? Fp8Scale::token : Fp8Scale::tensor;
+         return std::make_unique<Fp8Cache>(shape, Fp8Codec(static_cast<float>(o.get_number("k_headroom")), form),
+                                           Fp8Codec(static_cast<float>(o.get_number("v_headroom")), form),
+                                           rotate_option(o));
        }},
       {"streaming", "StreamingLLM: attention sinks + the most recent tokens",
        {budget, {"sinks", "4", "first tokens always kept (within the budget)"}, context},
@@ -180,7 +193,8 @@ inline std::vector<CacheType> builtin_cache_types() {
          options.beta = o.get_number("beta");
          return std::make_unique<PyramidKVCache>(shape, options);
        }},
-      {"tova", "TOVA: drop the token the current query attends to least, every step", {budget, context, scope},
+      {"tova", "TOVA: drop the token the current query attends to least, every step",
+       {budget, context, {"scope", "layer", "layer: same tokens in all KV heads, by the layer's mean (the reference's); head"}},
        [](CacheShape shape, const CacheOptions& o) -> Made {
          return std::make_unique<TovaCache>(shape, TovaOptions{budget_option(o), layerwise_option(o)});
        }},

@@ -11,6 +11,11 @@
 // alone. Every row is coded on its own, so truncate() can drop any stored token exactly:
 // truncate_floor() is 0 for q8_0 and q4_0, and the length of the calibrating block for
 // FP8. A block that fails to code (a q8_0 scale beyond fp16) leaves the layer as it was.
+//
+// With `rotate`, every key and value row is turned by the Hadamard rotation M of
+// hadamard.hpp before it is coded (head_dim a power of two); a decode step turns the
+// queries by M and the output back by Mᵀ, and stored_keys / stored_values give rows in
+// the model's own basis.
 
 #include <cstddef>
 #include <cstdint>
@@ -18,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "../base/hadamard.hpp"
 #include "block_quant.hpp"
 #include "cache.hpp"
 #include "coded_rows.hpp"
@@ -32,17 +38,27 @@ inline BlockCodec q4_0_codec() { return BlockCodec(BlockQuantizer(QuantScheme::q
 template <typename Codec>
 class TokenQuantCache final : public KVCache {
  public:
-  // One codec per layer for K and one for V, copies of `codec` (calibrated separately).
-  TokenQuantCache(CacheShape shape, const Codec& codec)
-      : KVCache(shape), calibration_(static_cast<std::size_t>(shape.layers), 0) {
+  // Every layer's keys get a copy of `key_codec`, its values one of `value_codec`
+  // (calibrated separately).
+  TokenQuantCache(CacheShape shape, const Codec& key_codec, const Codec& value_codec, bool rotate = false)
+      : KVCache(shape), rotate_(rotate), calibration_(static_cast<std::size_t>(shape.layers), 0) {
+    require(!rotate || is_power_of_two(shape.head_dim), key_codec.name(), ": the Hadamard rotation needs a head_dim ",
+            "that is a power of two (got ", shape.head_dim, ")");
     for (int l = 0; l < shape.layers; ++l) {
-      keys_.emplace_back(shape.kv_heads, shape.head_dim, codec);
-      values_.emplace_back(shape.kv_heads, shape.head_dim, codec);
+      keys_.emplace_back(shape.kv_heads, shape.head_dim, key_codec);
+      values_.emplace_back(shape.kv_heads, shape.head_dim, value_codec);
     }
   }
+  TokenQuantCache(CacheShape shape, const Codec& codec, bool rotate = false)
+      : TokenQuantCache(shape, codec, codec, rotate) {}
 
   std::string name() const override { return keys_.front().codec().name(); }
-  std::string parameters() const override { return keys_.front().codec().parameters(); }
+  std::string parameters() const override {
+    const std::string keys = keys_.front().codec().parameters(), values = values_.front().codec().parameters();
+    std::string text = keys == values ? keys : detail::concat("keys: ", keys, "; values: ", values);
+    return rotate_ ? text + (text.empty() ? "" : " ") + "rotate=hadamard" : text;
+  }
+  bool rotates() const { return rotate_; }
 
   const CodedRows<Codec>& keys(int layer) const { return keys_[static_cast<std::size_t>(checked_layer(layer))]; }
   const CodedRows<Codec>& values(int layer) const { return values_[static_cast<std::size_t>(checked_layer(layer))]; }
@@ -78,8 +94,11 @@ class TokenQuantCache final : public KVCache {
 
   void attend_tokens(int layer, ConstRowsRef queries, RowsRef out, float* log_sum_exp) override {
     const auto& keys = keys_[static_cast<std::size_t>(layer)];
-    detail::attend_stores(keys, values_[static_cast<std::size_t>(layer)], keys.tokens(), queries, out, log_sum_exp,
-                          threads());
+    const auto& values = values_[static_cast<std::size_t>(layer)];
+    if (!rotate_) return detail::attend_stores(keys, values, keys.tokens(), queries, out, log_sum_exp, threads());
+    const RowMatrix turned = rotated(queries, false);
+    detail::attend_stores(keys, values, keys.tokens(), turned, out, log_sum_exp, threads());
+    out = rotated(out, true);
   }
 
   CacheBytes layer_bytes(int layer) const override {
@@ -99,7 +118,8 @@ class TokenQuantCache final : public KVCache {
 
   // Rows are coded one by one; only the block that fixed data-dependent parameters stays.
   std::int64_t rollback_floor(int layer) const override {
-    return Codec::data_dependent ? calibration_[static_cast<std::size_t>(layer)] : 0;
+    const bool fixed = keys_.front().codec().data_dependent() || values_.front().codec().data_dependent();
+    return fixed ? calibration_[static_cast<std::size_t>(layer)] : 0;
   }
   void truncate_layer(int layer, std::int64_t tokens) override {
     keys_[static_cast<std::size_t>(layer)].truncate(tokens);
@@ -110,6 +130,10 @@ class TokenQuantCache final : public KVCache {
   // Codes a block (T x kv_width), calibrating the codecs on it when they are not yet; a
   // failure leaves the layer as it was.
   void store(int layer, ConstRowsRef keys, ConstRowsRef values) {
+    if (rotate_) return store_rows(layer, rotated(keys, false), rotated(values, false));
+    store_rows(layer, keys, values);
+  }
+  void store_rows(int layer, ConstRowsRef keys, ConstRowsRef values) {
     auto& k = keys_[static_cast<std::size_t>(layer)];
     auto& v = values_[static_cast<std::size_t>(layer)];
     const Eigen::Index before = k.tokens();
@@ -134,13 +158,23 @@ class TokenQuantCache final : public KVCache {
     if (calibrates) calibration_[static_cast<std::size_t>(layer)] = keys.rows();
   }
 
-  static RowMatrix decoded(const CodedRows<Codec>& store, int head) {
+  RowMatrix decoded(const CodedRows<Codec>& store, int head) const {
     require(head >= 0 && head < store.heads(), "TokenQuantCache: head ", head, " out of range");
     RowMatrix rows(store.tokens(), store.head_dim());
     detail::copy_rows(store, head, store.tokens(), rows, 0);
-    return rows;
+    return rotate_ ? rotated(rows, true) : rows;
   }
 
+  // Every head_dim-wide segment of every row turned by M (or Mᵀ with `inverse`).
+  RowMatrix rotated(ConstRowsRef rows, bool inverse) const {
+    RowMatrix turned = rows;
+    const int d = shape().head_dim;
+    for (Eigen::Index r = 0; r < turned.rows(); ++r)
+      for (Eigen::Index c = 0; c < turned.cols(); c += d) hadamard_rotate(turned.row(r).data() + c, d, inverse);
+    return turned;
+  }
+
+  bool rotate_;
   std::vector<CodedRows<Codec>> keys_, values_;
   std::vector<std::int64_t> calibration_;  // per layer: tokens of the block that calibrated the codecs
 };
