@@ -297,7 +297,8 @@ TEST(LargePageAllocator, AlignsLargeBlocksAndKeepsContentsAcrossGrowth) {
   std::vector<std::uint16_t, lexico::LargePageAllocator<std::uint16_t>> rows;
   for (std::uint32_t i = 0; i < (3u << 20); ++i) rows.push_back(static_cast<std::uint16_t>(i * 2654435761u >> 16));
   EXPECT_EQ(reinterpret_cast<std::uintptr_t>(rows.data()) % lexico::LargePageAllocator<float>::page, 0u);
-  for (std::uint32_t i = 0; i < (3u << 20); i += 4099) ASSERT_EQ(rows[i], static_cast<std::uint16_t>(i * 2654435761u >> 16));
+  for (std::uint32_t i = 0; i < (3u << 20); i += 4099)
+    ASSERT_EQ(rows[i], static_cast<std::uint16_t>(i * 2654435761u >> 16));
   rows.resize(1000);
   rows.shrink_to_fit();
   for (std::uint32_t i = 0; i < 1000; ++i) ASSERT_EQ(rows[i], static_cast<std::uint16_t>(i * 2654435761u >> 16));

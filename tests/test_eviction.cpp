@@ -244,13 +244,15 @@ TEST(Tova, LayerwiseKeepsTheSameTokensInEveryHead) {
   const RowMatrix keys = random_rows(steps, kv_heads * d, rng), values = position_values(steps, kv_heads * d);
   const RowMatrix queries = random_rows(steps, 2 * kv_heads * d, rng);
   // Layer scope is TOVA's default (the reference's); head scope is the option.
-  lexico::TovaCache layerwise({1, kv_heads, d}, {Budget::count(10)}), per_head({1, kv_heads, d}, {Budget::count(10), false});
+  lexico::TovaCache layerwise({1, kv_heads, d}, {Budget::count(10)});
+  lexico::TovaCache per_head({1, kv_heads, d}, {Budget::count(10), false});
   EXPECT_EQ(layerwise.parameters(), "budget=10");
   EXPECT_EQ(per_head.parameters(), "budget=10 scope=head");
-  EXPECT_EQ(lexico::make_cache("tova", {1, kv_heads, d}, lexico::CacheOptions::parse("budget=10"))->parameters(),
-            "budget=10");
-  EXPECT_EQ(lexico::make_cache("tova", {1, kv_heads, d}, lexico::CacheOptions::parse("budget=10,scope=head"))->parameters(),
-            "budget=10 scope=head");
+  const auto made = [&](const char* options) {
+    return lexico::make_cache("tova", {1, kv_heads, d}, lexico::CacheOptions::parse(options))->parameters();
+  };
+  EXPECT_EQ(made("budget=10"), "budget=10");
+  EXPECT_EQ(made("budget=10,scope=head"), "budget=10 scope=head");
   RowMatrix out(20, 2 * kv_heads * d);
   layerwise.prefill(0, keys.topRows(20), values.topRows(20), queries.topRows(20), out);
   per_head.prefill(0, keys.topRows(20), values.topRows(20), queries.topRows(20), out);

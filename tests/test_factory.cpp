@@ -135,7 +135,8 @@ TEST(Factory, UnknownNamesKeysAndBadValuesRaise) {
   const lexico::CacheShape shape{1, 2, 32};
   expect_error_mentioning([&] { lexico::make_cache("kivi", shape, CacheOptions::parse("bit=4")); },
                           {"'bit'", "bits, group, residual"});
-  expect_error_mentioning([&] { lexico::make_cache("q8_0", shape, CacheOptions::parse("bits=8")); }, {"'bits'", "rotate"});
+  expect_error_mentioning([&] { lexico::make_cache("q8_0", shape, CacheOptions::parse("bits=8")); },
+                          {"'bits'", "rotate"});
   expect_error_mentioning([&] { lexico::make_cache("kiwi", shape); }, {"'kiwi'", "kivi"});
   expect_error_mentioning([&] { lexico::make_cache("h2o", shape); }, {"'budget'", "required"});
   const std::vector<std::pair<std::string, std::string>> bad = {

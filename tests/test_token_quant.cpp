@@ -251,8 +251,8 @@ TEST(Hadamard, RotationIsTheSignedSylvesterMatrixAndOrthogonal) {
       x[static_cast<std::size_t>(j)] = 1.0f;
       lexico::hadamard_rotate(x.data(), n);
       for (int i = 0; i < n; ++i) {
-        const double want = (__builtin_popcount(static_cast<unsigned>(i & j)) % 2 ? -1.0 : 1.0) * lexico::hadamard_sign(j) /
-                            std::sqrt(static_cast<double>(n));
+        const double parity = __builtin_popcount(static_cast<unsigned>(i & j)) % 2 ? -1.0 : 1.0;
+        const double want = parity * lexico::hadamard_sign(j) / std::sqrt(static_cast<double>(n));
         ASSERT_NEAR(x[static_cast<std::size_t>(i)], want, 1e-6) << n << " " << i << " " << j;
       }
     }

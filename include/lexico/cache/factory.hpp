@@ -164,7 +164,8 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"v_headroom", "4.48", "values' tensor scale headroom (>= 1; vLLM's amax / 100 is 448 / 100)"},
         rotate},
        [](CacheShape shape, const CacheOptions& o) -> Made {
-         const Fp8Scale form = o.get_choice("scale", {"tensor", "token"}) == "token" ? Fp8Scale::token : Fp8Scale::tensor;
+         const bool per_token = o.get_choice("scale", {"tensor", "token"}) == "token";
+         const Fp8Scale form = per_token ? Fp8Scale::token : Fp8Scale::tensor;
          return std::make_unique<Fp8Cache>(shape, Fp8Codec(static_cast<float>(o.get_number("k_headroom")), form),
                                            Fp8Codec(static_cast<float>(o.get_number("v_headroom")), form),
                                            rotate_option(o));
@@ -194,7 +195,8 @@ inline std::vector<CacheType> builtin_cache_types() {
          return std::make_unique<PyramidKVCache>(shape, options);
        }},
       {"tova", "TOVA: drop the token the current query attends to least, every step",
-       {budget, context, {"scope", "layer", "layer: same tokens in all KV heads, by the layer's mean (the reference's); head"}},
+       {budget, context,
+        {"scope", "layer", "layer: same tokens in all KV heads, by the layer's mean (the reference's); head"}},
        [](CacheShape shape, const CacheOptions& o) -> Made {
          return std::make_unique<TovaCache>(shape, TovaOptions{budget_option(o), layerwise_option(o)});
        }},
