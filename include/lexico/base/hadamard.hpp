@@ -1,11 +1,11 @@
 #pragma once
 // A fixed orthogonal rotation M = H · S / √n of vectors of n = 2^k floats: S flips the
-// signs of a fixed pseudo-random half of the channels, H is the Sylvester-Hadamard matrix
+// signs of a fixed pseudo-random set of channels (about half), H is the Sylvester-Hadamard matrix
 // (H_ij = (-1)^popcount(i & j)), applied by the fast Walsh-Hadamard transform in
 // n log2 n additions. Rotating keys and values before a per-block quantizer spreads an
 // outlier channel over all channels, so one large value no longer sets a block's scale
-// (QuaRot, Ashkboos et al., arXiv 2404.00456; llama.cpp rotates quantized KV caches the
-// same way). Since M is orthogonal, qᵀk = (Mq)ᵀ(Mk) and Σ p_t v_t = Mᵀ Σ p_t (M v_t):
+// (QuaRot, Ashkboos et al., arXiv 2404.00456, rotates KV caches this way before
+// quantizing them). Since M is orthogonal, qᵀk = (Mq)ᵀ(Mk) and Σ p_t v_t = Mᵀ Σ p_t (M v_t):
 // a cache rotates the queries once and the output back once per step.
 
 #include <cmath>
