@@ -35,6 +35,7 @@
 #include <lexico/training/kv_collect.hpp>
 #include <lexico/model/llama.hpp>
 #include <lexico/training/train.hpp>
+#include <lexico/version.hpp>
 
 #include "cli.hpp"
 
@@ -60,7 +61,9 @@ const char* const usage =
     "  --seed X  --threads T      (defaults 0, all cores)\n"
     "  --work DIR                 where collected KV vectors live (default OUT/vectors)\n"
     "  --keys-before-rope         train the key dictionaries on keys before RoPE; the lexico cache\n"
-    "                             then codes keys before RoPE (lower error, slower scoring)\n";
+    "                             then codes keys before RoPE (lower error, slower scoring)\n"
+    "  --atom-type f32|f16        how the files store the atoms (default f32); f16 halves the bytes\n"
+    "                             and holds exactly the atoms the cache codes with\n";
 
 struct Args {
   std::string model, tokens, text, tokenizer, dev, out, work;
@@ -68,6 +71,7 @@ struct Args {
   Eigen::Index dev_vectors = 32768;
   int window = 1024;
   bool keys_before_rope = false;
+  lexico::AtomType atom_type = lexico::AtomType::f32;
 };
 
 // A flag whose value a lexico parser reads; its lexico::error becomes a usage error.
@@ -109,6 +113,7 @@ Args parse_args(int argc, char** argv) {
        {"--threads", [&](const std::string& v) { a.train.threads = parse_number<int>("--threads", v, 1, 1024); }},
        {"--method", named("--method", [&](const std::string& v) { a.train.method = lexico::parse_train_method(v); })},
        {"--init", named("--init", [&](const std::string& v) { a.train.init = lexico::parse_train_init(v); })},
+       {"--atom-type", named("--atom-type", [&](const std::string& v) { a.atom_type = lexico::parse_atom_type(v); })},
        {"--keys-before-rope", [&](const std::string&) { a.keys_before_rope = true; }}},
       usage, {"--keys-before-rope"});
   if (a.model.empty()) throw cli::usage_error("--model is required");
@@ -279,6 +284,22 @@ class Checkpoint {
   std::string dir_;
 };
 
+// FNV-1a (64-bit, hex) of a file's bytes: which corpus a set was trained on, checkable
+// with any FNV tool.
+std::string file_hash(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  lexico::require(static_cast<bool>(in), "cannot read '", path, "' to hash it");
+  lexico::detail::Fnv1a hash;
+  std::vector<char> chunk(1 << 20);
+  while (in) {
+    in.read(chunk.data(), static_cast<std::streamsize>(chunk.size()));
+    hash.add(chunk.data(), static_cast<std::size_t>(in.gcount()));
+  }
+  char text[17];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(hash.state));
+  return text;
+}
+
 // What decides the dictionaries: everything but threads and where files go.
 std::string run_key(const Args& args) {
   const auto absolute = [](const std::string& path) { return path.empty() ? path : fs::absolute(path).string(); };
@@ -300,7 +321,7 @@ void install_set(const Args& args, const std::vector<lexico::LayerDictionaries>&
   const std::string out = fs::path(args.out).lexically_normal().string();
   const std::string staged = out + ".new";  // a leftover of an interrupted run is replaced
   fs::remove_all(staged);
-  lexico::save_dictionaries(staged, layers, manifest);
+  lexico::save_dictionaries(staged, layers, manifest, args.atom_type);
   const bool had_old = lexico::swap_folder_into_place(staged, out);
   if (!had_old) return;
   // `staged` now names the previous set.
@@ -441,7 +462,11 @@ int run(const Args& args) {
   const double train_cpu = cpu_seconds() - collect_cpu;
 
   settings["corpus"] = corpus;
+  settings["corpus_fnv1a64"] = file_hash(corpus);
   settings["dev"] = args.dev.empty() ? "held-out windows of " + corpus : args.dev;
+  if (!args.dev.empty()) settings["dev_fnv1a64"] = file_hash(args.dev);
+  settings["lexico_version"] = lexico::version_string;
+  settings["atom_type"] = lexico::to_string(args.atom_type);
   settings["vectors"] = std::to_string(options.vectors);
   settings["train_vectors_available"] = std::to_string(std::min(train_available, options.vectors));
   settings["dev_vectors"] = std::to_string(args.dev_vectors);

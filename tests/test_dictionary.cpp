@@ -184,6 +184,49 @@ TEST(Dictionary, BytesAndFilesHoldTheSameDictionary) {
   fs::remove(path);
 }
 
+// The FNV-1a checksum of a file rewritten after its last 8 bytes were edited around.
+void rehash(std::string& bytes) {
+  lexico::detail::Fnv1a hash;
+  hash.add(bytes.data(), bytes.size() - 8);
+  std::memcpy(bytes.data() + bytes.size() - 8, &hash.state, 8);
+}
+
+TEST(Dictionary, Fp16FilesHoldExactlyTheAtomsTheCacheCodesWithInHalfTheBytes) {
+  const auto dict = random_dictionary(32, 100, 7);
+  const std::string wide = dict.to_bytes(), narrow = dict.to_bytes(lexico::AtomType::f16);
+  EXPECT_EQ(wide.size() - narrow.size(), 2u * 32 * 100);  // 2 bytes per entry instead of 4
+  std::uint32_t scalar = 0;
+  std::memcpy(&scalar, narrow.data() + 20, 4);  // after magic, version, d and N
+  EXPECT_EQ(scalar, 1u);
+  const auto loaded = lexico::Dictionary::from_bytes(narrow, "narrow.lexd");
+  // Bit for bit the atoms a CodeSpace makes of the fp32 dictionary, and rounding again
+  // changes nothing.
+  EXPECT_EQ(loaded.atoms(), dict.rounded_to_fp16().atoms());
+  EXPECT_EQ(loaded.rounded_to_fp16().atoms(), loaded.atoms());
+  EXPECT_EQ(loaded.metadata(), dict.metadata());
+  EXPECT_EQ(lexico::Dictionary::from_bytes(loaded.to_bytes(lexico::AtomType::f16)).atoms(), loaded.atoms());
+
+  std::string unknown = narrow;
+  unknown[20] = 2;
+  rehash(unknown);
+  std::string message = error_of([&] { lexico::Dictionary::from_bytes(unknown, "u.lexd"); });
+  EXPECT_NE(message.find("'u.lexd' has scalar type 2"), std::string::npos) << message;
+  std::string nan = narrow;
+  const std::uint16_t half_nan = 0x7e00;
+  std::memcpy(nan.data() + nan.size() - 8 - 2 * 20, &half_nan, 2);  // an entry of the last atom
+  rehash(nan);
+  message = error_of([&] { lexico::Dictionary::from_bytes(nan, "n.lexd"); });
+  EXPECT_NE(message.find("'n.lexd' atom 99 has a NaN or Inf entry"), std::string::npos) << message;
+  std::string scaled = narrow;
+  const std::uint16_t half_two = 0x4000;  // 2.0: that atom's norm is no longer 1
+  std::memcpy(scaled.data() + scaled.size() - 8 - 2, &half_two, 2);
+  rehash(scaled);
+  message = error_of([&] { lexico::Dictionary::from_bytes(scaled, "s.lexd"); });
+  EXPECT_NE(message.find("'s.lexd' atom 99 has norm"), std::string::npos) << message;
+  EXPECT_THROW(lexico::parse_atom_type("bf16"), lexico::error);
+  EXPECT_EQ(lexico::parse_atom_type(lexico::to_string(lexico::AtomType::f16)), lexico::AtomType::f16);
+}
+
 // Files of `folder` whose name holds ".tmp-" (AtomicFile's temporaries).
 int temporaries_in(const fs::path& folder) {
   int count = 0;
@@ -284,6 +327,14 @@ TEST(DictionarySet, MemoryAndDiskLoadersGiveTheSameSet) {
     EXPECT_EQ(in_memory.layers[l].keys->atoms(), layers[l].keys->atoms());
   }
   EXPECT_EQ(lexico::load_code_space(folder)->layers(), 2);
+  // The same set with fp16 atoms: the rounded atoms, in half the bytes.
+  lexico::save_dictionaries(dir.string(), layers, manifest, lexico::AtomType::f16);
+  const lexico::DictionarySet narrow = lexico::load_dictionaries(dir.string());
+  for (std::size_t l = 0; l < 2; ++l) {
+    EXPECT_EQ(narrow.layers[l].keys->atoms(), layers[l].keys->rounded_to_fp16().atoms());
+    EXPECT_EQ(narrow.layers[l].values->atoms(), layers[l].values->rounded_to_fp16().atoms());
+  }
+  EXPECT_EQ(fs::file_size(dir / "layer00.k.dict"), layers[0].keys->to_bytes().size() - 2u * 8 * 12);
   fs::remove_all(dir);
 }
 

@@ -5,11 +5,13 @@
 // File format (little-endian), version 1:
 //   8 bytes  magic "LEXDICT\0"
 //   u32      format version
-//   u32 d, u32 N, u32 scalar type (0 = f32)
+//   u32 d, u32 N, u32 scalar type of the atoms (0 = f32, 1 = IEEE fp16)
 //   u32      metadata entry count (<= 4096), then per entry: u32 length + key bytes, u32 length
 //            + value bytes (each <= 1 MiB)
-//   d*N f32  atoms, column after column
+//   d*N      atoms, column after column, in the scalar type
 //   u64      FNV-1a hash of every byte before it
+// fp16 files hold exactly the atoms a CodeSpace codes with (it rounds them to fp16), in
+// half the bytes; their norms are within 2^-11 of 1, and they load without renormalising.
 
 #include <cmath>
 #include <cstdint>
@@ -31,11 +33,21 @@ namespace lexico {
 // Free-form description: model, layer, "K" or "V", training method and settings.
 using DictionaryMetadata = std::map<std::string, std::string>;
 
+// How a file stores the atoms (the format's scalar type).
+enum class AtomType : std::uint32_t { f32 = 0, f16 = 1 };
+
+inline const char* to_string(AtomType type) { return type == AtomType::f16 ? "f16" : "f32"; }
+
+inline AtomType parse_atom_type(const std::string& text) {
+  if (text == "f32") return AtomType::f32;
+  if (text == "f16") return AtomType::f16;
+  throw error("atom type '" + text + "': expected f32 or f16");
+}
+
 namespace detail {
 
 inline constexpr char dictionary_magic[8] = {'L', 'E', 'X', 'D', 'I', 'C', 'T', '\0'};
 inline constexpr std::uint32_t dictionary_format_version = 1;
-inline constexpr std::uint32_t dictionary_scalar_f32 = 0;
 
 struct Fnv1a {
   std::uint64_t state = 14695981039346656037ull;
@@ -104,8 +116,8 @@ class Dictionary {
   // The file's bytes (format above); save() writes them to a temporary file beside
   // `path`, flushed and renamed into place, so an interrupted save leaves the previous
   // file or the complete new one.
-  std::string to_bytes() const;
-  void save(const std::string& path) const;
+  std::string to_bytes(AtomType type = AtomType::f32) const;
+  void save(const std::string& path, AtomType type = AtomType::f32) const;
   // Every size in the file is checked against the bytes it holds before anything is
   // allocated for it. The path and in-memory forms read through load(ByteSource).
   static Dictionary load(const ByteSource& source);
@@ -135,7 +147,7 @@ class Dictionary {
   }
 
   template <typename Sink>
-  void write(Sink&& sink) const;
+  void write(Sink&& sink, AtomType type) const;
 
   Eigen::MatrixXf atoms_;
   DictionaryMetadata metadata_;
@@ -192,7 +204,7 @@ class DictionaryReader {
 
 // Streams the file to `sink(data, size)` (a string, an AtomicFile).
 template <typename Sink>
-void Dictionary::write(Sink&& sink) const {
+void Dictionary::write(Sink&& sink, AtomType type) const {
   require(size() > 0, "Dictionary::save: the dictionary is empty");
   require(metadata_.size() <= max_metadata_entries, "Dictionary::save: ", metadata_.size(),
           " metadata entries, the format allows ", max_metadata_entries);
@@ -212,26 +224,31 @@ void Dictionary::write(Sink&& sink) const {
   u32(detail::dictionary_format_version);
   u32(static_cast<std::uint32_t>(dim()));
   u32(static_cast<std::uint32_t>(size()));
-  u32(detail::dictionary_scalar_f32);
+  u32(static_cast<std::uint32_t>(type));
   u32(static_cast<std::uint32_t>(metadata_.size()));
   for (const auto& [key, value] : metadata_) {
     text(key);
     text(value);
   }
-  bytes(atoms_.data(), sizeof(float) * static_cast<std::size_t>(atoms_.size()));
+  if (type == AtomType::f16) {
+    const Eigen::Matrix<Eigen::half, Eigen::Dynamic, Eigen::Dynamic> half = atoms_.cast<Eigen::half>();
+    bytes(half.data(), sizeof(Eigen::half) * static_cast<std::size_t>(half.size()));
+  } else {
+    bytes(atoms_.data(), sizeof(float) * static_cast<std::size_t>(atoms_.size()));
+  }
   const std::uint64_t checksum = hash.state;
   sink(&checksum, sizeof checksum);
 }
 
-inline std::string Dictionary::to_bytes() const {
+inline std::string Dictionary::to_bytes(AtomType type) const {
   std::string out;
-  write([&](const void* data, std::size_t size) { out.append(static_cast<const char*>(data), size); });
+  write([&](const void* data, std::size_t size) { out.append(static_cast<const char*>(data), size); }, type);
   return out;
 }
 
-inline void Dictionary::save(const std::string& path) const {
+inline void Dictionary::save(const std::string& path, AtomType type) const {
   AtomicFile file(path);
-  write([&](const void* data, std::size_t size) { file.write(data, size); });
+  write([&](const void* data, std::size_t size) { file.write(data, size); }, type);
   file.commit();
 }
 
@@ -249,8 +266,9 @@ inline Dictionary Dictionary::load(const ByteSource& source) {
   require(d >= 1 && d <= static_cast<std::uint32_t>(max_dim) && n >= 1 && n <= static_cast<std::uint32_t>(max_atoms),
           "Dictionary::load: '", name, "' declares d = ", d, ", N = ", n, " (allowed d <= ", max_dim,
           ", N <= ", max_atoms, ")");
-  require(scalar == detail::dictionary_scalar_f32, "Dictionary::load: '", name, "' has scalar type ", scalar,
-          " (only 0 = f32 is defined)");
+  require(scalar == static_cast<std::uint32_t>(AtomType::f32) || scalar == static_cast<std::uint32_t>(AtomType::f16),
+          "Dictionary::load: '", name, "' has scalar type ", scalar, " (0 = f32 and 1 = f16 are defined)");
+  const bool half = scalar == static_cast<std::uint32_t>(AtomType::f16);
   const std::uint32_t entries = in.u32("metadata count");
   // An entry takes at least its two 4-byte lengths.
   require(entries <= max_metadata_entries && entries <= in.left() / 8, "Dictionary::load: '", name, "': metadata count ",
@@ -263,16 +281,25 @@ inline Dictionary Dictionary::load(const ByteSource& source) {
     require(!metadata.count(key), "Dictionary::load: '", name, "': metadata key '", key, "' appears twice");
     metadata.emplace(std::move(key), std::move(value));
   }
-  const std::int64_t atom_bytes = checked_mul(checked_mul(d, n, "dictionary atoms"), std::int64_t{sizeof(float)}, "dictionary atoms");
+  const std::int64_t scalar_bytes = half ? 2 : 4;
+  const std::int64_t atom_bytes = checked_mul(checked_mul(d, n, "dictionary atoms"), scalar_bytes, "dictionary atoms");
   require(static_cast<std::uint64_t>(atom_bytes) + 8 <= in.left(), "Dictionary::load: '", name, "' is truncated: ",
           d, " x ", n, " atoms need ", atom_bytes, " bytes and an 8-byte checksum, the file has ", in.left(),
           " bytes left");
   Eigen::MatrixXf atoms(d, n);
-  in.bytes(atoms.data(), static_cast<std::size_t>(atom_bytes), "atoms");
+  if (half) {
+    Eigen::Matrix<Eigen::half, Eigen::Dynamic, Eigen::Dynamic> stored(d, n);
+    in.bytes(stored.data(), static_cast<std::size_t>(atom_bytes), "atoms");
+    atoms = stored.cast<float>();
+  } else {
+    in.bytes(atoms.data(), static_cast<std::size_t>(atom_bytes), "atoms");
+  }
   in.check_hash();
+  // fp16 rounding moves a unit norm by at most 2^-11.
+  const float norm_tolerance = half ? 1e-3f : 1e-5f;
   for (Eigen::Index j = 0; j < atoms.cols(); ++j) {
     require(atoms.col(j).allFinite(), "Dictionary::load: '", name, "' atom ", j, " has a NaN or Inf entry");
-    require(std::fabs(atoms.col(j).norm() - 1.0f) < 1e-5f, "Dictionary::load: '", name, "' atom ", j,
+    require(std::fabs(atoms.col(j).norm() - 1.0f) < norm_tolerance, "Dictionary::load: '", name, "' atom ", j,
             " has norm ", atoms.col(j).norm(), ", expected 1");
   }
   return Dictionary(std::move(atoms), std::move(metadata), false);

@@ -118,10 +118,10 @@ inline void save_manifest(const std::string& dir, const DictionarySetManifest& m
   write_file_atomically(detail::join(dir, detail::manifest_name), manifest_json(m));
 }
 
-// Writes every layer's dictionaries and the manifest into dir (created if needed); see
-// the top of this file for what an interruption leaves.
+// Writes every layer's dictionaries, their atoms as `atom_type`, and the manifest into
+// dir (created if needed); see the top of this file for what an interruption leaves.
 inline void save_dictionaries(const std::string& dir, const std::vector<LayerDictionaries>& layers,
-                              const DictionarySetManifest& manifest) {
+                              const DictionarySetManifest& manifest, AtomType atom_type = AtomType::f32) {
   require(static_cast<int>(layers.size()) == manifest.layers, "save_dictionaries: ", layers.size(),
           " layers of dictionaries, the manifest says ", manifest.layers);
   const std::string text = manifest_json(manifest);
@@ -137,7 +137,7 @@ inline void save_dictionaries(const std::string& dir, const std::vector<LayerDic
               l, keys ? " keys" : " values", " is ", dictionary.dim(), " x ", dictionary.size(), ", the manifest says ",
               manifest.head_dim, " x ", manifest.atoms);
       staged.push_back(std::make_unique<AtomicFile>(detail::join(dir, detail::dictionary_file_name(l, keys))));
-      staged.back()->write(dictionary.to_bytes());
+      staged.back()->write(dictionary.to_bytes(atom_type));
     }
   }
   const std::string manifest_path = detail::join(dir, detail::manifest_name);
