@@ -39,7 +39,10 @@ const char* const usage =
     "  --tokenizer PATH      tokenizer for --text (default: the model's own)\n"
     "  --json                print one JSON object instead of the text report\n"
     "  --per-token           with --json: add token_delta_nll, each scored token's NLL minus the dense\n"
-    "                        cache's, in scoring order (for paired comparisons between runs)\n";
+    "                        cache's, in scoring order (for paired comparisons between runs)\n"
+    "  --batch B             decode B windows at once, each in its own cache (default 1): the\n"
+    "                        weights are read once per step for all B; tokens/s is then the\n"
+    "                        batch's throughput. Scores equal B = 1's up to rounding\n";
 
 struct CacheSpec {
   std::string name;
@@ -49,7 +52,7 @@ struct CacheSpec {
 struct Args {
   std::string model, tokens, text, tokenizer;
   std::vector<CacheSpec> caches;
-  int window = 0, windows = 1, skip = 0, prefill = -1;
+  int window = 0, windows = 1, skip = 0, prefill = -1, batch = 1;
   bool json = false, per_token = false;
 };
 
@@ -82,6 +85,7 @@ Args parse_args(int argc, char** argv) {
        {"--windows", [&](const std::string& v) { a.windows = cli::parse_number<int>("--windows", v, 1, 1 << 20); }},
        {"--skip", [&](const std::string& v) { a.skip = cli::parse_number<int>("--skip", v, 0, 1 << 20); }},
        {"--prefill", [&](const std::string& v) { a.prefill = cli::parse_number<int>("--prefill", v, 0, 1 << 20); }},
+       {"--batch", [&](const std::string& v) { a.batch = cli::parse_number<int>("--batch", v, 1, 256); }},
        {"--json", [&](const std::string&) { a.json = true; }},
        {"--per-token", [&](const std::string&) { a.per_token = true; }}},
       usage, {"--json", "--per-token"});
@@ -118,12 +122,18 @@ double kl_divergence(const std::vector<double>& dense_log_p, const std::vector<d
 
 int argmax(const float* logits, int vocab) { return static_cast<int>(std::max_element(logits, logits + vocab) - logits); }
 
-// One cache's running sums over every window.
+// One cache configuration's running sums over every window.
 struct Result {
-  std::unique_ptr<lexico::KVCache> cache;
+  std::vector<std::unique_ptr<lexico::KVCache>> caches;  // one per window of a batch
   double nll = 0, dense_nll = 0, delta_squares = 0, kl = 0, kv_fraction = 0, decode_seconds = 0, prefill_seconds = 0;
+  double kv_fraction_steps = 0;  // summed after every decode step
   long scored = 0, agree = 0, decoded = 0, prefilled = 0;
   std::vector<double> token_delta;  // NLL minus the dense NLL of each scored token (--per-token)
+
+  lexico::KVCache& cache() const { return *caches.front(); }
+  // KV size averaged over decode steps: what a sequence holds on average while it
+  // decodes, beside the size at the window's end (kv_fraction).
+  double kv_fraction_decode_mean() const { return decoded ? kv_fraction_steps / static_cast<double>(decoded) : 0.0; }
 
   double mean_nll() const { return nll / static_cast<double>(scored); }
   double dense_mean_nll() const { return dense_nll / static_cast<double>(scored); }
@@ -185,24 +195,25 @@ std::size_t shared_bytes(const std::vector<Result>& results) {
   std::set<const void*> counted;
   std::size_t total = 0;
   for (const Result& r : results)
-    if (r.cache->shared_state() && counted.insert(r.cache->shared_state()).second) total += r.cache->shared_bytes();
+    if (r.cache().shared_state() && counted.insert(r.cache().shared_state()).second) total += r.cache().shared_bytes();
   return total;
 }
 
 void print_json(const Args& args, const Result& r, int window, std::size_t windows, int prefill, std::size_t shared) {
-  const lexico::CacheBytes bytes = r.cache->bytes();
+  const lexico::CacheBytes bytes = r.cache().bytes();
   std::printf(
       "{\"model\": \"%s\", \"cache\": \"%s\", \"parameters\": \"%s\", \"window\": %d, \"windows\": %zu, "
       "\"prefill\": %d, \"scored_tokens\": %ld, \"mean_nll\": %.6f, \"perplexity\": %.4f, "
       "\"dense_mean_nll\": %.6f, \"delta_nll\": %.6f, \"delta_nll_se\": %.6f, \"mean_kl\": %.7f, \"top1_agreement\": %.6f, \"kv_size_fraction\": %.6f, "
       "\"bytes_payload\": %zu, \"bytes_metadata\": %zu, \"bytes_buffer\": %zu, \"bytes_overhead\": %zu, "
       "\"bytes_cache_shared\": %zu, \"bytes_shared\": %zu, \"peak_rss_bytes\": %zu, \"tokens_per_second\": %.2f, "
-      "\"prefill_tokens_per_second\": %.2f",
-      args.model.c_str(), r.cache->name().c_str(), r.cache->parameters().c_str(), window, windows, prefill, r.scored,
+      "\"prefill_tokens_per_second\": %.2f, \"kv_size_fraction_decode_mean\": %.6f, \"batch\": %d",
+      args.model.c_str(), r.cache().name().c_str(), r.cache().parameters().c_str(), window, windows, prefill, r.scored,
       r.mean_nll(), std::exp(r.mean_nll()), r.dense_mean_nll(), r.mean_nll() - r.dense_mean_nll(), r.delta_nll_se(),
       r.mean_kl(),
-      r.top1(), r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.cache->overhead_bytes(),
-      r.cache->shared_bytes(), shared, peak_rss_bytes(), r.decode_rate(), r.prefill_rate());
+      r.top1(), r.kv_fraction, bytes.payload, bytes.metadata, bytes.buffer, r.cache().overhead_bytes(),
+      r.cache().shared_bytes(), shared, peak_rss_bytes(), r.decode_rate(), r.prefill_rate(), r.kv_fraction_decode_mean(),
+      args.batch);
   if (args.per_token) {
     std::printf(", \"token_delta_nll\": [");
     for (std::size_t i = 0; i < r.token_delta.size(); ++i) std::printf(i ? ",%.6g" : "%.6g", r.token_delta[i]);
@@ -215,8 +226,8 @@ void print_table(const std::vector<Result>& results) {
   std::printf("%-8s %-44s %8s %9s %9s %9s %8s %9s\n", "cache", "parameters", "KV size", "mean NLL", "delta",
               "KL", "top-1", "tokens/s");
   for (const Result& r : results)
-    std::printf("%-8s %-44s %7.2f%% %9.4f %+9.4f %9.6f %7.2f%% %9.1f\n", r.cache->name().c_str(),
-                r.cache->parameters().c_str(), 100 * r.kv_fraction, r.mean_nll(), r.mean_nll() - r.dense_mean_nll(),
+    std::printf("%-8s %-44s %7.2f%% %9.4f %+9.4f %9.6f %7.2f%% %9.1f\n", r.cache().name().c_str(),
+                r.cache().parameters().c_str(), 100 * r.kv_fraction, r.mean_nll(), r.mean_nll() - r.dense_mean_nll(),
                 r.mean_kl(), 100 * r.top1(), r.decode_rate());
 }
 
@@ -234,10 +245,12 @@ int run(const Args& args) {
   lexico::require(!windows.empty(), "the corpus holds no complete window of ", window, " tokens after skipping ",
                   args.skip);
 
+  const auto batch = std::min<std::size_t>(static_cast<std::size_t>(args.batch), windows.size());
   std::vector<Result> results;
   for (const CacheSpec& spec : args.caches) {
     results.emplace_back();
-    results.back().cache = lexico::make_cache(spec.name, config.cache_shape(), spec.options);
+    for (std::size_t b = 0; b < batch; ++b)
+      results.back().caches.push_back(lexico::make_cache(spec.name, config.cache_shape(), spec.options));
   }
   lexico::DenseCache<float> dense(config.cache_shape());
   lexico::LlamaRunner runner(model);
@@ -245,42 +258,61 @@ int run(const Args& args) {
   const auto started = Clock::now();
   const double steps = static_cast<double>(windows.size() * results.size()) * window;
   double done = 0;
-  for (std::size_t w = 0; w < windows.size(); ++w) {
-    const std::vector<int>& tokens = windows[w];
-    const Reference reference = dense_reference(runner, tokens, dense);
+  // Windows go in groups of `batch`: every cache decodes its group in step, each window in
+  // its own cache; each window's tokens are scored in the order a lone run scores them.
+  for (std::size_t first = 0; first < windows.size(); first += batch) {
+    const std::size_t group = std::min(batch, windows.size() - first);
+    std::vector<Reference> references;
+    for (std::size_t b = 0; b < group; ++b) references.push_back(dense_reference(runner, windows[first + b], dense));
     for (Result& r : results) {
-      r.cache->clear();
+      std::vector<lexico::KVCache*> caches;
       const auto prefill_start = Clock::now();
-      if (prefill > 0) runner.prefill(std::vector<int>(tokens.begin(), tokens.begin() + prefill), *r.cache);
+      for (std::size_t b = 0; b < group; ++b) {
+        caches.push_back(r.caches[b].get());
+        caches.back()->clear();
+        const std::vector<int>& tokens = windows[first + b];
+        if (prefill > 0) runner.prefill(std::vector<int>(tokens.begin(), tokens.begin() + prefill), *caches.back());
+      }
       const auto decode_start = Clock::now();
       r.prefill_seconds += std::chrono::duration<double>(decode_start - prefill_start).count();
-      r.prefilled += prefill;
-      done += prefill;
+      r.prefilled += static_cast<long>(group) * prefill;
+      done += static_cast<double>(group) * prefill;
+      std::vector<std::vector<double>> group_delta(group);
+      std::vector<int> step_tokens(group);
       for (int p = prefill; p < window; ++p) {
-        const auto logits = runner.decode(tokens[static_cast<std::size_t>(p)], *r.cache);
-        ++r.decoded;
-        if (p + 1 < window) {
-          const std::vector<double> log_p = log_softmax(logits.data(), config.vocab);
-          const std::vector<double>& dense_log_p = reference.log_p[static_cast<std::size_t>(p)];
+        for (std::size_t b = 0; b < group; ++b) step_tokens[b] = windows[first + b][static_cast<std::size_t>(p)];
+        const lexico::RowMatrix* batch_logits = group > 1 ? &runner.decode_batch(step_tokens, caches) : nullptr;
+        const float* lone_logits = group > 1 ? nullptr : runner.decode(step_tokens[0], *caches[0]).data();
+        for (std::size_t b = 0; b < group; ++b) {
+          const float* logits = batch_logits ? batch_logits->row(static_cast<Eigen::Index>(b)).data() : lone_logits;
+          const std::vector<int>& tokens = windows[first + b];
+          ++r.decoded;
+          r.kv_fraction_steps += caches[b]->kv_size_fraction();
+          if (p + 1 >= window) continue;
+          const std::vector<double> log_p = log_softmax(logits, config.vocab);
+          const std::vector<double>& dense_log_p = references[b].log_p[static_cast<std::size_t>(p)];
           const auto target = static_cast<std::size_t>(tokens[static_cast<std::size_t>(p + 1)]);
           r.nll -= log_p[target];
           r.dense_nll -= dense_log_p[target];
           const double delta = dense_log_p[target] - log_p[target];
           r.delta_squares += delta * delta;
-          if (args.per_token) r.token_delta.push_back(delta);
+          if (args.per_token) group_delta[b].push_back(delta);
           r.kl += kl_divergence(dense_log_p, log_p);
-          r.agree += argmax(logits.data(), config.vocab) == reference.argmax[static_cast<std::size_t>(p)];
+          r.agree += argmax(logits, config.vocab) == references[b].argmax[static_cast<std::size_t>(p)];
           ++r.scored;
         }
-        done += 1;
+        done += static_cast<double>(group);
         const double elapsed = std::chrono::duration<double>(Clock::now() - started).count();
         char tail[128];
-        std::snprintf(tail, sizeof tail, "window %zu/%zu %s nll %.4f", w + 1, windows.size(), r.cache->name().c_str(),
-                      r.scored ? r.mean_nll() : 0.0);
+        std::snprintf(tail, sizeof tail, "window %zu/%zu %s nll %.4f", first + group, windows.size(),
+                      r.cache().name().c_str(), r.scored ? r.mean_nll() : 0.0);
         bar.show("lexico-eval", done / steps, elapsed * (steps - done) / done, tail);
       }
       r.decode_seconds += std::chrono::duration<double>(Clock::now() - decode_start).count();
-      r.kv_fraction += r.cache->kv_size_fraction() / static_cast<double>(windows.size());
+      for (std::size_t b = 0; b < group; ++b) {
+        r.kv_fraction += caches[b]->kv_size_fraction() / static_cast<double>(windows.size());
+        r.token_delta.insert(r.token_delta.end(), group_delta[b].begin(), group_delta[b].end());
+      }
     }
   }
   if (args.json) {

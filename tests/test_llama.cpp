@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <lexico/cache/dense.hpp>
+#include <lexico/cache/factory.hpp>
 #include <lexico/base/files.hpp>
 #include <lexico/base/json.hpp>
 #include <lexico/model/safetensors.hpp>
@@ -453,6 +454,51 @@ TEST(LlamaErrors, RunnerRejectsBadTokensAndCaches) {
   std::vector<float> kv(static_cast<std::size_t>(model.config().kv_width()), 0.0f);
   uneven.append(3, kv.data(), kv.data());
   EXPECT_NE(error_of([&] { runner.decode(1, uneven); }).find("cache layer 3 is at position 1, layer 0 at 0"),
+            std::string::npos);
+}
+
+// decode_batch: B sequences at different positions, each in its own cache (two cache
+// types mixed), give the logits of decoding each sequence alone, and leave each cache
+// where a lone decode would.
+TEST(LlamaBatch, DecodeBatchMatchesOneSequenceAtATime) {
+  const LlamaModel model = LlamaModel::load(LEXICO_REPO_DATA "/tinystories-656k");
+  const lexico::CacheShape shape = model.config().cache_shape();
+  const std::vector<std::vector<int>> prompts = {{1, 20, 300, 40, 500}, {1, 7, 8, 9, 10, 11, 12, 13, 14}, {1, 99}};
+  const std::vector<std::vector<int>> steps = {{5, 6, 7}, {100, 200, 300}, {42, 43, 44}};
+  std::vector<std::unique_ptr<lexico::KVCache>> alone, batched;
+  for (std::size_t b = 0; b < prompts.size(); ++b)
+    for (auto* caches : {&alone, &batched})
+      caches->push_back(b == 1 ? lexico::make_cache("kivi", shape, {{"bits", "4"}, {"group", "16"}})
+                               : std::unique_ptr<lexico::KVCache>(std::make_unique<DenseCache<float>>(shape)));
+  LlamaRunner runner(model), batch_runner(model);
+  for (std::size_t b = 0; b < prompts.size(); ++b) {
+    runner.prefill(prompts[b], *alone[b]);
+    batch_runner.prefill(prompts[b], *batched[b]);
+  }
+  std::vector<lexico::KVCache*> pointers;
+  for (auto& cache : batched) pointers.push_back(cache.get());
+  for (std::size_t step = 0; step < steps.front().size(); ++step) {
+    std::vector<int> tokens;
+    for (const auto& s : steps) tokens.push_back(s[step]);
+    const RowMatrix logits = batch_runner.decode_batch(tokens, pointers);
+    ASSERT_EQ(logits.rows(), 3);
+    for (std::size_t b = 0; b < prompts.size(); ++b) {
+      const Eigen::VectorXf expected = runner.decode(tokens[b], *alone[b]);
+      // The batch multiplies the weights as a matrix, one sequence as a vector: rounding.
+      EXPECT_LT((logits.row(static_cast<Eigen::Index>(b)).transpose() - expected).cwiseAbs().maxCoeff(), 2e-4f)
+          << "sequence " << b << " step " << step;
+      EXPECT_EQ(batched[b]->next_position(0), alone[b]->next_position(0));
+    }
+  }
+  EXPECT_EQ(batched[1]->next_position(model.config().layers - 1), 9 + 3);
+  EXPECT_NE(error_of([&] { batch_runner.decode_batch({1, 2}, {pointers[0], pointers[0]}); })
+                .find("caches 0 and 1 are the same cache"), std::string::npos);
+  EXPECT_NE(error_of([&] { batch_runner.decode_batch({1, 2}, pointers); }).find("2 tokens for 3 caches"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { batch_runner.decode_batch({1, 100000, 3}, pointers); })
+                .find("token 100000 at index 1 outside the vocabulary"), std::string::npos);
+  DenseCache<float> wrong({shape.layers, shape.kv_heads, 4});
+  EXPECT_NE(error_of([&] { batch_runner.decode_batch({1, 2}, {pointers[0], &wrong}); }).find("does not match the model"),
             std::string::npos);
 }
 

@@ -426,14 +426,14 @@ inline void rms_norm(ConstRowsRef x, const Eigen::VectorXf& weight, float eps, R
   }
 }
 
-// Throws unless every row of `rows` (tokens from position `start`) is finite: the
-// residual stream after `layer`, or the logits when layer < 0. Allocates nothing unless it throws.
-inline void require_finite(ConstRowsRef rows, std::int64_t start, int layer) {
+// Throws unless every row of `rows` (row t at positions[t]) is finite: the residual
+// stream after `layer`, or the logits when layer < 0. Allocates nothing unless it throws.
+inline void require_finite(ConstRowsRef rows, const std::vector<std::int64_t>& positions, int layer) {
   if (rows.allFinite()) return;
   Eigen::Index t = 0;
   while (rows.row(t).allFinite()) ++t;
   const std::string what = layer < 0 ? std::string("logits") : concat("activations after layer ", layer);
-  throw error(concat("LlamaRunner: non-finite ", what, " at position ", start + t, " (token ", t,
+  throw error(concat("LlamaRunner: non-finite ", what, " at position ", positions[static_cast<std::size_t>(t)], " (token ", t,
                      " of this call): the weights overflow fp32 on this input"));
 }
 
@@ -462,14 +462,35 @@ class LlamaRunner {
   RowMatrix prefill(const std::vector<int>& tokens, KVCache& cache) {
     require(!tokens.empty(), "LlamaRunner::prefill: no tokens");
     Workspace ws(model_.config(), static_cast<Eigen::Index>(tokens.size()));
-    forward(tokens.data(), ws, cache);
+    KVCache* one = &cache;
+    forward(tokens.data(), ws, &one, false);
     return std::move(ws.logits);
   }
 
   // One token; the logits (vocab) stay valid until the next call.
   Eigen::Map<const Eigen::VectorXf> decode(int token, KVCache& cache) {
-    forward(&token, decode_ws_, cache);
+    KVCache* one = &cache;
+    forward(&token, decode_ws_, &one, false);
     return Eigen::Map<const Eigen::VectorXf>(decode_ws_.logits.data(), decode_ws_.logits.cols());
+  }
+
+  // One token for each of B sequences, sequence b in caches[b] at that cache's next
+  // position: the layers' weights are read once for the batch (decode is bound by
+  // reading them), attention runs per cache. Returns B x vocab logits, row b for
+  // sequence b, valid until the next call. The caches must be distinct.
+  const RowMatrix& decode_batch(const std::vector<int>& tokens, const std::vector<KVCache*>& caches) {
+    require(!tokens.empty() && tokens.size() == caches.size(), "LlamaRunner::decode_batch: ", tokens.size(),
+            " tokens for ", caches.size(), " caches");
+    for (std::size_t b = 0; b < caches.size(); ++b) {
+      require(caches[b] != nullptr, "LlamaRunner::decode_batch: cache ", b, " is null");
+      for (std::size_t a = 0; a < b; ++a)
+        require(caches[a] != caches[b], "LlamaRunner::decode_batch: caches ", a, " and ", b,
+                " are the same cache (one sequence per cache)");
+    }
+    const auto batch = static_cast<Eigen::Index>(tokens.size());
+    if (!batch_ws_ || batch_ws_->x.rows() != batch) batch_ws_ = std::make_unique<Workspace>(model_.config(), batch);
+    forward(tokens.data(), *batch_ws_, caches.data(), true);
+    return batch_ws_->logits;
   }
 
  private:
@@ -477,60 +498,78 @@ class LlamaRunner {
     Workspace(const LlamaConfig& c, Eigen::Index tokens)
         : x(tokens, c.dim), xn(tokens, c.dim), qkv(tokens, c.qkv_width()), att(tokens, c.q_width()),
           mlp(tokens, 2 * c.hidden_dim), logits(tokens, c.vocab), cos(tokens, c.head_dim / 2),
-          sin(tokens, c.head_dim / 2) {}
+          sin(tokens, c.head_dim / 2), positions(static_cast<std::size_t>(tokens)) {}
     RowMatrix x, xn, qkv, att, mlp, logits, cos, sin;
     RowMatrix unrotated_keys;  // keys before RoPE, for caches that code them so
+    std::vector<std::int64_t> positions;  // of each row
   };
 
-  void forward(const int* tokens, Workspace& ws, KVCache& cache) {
+  // The rows of ws are either T consecutive tokens of one sequence in caches[0]
+  // (`batched` false), or one token of each sequence in caches[0 .. T).
+  void forward(const int* tokens, Workspace& ws, KVCache* const* caches, bool batched) {
     const LlamaConfig& c = model_.config();
     const LlamaWeights& w = model_.weights();
-    const CacheShape& shape = cache.shape();
-    require(shape.layers == c.layers && shape.kv_heads == c.kv_heads && shape.head_dim == c.head_dim,
-            "LlamaRunner: cache shape (", shape.layers, " layers, ", shape.kv_heads, " kv heads, head_dim ",
-            shape.head_dim, ") does not match the model (", c.layers, ", ", c.kv_heads, ", ", c.head_dim, ")");
     const Eigen::Index T = ws.x.rows();
-    const std::int64_t start = cache.next_position(0);
+    const auto cache_of = [&](Eigen::Index t) -> KVCache& { return *caches[batched ? t : 0]; };
+    bool any_unrotated = false;
+    for (Eigen::Index t = 0; t < (batched ? T : 1); ++t) {
+      const KVCache& cache = cache_of(t);
+      const CacheShape& shape = cache.shape();
+      require(shape.layers == c.layers && shape.kv_heads == c.kv_heads && shape.head_dim == c.head_dim,
+              "LlamaRunner: cache shape (", shape.layers, " layers, ", shape.kv_heads, " kv heads, head_dim ",
+              shape.head_dim, ") does not match the model (", c.layers, ", ", c.kv_heads, ", ", c.head_dim, ")");
+      // A cache that codes keys before RoPE takes them so: no rotation to undo.
+      if (const Rope* cache_rope = cache.key_rope()) {
+        require(cache_rope->head_dim() == c.head_dim && cache_rope->theta() == rope_.theta() &&
+                    cache_rope->style() == rope_.style(),
+                "LlamaRunner: the cache codes keys before a RoPE (theta ", cache_rope->theta(), ", ",
+                to_string(cache_rope->style()), ") that is not the model's (theta ", rope_.theta(), ", ",
+                to_string(rope_.style()), ")");
+        any_unrotated = true;
+      }
+    }
     for (Eigen::Index t = 0; t < T; ++t) {
       require(tokens[t] >= 0 && tokens[t] < c.vocab, "LlamaRunner: token ", tokens[t], " at index ", t,
               " outside the vocabulary [0, ", c.vocab, ")");
       ws.x.row(t) = w.embedding.row(tokens[t]);
+      ws.positions[static_cast<std::size_t>(t)] = batched ? cache_of(t).next_position(0) : cache_of(0).next_position(0) + t;
     }
-    rope_angles(start, ws);
+    rope_angles(ws);
 
     const int q_width = c.q_width(), kv_width = c.kv_width();
     for (int l = 0; l < c.layers; ++l) {
       const LlamaLayer& layer = w.layers[static_cast<std::size_t>(l)];
-      require(cache.next_position(l) == start, "LlamaRunner: cache layer ", l, " is at position ",
-              cache.next_position(l), ", layer 0 at ", start);
+      for (Eigen::Index t = 0; t < (batched ? T : 1); ++t)
+        require(cache_of(t).next_position(l) == ws.positions[static_cast<std::size_t>(t)], "LlamaRunner: cache layer ",
+                l, " is at position ", cache_of(t).next_position(l), ", layer 0 at ",
+                ws.positions[static_cast<std::size_t>(t)]);
       detail::rms_norm(ws.x, layer.attn_norm, c.norm_eps, ws.xn);
       detail::linear(ws.xn, layer.wqkv, ws.qkv, false);
       const auto queries = ws.qkv.leftCols(q_width);
       const auto keys = ws.qkv.middleCols(q_width, kv_width);
       const auto values = ws.qkv.rightCols(kv_width);
       if (observer_ && observe_before_rope_) observer_(l, keys, values);
-      // A cache that codes keys before RoPE takes them so: no rotation to undo.
-      const Rope* cache_rope = cache.key_rope();
-      if (cache_rope) {
-        require(cache_rope->head_dim() == c.head_dim && cache_rope->theta() == rope_.theta() &&
-                    cache_rope->style() == rope_.style(),
-                "LlamaRunner: the cache codes keys before a RoPE (theta ", cache_rope->theta(), ", ",
-                to_string(cache_rope->style()), ") that is not the model's (theta ", rope_.theta(), ", ",
-                to_string(rope_.style()), ")");
-        ws.unrotated_keys = keys;
-      }
+      if (any_unrotated) ws.unrotated_keys = keys;
       rotate(ws, 0, c.heads);
       rotate(ws, q_width, c.kv_heads);
       if (observer_ && !observe_before_rope_) observer_(l, keys, values);
-      const KeyForm form = cache_rope ? KeyForm::unrotated : KeyForm::rotated;
-      const ConstRowsRef cache_keys = cache_rope ? ConstRowsRef(ws.unrotated_keys) : ConstRowsRef(keys);
-      if (T == 1) {
-        const Eigen::Map<const RowMatrix> q(ws.qkv.data(), c.heads, c.head_dim);
-        Eigen::Map<RowMatrix> out(ws.att.data(), c.heads, c.head_dim);
-        cache.append(l, start, cache_keys, values, form);
-        cache.attend(l, q, out);
+      if (batched || T == 1) {
+        for (Eigen::Index t = 0; t < T; ++t) {
+          KVCache& cache = cache_of(t);
+          const bool unrotated = cache.key_rope() != nullptr;
+          const ConstRowsRef cache_keys = unrotated ? ConstRowsRef(ws.unrotated_keys.middleRows(t, 1))
+                                                    : ConstRowsRef(keys.middleRows(t, 1));
+          const Eigen::Map<const RowMatrix> q(ws.qkv.row(t).data(), c.heads, c.head_dim);
+          Eigen::Map<RowMatrix> out(ws.att.row(t).data(), c.heads, c.head_dim);
+          cache.append(l, ws.positions[static_cast<std::size_t>(t)], cache_keys, values.middleRows(t, 1),
+                       unrotated ? KeyForm::unrotated : KeyForm::rotated);
+          cache.attend(l, q, out);
+        }
       } else {
-        cache.prefill(l, start, cache_keys, values, queries, ws.att, form);
+        KVCache& cache = cache_of(0);
+        const bool unrotated = cache.key_rope() != nullptr;
+        cache.prefill(l, ws.positions.front(), unrotated ? ConstRowsRef(ws.unrotated_keys) : ConstRowsRef(keys), values,
+                      queries, ws.att, unrotated ? KeyForm::unrotated : KeyForm::rotated);
       }
       detail::linear(ws.att, layer.wo, ws.x, true);
 
@@ -543,15 +582,16 @@ class LlamaRunner {
       // single weights rules that out without refusing real checkpoints with outliers, so
       // the residual stream is checked instead: T x dim compares beside the layer's
       // T x dim x dim multiply-adds. NaN from the attention surfaces here too.
-      detail::require_finite(ws.x, start, l);
+      detail::require_finite(ws.x, ws.positions, l);
     }
     detail::rms_norm(ws.x, w.final_norm, c.norm_eps, ws.xn);
     detail::linear(ws.xn, w.output(), ws.logits, false);
-    detail::require_finite(ws.logits, start, -1);
+    detail::require_finite(ws.logits, ws.positions, -1);
   }
 
-  void rope_angles(std::int64_t start, Workspace& ws) const {
-    for (Eigen::Index t = 0; t < ws.cos.rows(); ++t) rope_.angles(start + t, ws.cos.row(t).data(), ws.sin.row(t).data());
+  void rope_angles(Workspace& ws) const {
+    for (Eigen::Index t = 0; t < ws.cos.rows(); ++t)
+      rope_.angles(ws.positions[static_cast<std::size_t>(t)], ws.cos.row(t).data(), ws.sin.row(t).data());
   }
 
   // Rotates `heads` heads stored from column `first` of every qkv row.
@@ -563,6 +603,7 @@ class LlamaRunner {
 
   const LlamaModel& model_;
   Workspace decode_ws_;
+  std::unique_ptr<Workspace> batch_ws_;  // decode_batch's, rebuilt when B changes
   Rope rope_;
   KVObserver observer_;
   bool observe_before_rope_ = false;
