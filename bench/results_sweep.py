@@ -71,6 +71,8 @@ import threading
 import time
 from pathlib import Path
 
+import claim_page
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS_DIR = REPO / "results"
@@ -106,7 +108,7 @@ MODELS = {
     },
 }
 
-PROTOCOLS = ("prefill", "streaming", "tuning", "unseen")
+PROTOCOLS = ("prefill", "streaming", "tuning", "unseen", "fresh", "fresh2k")  # the last two: FRESH
 # "tuning": the prefill protocol on other dev windows (the first TUNING_SKIP are passed
 # over), where the improvement attempts are compared and chosen, so that nothing is
 # tuned on the windows the claim is measured on.
@@ -117,6 +119,14 @@ TUNING_SKIP, TUNING_WINDOWS = 64, 3
 # windows carries over to new text.
 UNSEEN_TEXT = SHARED / "text" / "sotu_dev.txt"
 UNSEEN_TOKENIZER = SHARED / "bpe4k" / "tokenizer.json"
+# The claim's protocols (results/claim.json holds the rule and Lexico's settings, fixed
+# before the first run): the prefill protocol on the fresh text (bench/fresh_text.py),
+# B windows decoded in step per process (lexico-eval --batch; scores equal one window at
+# a time up to rounding; its tokens/s are the batch's, so speeds come from elsewhere).
+FRESH_TEXT = REPO / "data" / "text" / "debian_handbook_en.txt"
+FRESH = {"fresh": {"window": 1024, "windows": 64}, "fresh2k": {"window": 2048, "windows": 64}}
+FRESH_BATCH = 16
+CLAIM_PATH = RESULTS_DIR / "claim.json"
 SPARSITIES = (4, 6, 8, 12, 16)
 BUFFERS = (0, 32, 128)
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
@@ -180,7 +190,7 @@ def write_atomically(path, text):
 def make_setting(model, protocol, windows, method, family, label, cache, options, extra=None):
     """One point of the grid: everything lexico-eval needs plus how to label it."""
     spec = MODELS[model]
-    window = spec["window"]
+    window = FRESH[protocol]["window"] if protocol in FRESH else spec["window"]
     setting = {
         "model": model,
         "model_path": str(spec["path"]),
@@ -200,6 +210,9 @@ def make_setting(model, protocol, windows, method, family, label, cache, options
         setting["skip"] = TUNING_SKIP
     if protocol == "unseen":
         setting.update(corpus_kind="text", corpus=str(UNSEEN_TEXT), tokenizer=str(UNSEEN_TOKENIZER))
+    if protocol in FRESH:  # repository-relative paths: the same run key in every clone
+        setting.update(corpus_kind="text", corpus=str(FRESH_TEXT.relative_to(REPO)),
+                       tokenizer=str(UNSEEN_TOKENIZER), batch=FRESH_BATCH)
     if extra:
         setting.update(extra)
     return setting
@@ -207,7 +220,7 @@ def make_setting(model, protocol, windows, method, family, label, cache, options
 
 def setting_key(setting):
     """The text that identifies a run: what lexico-eval computes, not how it is labelled."""
-    fields = ("model_path", "corpus", "tokenizer", "window", "windows", "prefill", "cache", "options", "skip")
+    fields = ("model_path", "corpus", "tokenizer", "window", "windows", "prefill", "cache", "options", "skip", "batch")
     return json.dumps({f: setting[f] for f in fields if f in setting}, sort_keys=True)
 
 
@@ -355,6 +368,12 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                                    "dict_sparsity": int(manifest.get("sparsity", 0)),
                                    "dict_method": manifest.get("method", ""), "dict_keys": keys}
 
+            if protocol in FRESH:
+                add_claim_grid(add, model, head_dim)
+                grid.extend(p for p in points if re.search(method_filter, p["method"])
+                            and re.search(label_filter, p["label"]))
+                continue
+
             if protocol == "tuning":
                 if lexico_names is not None:
                     add_attempts(model, head_dim, add, dictionary, lexico_names)
@@ -414,6 +433,59 @@ def build_grid(models, protocols, windows_for, dicts_for, lexico_names, method_f
                                            layer_s="auto"), extra)
             grid.extend(p for p in points if re.search(method_filter, p["method"]) and re.search(label_filter, p["label"]))
     return grid
+
+
+def claim_settings():
+    """results/claim.json: the rule and, per proxy, Lexico's caches as lexico-eval takes them."""
+    try:
+        return json.loads(CLAIM_PATH.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"results_sweep: cannot read {CLAIM_PATH}: {exc}")
+
+
+def parse_cache_spec(spec):
+    """"name:k=v,k=v" (lexico-eval --cache) -> (name, {k: v})."""
+    name, _, text = spec.partition(":")
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key or key in options:
+            raise SystemExit(f"results_sweep: bad cache specification '{spec}' in {CLAIM_PATH}")
+        options[key] = value
+    return name, options
+
+
+def claim_baselines(add, head_dim):
+    """Every baseline front of the claim (the grid results/claim.json's rule names)."""
+    add("dense fp16", "dense", "fp16 (speed reference)", "dense", {"dtype": "fp16"})
+    for bits in (2, 4):
+        for group in (32, 64, 128):
+            for residual in (32, 64, 128):
+                # Value groups lie along a head's channels; key groups are `group` tokens
+                # leaving the fp16 residual, which lexico's KIVI takes in whole groups.
+                if head_dim % group == 0 and residual % group == 0:
+                    add(f"KIVI-{bits}", f"KIVI-{bits}", f"group={group} R={residual}", "kivi",
+                        {"bits": bits, "group": group, "residual": residual})
+    if head_dim % 32 == 0:  # llama.cpp blocks are 32 channels of one head
+        for cache, bits in (("q4_0", "4.5"), ("q8_0", "8.5")):
+            add(cache, cache, f"{bits} bits", cache, {})
+            add(cache, cache, f"{bits} bits, Hadamard-rotated", cache, {"rotate": "hadamard"})
+    add("FP8", "FP8", "E4M3, vLLM tensor scales", "fp8", {})
+    add("FP8", "FP8", "E4M3, fp16 scale per token", "fp8", {"scale": "token"})
+    for budget in BUDGETS:
+        add("TOVA", "TOVA", f"budget={round(budget * 100)}% (layer scope)", "tova", {"budget": budget})
+
+
+def add_claim_grid(add, model, head_dim):
+    """The claim's runs: Lexico's settings from results/claim.json, then every baseline front."""
+    proxy = claim_settings().get("proxies", {}).get(model)
+    if proxy is None:
+        print(f"results_sweep: {CLAIM_PATH.name} fixes no Lexico setting for {model}", file=sys.stderr)
+    for spec in proxy["caches"] if proxy else ():
+        cache, options = parse_cache_spec(spec)
+        label = ", ".join(f"{k}={v}" for k, v in options.items() if k != "dict")
+        add("Lexico", "Lexico", label, cache, options, {"dict_dir": options.get("dict", "")})
+    claim_baselines(add, head_dim)
 
 
 def add_references(add, head_dim):
@@ -499,6 +571,8 @@ def eval_command(setting, eval_binary, nice):
         cmd += ["--skip", str(setting["skip"])]
     if setting.get("tokenizer"):
         cmd += ["--tokenizer", setting["tokenizer"]]
+    if setting.get("batch"):
+        cmd += ["--batch", str(setting["batch"])]
     return cmd
 
 
@@ -508,7 +582,7 @@ def execute(setting, eval_binary, nice, threads, timeout):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="passive")
     started = time.time()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         return setting, f"timed out after {timeout} s"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -552,7 +626,7 @@ def cmd_run(args):
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise SystemExit(f"results_sweep: unknown protocol '{protocol}'")
-        if protocol == "unseen" and any(MODELS[m]["corpus"][0] != "tokens" for m in models):
+        if protocol in ("unseen",) + tuple(FRESH) and any(MODELS[m]["corpus"][0] != "tokens" for m in models):
             raise SystemExit("results_sweep: the unseen protocol reads text through the proxies' BPE tokenizer: "
                              "run it for proxy-lm-hd128 and proxy-lm-hd64 only")
     windows = {}
@@ -580,7 +654,8 @@ def cmd_run(args):
         print("results_sweep: this lexico-eval has no 'lexico' cache yet: Lexico settings are left out",
               file=sys.stderr)
     grid = build_grid(models, protocols,
-                      lambda m, p: windows.get(m, TUNING_WINDOWS if p == "tuning" else MODELS[m]["windows"]),
+                      lambda m, p: windows.get(m, TUNING_WINDOWS if p == "tuning" else
+                                               FRESH[p]["windows"] if p in FRESH else MODELS[m]["windows"]),
                       dicts_for, lexico_names, args.methods, args.labels)
     todo = [s for s in grid if not run_path(s).exists() or (args.add_per_token and not has_tokens(run_path(s)))]
     print(f"results_sweep: {len(grid)} settings, {len(grid) - len(todo)} done, {len(todo)} to run", file=sys.stderr)
@@ -619,7 +694,8 @@ def cmd_run(args):
 
 # ----------------------------------------------------------------------------- report
 
-def load_runs():
+def load_runs(claim=False):
+    """The grid's runs, or with `claim` those of the claim's protocols (FRESH)."""
     runs = []
     for path in sorted(RUNS_DIR.glob("*.json")):
         try:
@@ -627,6 +703,8 @@ def load_runs():
         except ValueError:
             continue
         s, r = record["setting"], record["result"]
+        if (s["protocol"] in FRESH) != claim:
+            continue
         runs.append({
             "model": s["model"], "protocol": s["protocol"], "windows": int(r["windows"]),
             "window": int(r["window"]), "prefill": int(r["prefill"]), "method": s["method"],
@@ -639,6 +717,9 @@ def load_runs():
             "top1": 100.0 * float(r["top1_agreement"]), "tps": float(r["tokens_per_second"]),
             "kl": float(r["mean_kl"]) if "mean_kl" in r else None,
             "scored": int(r["scored_tokens"]), "run_file": path.name, "finished": record.get("finished", ""),
+            "prefill_tps": float(r.get("prefill_tokens_per_second", 0.0)),
+            "kv_mean": 100.0 * float(r.get("kv_size_fraction_decode_mean", r["kv_size_fraction"])),
+            "shared_bytes": int(r.get("bytes_cache_shared", 0)),
             "tokens": record.get("token_delta_nll"),
         })
     return runs
@@ -901,6 +982,8 @@ def train_command(manifest, directory):
         parts.append(f"--dev {st['dev']}")
     if manifest_keys(manifest) == "before_rope":
         parts.append("--keys-before-rope")
+    if st.get("atom_type", "f32") != "f32":
+        parts.append(f"--atom-type {st['atom_type']}")
     return " ".join(parts) + f" --out {relative(directory)}"
 
 
@@ -1187,6 +1270,7 @@ def markdown_table(header, rows):
 
 
 def write_report(quiet=False):
+    claim_runs = load_runs(claim=True)
     runs = load_runs()
     groups = group_runs(runs)
     ids = dictionary_ids(runs)
@@ -1197,7 +1281,12 @@ def write_report(quiet=False):
           f"({len(runs)} runs; the newest finished {max((r['finished'] for r in runs), default='—')}). "
           "Do not edit by hand: regenerate with `/usr/bin/python3 bench/results_sweep.py report`. "
           "Every number below is one `lexico-eval --json` run whose command is stored in its run file; "
-          "the same rows are in [`results/results.csv`](results/results.csv).", "",
+          "the same rows are in [`results/results.csv`](results/results.csv).", ""]
+    md += claim_page.section(claim_runs, claim_settings(), PLOTS_DIR, paired, relative)
+    md += ["# Every run of the grid", "",
+          "The tables below predate the claim's protocol: their settings were compared on the tuning windows "
+          "and their claims (sections *Claim* and *Held out*) were read after the unseen-text tables had been "
+          "seen; the page above replaces them.", "",
           "## How to read it", "",
           "- **Protocols.** *prefill*: each window's first half is prefilled exactly and handed to the cache, "
           "which compresses or selects it; the second half is decoded one token at a time through the cache "

@@ -3,6 +3,8 @@
 
     bench/training_report.py run STAGE... [--build DIR]   train what a stage needs
     bench/training_report.py report [--build DIR]         TRAINING.md from what exists
+    bench/training_report.py published                    TRAINING.md's first section, from the
+                                                          sets committed under dictionaries/
 
 Stages, most important first (each run is skipped when its manifest exists, so a
 stopped job resumes; TRAINING.md is regenerated after every run):
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from results_sweep import write_atomically
+from results_sweep import train_command, write_atomically
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
@@ -312,14 +314,77 @@ def report(build):
     print(f"wrote {os.path.join(ROOT, 'TRAINING.md')} from {len(runs)} runs", flush=True)
 
 
+PUBLISHED_BEGIN, PUBLISHED_END = "<!-- published: begin -->", "<!-- published: end -->"
+
+
+def published_section():
+    """Markdown of the dictionary sets committed under dictionaries/: what made each one,
+    its bytes and hashes, and its mean dev error, from its manifest alone."""
+    lines = [PUBLISHED_BEGIN, "## Published dictionary sets (`dictionaries/`)", "",
+             "Written by `bench/training_report.py published` from the manifests committed under `dictionaries/`. "
+             "These are the sets `results/claim.json` names; `lexico-eval`, `results_sweep.py` and "
+             "`examples/demo.sh` read them by these repository-relative paths, so nothing is trained to reproduce "
+             "the claim. Atoms are stored as fp16 (`--atom-type f16`): bit for bit the atoms the cache codes "
+             "with, which rounds fp32 atoms to fp16 itself, so results equal those of the fp32 files. Each set was "
+             "trained into a folder outside the repository by the command shown (with that folder as `--out`) "
+             "and copied here without its `vectors/` folder (the collected KV vectors, gigabytes).", ""]
+    root = os.path.join(ROOT, "dictionaries")
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        folder = os.path.join(root, name)
+        path = os.path.join(folder, "manifest.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            m = json.load(f)
+        st = m["settings"]
+        files = sorted(x for x in os.listdir(folder) if x.endswith(".dict"))
+        size = sum(os.path.getsize(os.path.join(folder, x)) for x in files)
+        errors = [e for e in m["errors"] if e["sparsity"] == m["sparsity"]]
+
+        def mean(kind):
+            values = [e["dev"] for e in errors if e["kind"] == kind]
+            return sum(values) / len(values) if values else float("nan")
+        lines += [f"### `dictionaries/{name}`", "",
+                  f"{m['layers']} layers x (K, V), d = {m['head_dim']}, N = {m['atoms']}, method {m['method']}, "
+                  f"trained at s = {m['sparsity']} on {int(st['vectors']):,} vectors per dictionary, keys "
+                  f"{st.get('keys', 'after_rope').replace('_', ' ')}; {len(files)} files, {size:,} bytes "
+                  f"({st.get('atom_type', 'f32')} atoms). Corpus FNV-1a 64 `{st.get('corpus_fnv1a64', 'not recorded')}`, "
+                  f"lexico {st.get('lexico_version', 'not recorded')}. Mean relative dev error at s = {m['sparsity']}: "
+                  f"K {mean('K'):.4f}, V {mean('V'):.4f} ({st.get('dev', '')}).", "",
+                  "```", train_command(m, folder), "```", ""]
+        if "resumed_dictionaries" in st:
+            lines += [f"The run was resumed after {st['resumed_dictionaries']} of {2 * m['layers']} dictionaries "
+                      "(lexico-train keeps finished dictionaries and continues with the same arguments), so its "
+                      "recorded times cover the rest only.", ""]
+    return lines + [PUBLISHED_END]
+
+
+def write_published():
+    path = os.path.join(ROOT, "TRAINING.md")
+    with open(path) as f:
+        text = f.read()
+    section = "\n".join(published_section())
+    if PUBLISHED_BEGIN in text:
+        before, rest = text.split(PUBLISHED_BEGIN, 1)
+        text = before + section + rest.split(PUBLISHED_END, 1)[1]
+    else:  # after the title line
+        title, rest = text.split("\n", 1)
+        text = title + "\n\n" + section + "\n" + rest
+    write_atomically(path, text)
+    print(f"training_report: {path}: published sets section written")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("command", choices=["run", "report", "published"])
     parser.add_argument("stages", nargs="*", help=", ".join(STAGES) + " (run only)")
     parser.add_argument("--build", default=os.path.join(ROOT, "build-train"))
     parser.add_argument("--threads", type=int, default=0, help="lexico-train --threads (0: its default)")
     args = parser.parse_args()
     build = os.path.abspath(args.build)
+    if args.command == "published":
+        write_published()
+        return
     if args.command == "run":
         if not args.stages or any(s not in STAGES for s in args.stages):
             parser.error("run needs stages among " + ", ".join(STAGES))
@@ -327,7 +392,9 @@ def main():
             for run in stage_runs(stage):
                 train(build, *run, args.threads)
                 report(build)
+                write_published()
     report(build)
+    write_published()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""The claim's page, the top of RESULTS.md: on the fresh text, each method's Pareto front
+of KV size against KL and against ΔNLL, the ratio between Lexico's front and each
+baseline's, the methods' speeds and the Lexico cache's shared per-model bytes.
+
+results/claim.json holds the rule (fixed before the first fresh-text run); this module
+only applies it to the runs it is given (results_sweep.load_runs(claim=True)). Figures are
+SVG drawn by matplotlib with a fixed hash salt and no date, so that the same runs give
+the same bytes.
+"""
+
+import math
+from pathlib import Path
+
+METRICS = (("kl", "KL", "mean KL(dense ‖ cache), nats"), ("delta", "ΔNLL", "ΔNLL, nats/token"))
+BASELINE_ORDER = ("KIVI-2", "KIVI-4", "q4_0", "q8_0", "FP8", "TOVA")
+COLORS = {"Lexico": "#d62728", "KIVI-2": "#1f77b4", "KIVI-4": "#17becf", "q4_0": "#2ca02c", "q8_0": "#98df8a",
+          "FP8": "#9467bd", "TOVA": "#8c564b"}
+
+
+def front(rows, metric):
+    """The rows no other row beats on both KV size and `metric`, by KV size: along it the
+    quality improves as the size grows."""
+    rows = [r for r in rows if r.get(metric) is not None]
+    kept = [a for a in rows if not any(b is not a and b["kv"] <= a["kv"] and b[metric] <= a[metric]
+                                       and (b["kv"] < a["kv"] or b[metric] < a[metric]) for b in rows)]
+    return sorted(kept, key=lambda r: (r["kv"], r[metric]))
+
+
+def size_at(points, metric, quality):
+    """(KV size at which the front `points` reaches `quality`, the front point just at or
+    above it), interpolated linearly in log size between neighbours; ("below", first) when
+    the front's smallest point is already better (the size is at most that point's), and
+    (None, None) when no point is good enough."""
+    if not points or points[-1][metric] > quality:
+        return None, None
+    if points[0][metric] <= quality:
+        return "below", points[0]
+    for worse, better in zip(points, points[1:]):
+        if worse[metric] > quality >= better[metric]:
+            t = (worse[metric] - quality) / (worse[metric] - better[metric])
+            return math.exp(math.log(worse["kv"]) + t * (math.log(better["kv"]) - math.log(worse["kv"]))), better
+    return None, None
+
+
+def ratio_text(point, lexico_front, metric, paired):
+    size, reached = size_at(lexico_front, metric, point[metric])
+    if size is None:
+        return "not reached", "—"
+    if size == "below":
+        text = f"≥ {point['kv'] / reached['kv']:.2f}× (≤ {reached['kv']:.1f} %)"
+    else:
+        text = f"{point['kv'] / size:.2f}× ({size:.1f} %)"
+    noise = "—"
+    if metric == "delta":
+        p = paired(reached, point)
+        noise = "—" if p is None else f"{p[0]:+.4f} ± {max(x for x in p[1:] if x is not None):.4f}"
+    return text, noise
+
+
+def draw(path, title, rows_by_method):
+    """Two panels, KV % against KL and against ΔNLL: every run faint, each front a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "lexico"
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (metric, name, axis) in zip(axes, METRICS):
+        for method, rows in rows_by_method.items():
+            color = COLORS.get(method, "#7f7f7f")
+            ax.scatter([r["kv"] for r in rows], [r[metric] for r in rows], s=10, color=color, alpha=0.35)
+            points = front(rows, metric)
+            ax.plot([r["kv"] for r in points], [r[metric] for r in points], marker="o", ms=4, color=color,
+                    label=method, linewidth=2 if method == "Lexico" else 1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("KV size, % of fp16 K and V")
+        ax.set_ylabel(axis)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"{title}: {name}")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="svg", metadata={"Date": None})
+    plt.close(fig)
+
+
+def section(runs, claim, plots_dir, paired, relative):
+    """Markdown lines of the claim's page from the fresh-text runs; writes its figures."""
+    md = ["## The claim, on one page", "",
+          f"Rule, fixed {claim['fixed']} (`results/claim.json`):", ""]
+    md += [f"{i}. {text}" for i, text in enumerate(claim["rule"], 1)]
+    md += ["", f"Why this setting: {claim['why']}", "",
+           f"Fresh text: {claim['fresh_text']}; nothing here was trained, tuned or evaluated on it before the "
+           "rule was fixed. Runs decode 16 windows in step per process (`lexico-eval --batch 16`), so their "
+           "tokens/s are a batch's throughput on one thread of the 2-core machine, given as a ratio to the dense "
+           "fp16 cache of the same sweep; single-sequence speeds are in BENCHMARKS.md.", ""]
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["protocol"], r["windows"]), []).append(r)
+    if not groups:
+        md += ["*No fresh-text run has finished yet.*", ""]
+    for (model, protocol, windows), rows in sorted(groups.items()):
+        by_method = {}
+        for r in rows:
+            if not r["method"].startswith("dense"):
+                by_method.setdefault(r["method"], []).append(r)
+        lexico = by_method.get("Lexico", [])
+        dense = next((r for r in rows if r["method"] == "dense fp16"), None)
+        scored = rows[0]["scored"]
+        md += [f"### {model}, {protocol} ({windows} windows of {rows[0]['window']} tokens, "
+               f"{scored:,} scored tokens)", ""]
+        expected = claim["proxies"].get(model, {}).get("caches", [])
+        if len(lexico) < len(expected):
+            md += [f"*{len(lexico)} of Lexico's {len(expected)} settings have run; the table is partial.*", ""]
+        figure = Path(plots_dir) / f"claim_{model}_{protocol}.svg"
+        draw(figure, f"{model}, {protocol}", by_method)
+        md += [f"![fronts]({relative(figure)})", ""]
+        md += ["| baseline point | KV % | KL | Lexico's size at its KL (ratio) | ΔNLL | "
+               "Lexico's size at its ΔNLL (ratio) | paired ΔNLL, Lexico − baseline |",
+               "|---|---|---|---|---|---|---|"]
+        fronts = {m: front(lexico, m) for m, _, _ in METRICS}
+        for method in BASELINE_ORDER:
+            shown = set()
+            for metric, _, _ in METRICS:
+                for point in front(by_method.get(method, []), metric):
+                    if id(point) in shown:
+                        continue
+                    shown.add(id(point))
+                    kl_ratio, _ = ratio_text(point, fronts["kl"], "kl", paired)
+                    delta_ratio, noise = ratio_text(point, fronts["delta"], "delta", paired)
+                    md.append(f"| {method} {point['label']} | {point['kv']:.1f} | {point['kl']:.5f} | {kl_ratio} | "
+                              f"{point['delta']:+.4f} | {delta_ratio} | {noise} |")
+        md += ["", "Each method's runs (front points marked ●):", "",
+               "| method | setting | KV % (end) | KV % (decode mean) | KL | ΔNLL ± SE | top-1 % | "
+               "decode, × dense | prefill, × dense | shared bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
+        on_front = {id(r) for m, _, _ in METRICS for rs in by_method.values() for r in front(rs, m)}
+        for r in sorted(rows, key=lambda r: (r["method"] != "Lexico", r["method"], r["kv"])):
+            speed = (f"{r['tps'] / dense['tps']:.2f}" if dense and dense["tps"] else "—",
+                     f"{r['prefill_tps'] / dense['prefill_tps']:.2f}" if dense and dense.get("prefill_tps") else "—")
+            mark = " ●" if id(r) in on_front else ""
+            shared = f"{r['shared_bytes'] / 2**20:.1f} MiB" if r["shared_bytes"] else "—"
+            md.append(f"| {r['method']}{mark} | {r['label']} | {r['kv']:.2f} | {r['kv_mean']:.2f} | {r['kl']:.5f} | "
+                      f"{r['delta']:+.4f} ± {r['delta_se']:.4f} | {r['top1']:.2f} | {speed[0]} | {speed[1]} | "
+                      f"{shared} |")
+        md.append("")
+    return md
