@@ -34,6 +34,9 @@ const char* const usage =
     "  --dict DIR            dictionaries for --cache lexico (same as --opt dict=DIR)\n"
     "  --window W            tokens per window, BOS first (default: model context, at most 1024)\n"
     "  --windows K           windows to run, consecutive from the start of the corpus (default 1)\n"
+    "  --documents MARK      with --text: a document starts at every occurrence of MARK; each is\n"
+    "                        tokenized behind its own BOS, and each window is the first W tokens\n"
+    "                        of one document (documents shorter than W are passed over)\n"
     "  --skip K              skip the first K windows (tune on windows that are not evaluated)\n"
     "  --prefill P           tokens prefilled exactly before decoding (default W/2; 0 streams all)\n"
     "  --tokenizer PATH      tokenizer for --text (default: the model's own)\n"
@@ -50,7 +53,7 @@ struct CacheSpec {
 };
 
 struct Args {
-  std::string model, tokens, text, tokenizer;
+  std::string model, tokens, text, tokenizer, documents;
   std::vector<CacheSpec> caches;
   int window = 0, windows = 1, skip = 0, prefill = -1, batch = 1;
   bool json = false, per_token = false;
@@ -78,6 +81,10 @@ Args parse_args(int argc, char** argv) {
        {"--tokens", [&](const std::string& v) { a.tokens = v; }},
        {"--text", [&](const std::string& v) { a.text = v; }},
        {"--tokenizer", [&](const std::string& v) { a.tokenizer = v; }},
+       {"--documents", [&](const std::string& v) {
+          if (v.empty()) throw cli::usage_error("--documents needs a non-empty mark");
+          a.documents = v;
+        }},
        {"--cache", add_cache},
        {"--opt", add_options},
        {"--dict", [&](const std::string& v) { add_options("dict=" + v); }},
@@ -97,6 +104,7 @@ Args parse_args(int argc, char** argv) {
   if (a.model.empty()) throw cli::usage_error("--model is required");
   if (a.per_token && !a.json) throw cli::usage_error("--per-token needs --json");
   if (a.tokens.empty() == a.text.empty()) throw cli::usage_error("give exactly one of --tokens FILE.u16 and --text FILE");
+  if (!a.documents.empty() && a.text.empty()) throw cli::usage_error("--documents needs --text");
   for (const std::string* path : {&a.model, &a.tokens, &a.text, &a.tokenizer}) cli::require_file(*path);
   return a;
 }
@@ -150,18 +158,47 @@ struct Result {
 };
 
 // Consecutive windows of W tokens from the start of the corpus, BOS first; the first
-// `skip` of them are passed over.
-std::vector<std::vector<int>> first_windows(const std::vector<int>& tokens, int length, int skip, int count, int bos) {
+// `skip` of them are passed over. With `document_starts`, each window is instead the first
+// W tokens of one document (a run that starts with BOS), and shorter documents are passed over.
+std::vector<std::vector<int>> first_windows(const std::vector<int>& tokens, int length, int skip, int count, int bos,
+                                            bool document_starts) {
   std::vector<std::vector<int>> windows;
   for (std::size_t start = 0; windows.size() < static_cast<std::size_t>(skip + count); ) {
     std::vector<int> window;
     if (bos >= 0 && (start >= tokens.size() || tokens[start] != bos)) window.push_back(bos);
-    while (window.size() < static_cast<std::size_t>(length) && start < tokens.size()) window.push_back(tokens[start++]);
+    while (window.size() < static_cast<std::size_t>(length) && start < tokens.size()) {
+      if (document_starts && !window.empty() && tokens[start] == bos) window.clear();  // too short: the next one
+      window.push_back(tokens[start++]);
+    }
     if (window.size() < static_cast<std::size_t>(length)) break;
     windows.push_back(std::move(window));
+    while (document_starts && start < tokens.size() && tokens[start] != bos) ++start;
   }
   windows.erase(windows.begin(), windows.begin() + static_cast<std::ptrdiff_t>(std::min<std::size_t>(static_cast<std::size_t>(skip), windows.size())));
   return windows;
+}
+
+// The text of `path` cut before every occurrence of `mark`, each piece tokenized behind
+// a BOS (the text before the first mark too, when there is any).
+std::vector<int> document_tokens(const std::string& path, const std::string& tokenizer_path, const std::string& mark,
+                                 const lexico::LlamaModel& model) {
+  const int bos = model.config().bos_id;
+  lexico::require(bos >= 0, "--documents: the model has no BOS token to open each document with");
+  const std::string text = lexico::read_file(path, std::size_t(1) << 31);
+  const auto tokenizer = lexico::load_tokenizer(tokenizer_path);
+  std::vector<int> tokens;
+  for (std::size_t begin = 0; begin < text.size();) {
+    const std::size_t next = text.find(mark, begin + (text.compare(begin, mark.size(), mark) == 0 ? mark.size() : 0));
+    const std::size_t end = next == std::string::npos ? text.size() : next;
+    tokens.push_back(bos);
+    const std::vector<int> piece = tokenizer->encode(std::string_view(text).substr(begin, end - begin), false);
+    tokens.insert(tokens.end(), piece.begin(), piece.end());
+    begin = end;
+  }
+  for (const int id : tokens)
+    lexico::require(id >= 0 && id < model.config().vocab, path, ": token id ", id, " outside the model's vocabulary of ",
+                    model.config().vocab);
+  return tokens;
 }
 
 // The dense model's view of a window: argmax and log-probabilities of every prediction.
@@ -240,10 +277,12 @@ int run(const Args& args) {
   if (prefill >= window) throw cli::usage_error("--prefill must be smaller than --window");
   const std::string tokenizer = args.tokenizer.empty() ? cli::default_tokenizer(args.model) : args.tokenizer;
   const std::vector<int> corpus =
-      cli::read_corpus(args.tokens.empty() ? args.text : args.tokens, args.tokens.empty() ? tokenizer : "", model);
-  const auto windows = first_windows(corpus, window, args.skip, args.windows, config.bos_id);
+      args.documents.empty()
+          ? cli::read_corpus(args.tokens.empty() ? args.text : args.tokens, args.tokens.empty() ? tokenizer : "", model)
+          : document_tokens(args.text, tokenizer, args.documents, model);
+  const auto windows = first_windows(corpus, window, args.skip, args.windows, config.bos_id, !args.documents.empty());
   lexico::require(!windows.empty(), "the corpus holds no complete window of ", window, " tokens after skipping ",
-                  args.skip);
+                  args.skip, args.documents.empty() ? "" : " (windows open documents: is every document shorter?)");
 
   const auto batch = std::min<std::size_t>(static_cast<std::size_t>(args.batch), windows.size());
   std::vector<Result> results;

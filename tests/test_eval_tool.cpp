@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -120,6 +121,35 @@ TEST(EvalTool, BatchedWindowsScoreAsOneAtATime) {
   }
   EXPECT_LT(a[0].at("kv_size_fraction_decode_mean").as_double(), a[0].at("kv_size_fraction").as_double() + 1e-9);
   EXPECT_GT(a[0].at("kv_size_fraction_decode_mean").as_double(), 0.0);
+}
+
+// --documents: each window is the first W tokens of one document (a document starts at
+// every occurrence of the mark), short documents are passed over, and nothing else is
+// windowed; without it the same text gives consecutive windows.
+TEST(EvalTool, DocumentWindowsOpenOneDocumentEach) {
+  const std::string path = ::testing::TempDir() + "/lexico_documents.txt";
+  {
+    std::ofstream out(path);
+    std::string long_story;
+    for (int i = 0; i < 60; ++i) long_story += "the cat sat on a mat and the dog ran. ";
+    out << "Prologue that precedes every mark. " << long_story << "\n";
+    for (int d = 0; d < 3; ++d) out << "Once upon a time " << long_story << "\nOnce upon a time the end.\n";
+  }
+  const std::string data = LEXICO_REPO_DATA;
+  const std::string base = std::string(LEXICO_BINARY_DIR) + "/examples/lexico-eval --model " + data +
+                           "/stories260k/stories260K.bin --text " + path + " --window 64 --windows 20 --json --cache dense";
+  const Output documents = run(base + " --documents 'Once upon a time'"), plain = run(base);
+  ASSERT_EQ(documents.status, 0) << documents.text;
+  ASSERT_EQ(plain.status, 0) << plain.text;
+  // The prologue and three long stories open a window each; "the end." is too short.
+  EXPECT_EQ(json_lines(documents.text).at(0).at("windows").as_int(), 4);
+  EXPECT_EQ(json_lines(plain.text).at(0).at("windows").as_int(), 20);
+  const Output empty = run(base + " --documents ''");
+  EXPECT_EQ(empty.status, 2);
+  EXPECT_NE(empty.text.find("--documents needs a non-empty mark"), std::string::npos) << empty.text;
+  const Output none = run(base + " --window 4000 --documents 'Once upon a time'");
+  EXPECT_EQ(none.status, 2);
+  EXPECT_NE(none.text.find("windows open documents"), std::string::npos) << none.text;
 }
 
 }  // namespace
