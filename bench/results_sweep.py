@@ -559,12 +559,15 @@ def add_attempts(model, head_dim, add, dictionary, lexico_names):
 
 # ----------------------------------------------------------------------------- running
 
-def eval_command(setting, eval_binary, nice):
+def eval_command(settings, eval_binary, nice):
+    """One lexico-eval call for settings that differ only in their cache (see batches)."""
+    setting = settings[0]
     cmd = ["nice", "-n", str(nice), str(eval_binary), "--model", setting["model_path"],
-           "--tokens" if setting["corpus_kind"] == "tokens" else "--text", setting["corpus"],
-           "--cache", setting["cache"]]
-    for key, value in setting["options"].items():
-        cmd += ["--opt", f"{key}={value}"]
+           "--tokens" if setting["corpus_kind"] == "tokens" else "--text", setting["corpus"]]
+    for each in settings:
+        cmd += ["--cache", each["cache"]]
+        for key, value in each["options"].items():
+            cmd += ["--opt", f"{key}={value}"]
     cmd += ["--window", str(setting["window"]), "--windows", str(setting["windows"]),
             "--prefill", str(setting["prefill"]), "--json", "--per-token"]
     if setting.get("skip"):
@@ -576,34 +579,52 @@ def eval_command(setting, eval_binary, nice):
     return cmd
 
 
-def execute(setting, eval_binary, nice, threads, timeout):
-    """Runs one setting and writes its run file; returns (setting, error text or None)."""
-    cmd = eval_command(setting, eval_binary, nice)
+def batches(settings, size):
+    """Consecutive settings that run on the same windows, `size` at most per lexico-eval call:
+    the dense reference of every window is then computed once for all of them."""
+    def context(setting):
+        return json.dumps({k: v for k, v in json.loads(setting_key(setting)).items() if k not in ("cache", "options")},
+                          sort_keys=True)
+    out = []
+    for setting in settings:
+        if out and len(out[-1]) < size and context(out[-1][0]) == context(setting):
+            out[-1].append(setting)
+        else:
+            out.append([setting])
+    return out
+
+
+def execute(settings, eval_binary, nice, threads, timeout):
+    """Runs settings in one lexico-eval call and writes a run file per setting; returns
+    (settings, error text or None)."""
+    cmd = eval_command(settings, eval_binary, nice)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="passive")
     started = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
-        return setting, f"timed out after {timeout} s"
+        return settings, f"timed out after {timeout} s"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    if proc.returncode != 0 or len(lines) != len(settings):
         tail = proc.stderr.replace("\r", "\n").strip().splitlines()[-3:]
-        return setting, f"exit {proc.returncode}: {' | '.join(tail)}"
-    result = json.loads(lines[-1])
-    tokens = result.pop("token_delta_nll", None)
-    record = {
-        "setting": setting,
-        "result": result,
-        "command": " ".join(cmd),
-        "wall_seconds": round(time.time() - started, 2),
-        "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-    }
-    text = json.dumps(record, indent=1)
-    if tokens is not None:  # one line, not one per token
-        text = text[:-2] + ',\n "token_delta_nll": ' + json.dumps(tokens, separators=(",", ":")) + "\n}"
-    path = run_path(setting)
-    write_atomically(path, text + "\n")
-    return setting, None
+        return settings, f"exit {proc.returncode}: {' | '.join(tail)}"
+    for setting, line in zip(settings, lines):
+        result = json.loads(line)
+        tokens = result.pop("token_delta_nll", None)
+        record = {
+            "setting": setting,
+            "result": result,
+            "command": " ".join(cmd),
+            "wall_seconds": round(time.time() - started, 2),
+            "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        }
+        if len(settings) > 1:
+            record["shared_call"] = len(settings)  # wall_seconds is the whole call's
+        text = json.dumps(record, indent=1)
+        if tokens is not None:  # one line, not one per token
+            text = text[:-2] + ',\n "token_delta_nll": ' + json.dumps(tokens, separators=(",", ":")) + "\n}"
+        write_atomically(run_path(setting), text + "\n")
+    return settings, None
 
 
 def has_tokens(path):
@@ -668,24 +689,26 @@ def cmd_run(args):
     lock = threading.Lock()
     failures = []
     done = 0
+    calls = batches(todo, args.per_call)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(execute, s, eval_binary, args.nice, args.threads, args.timeout) for s in todo]
+        futures = [pool.submit(execute, c, eval_binary, args.nice, args.threads, args.timeout) for c in calls]
         for future in concurrent.futures.as_completed(futures):
-            setting, error = future.result()
-            done += 1
+            settings, error = future.result()
             with lock:
-                what = f"{setting['model']} {setting['protocol']} w{setting['windows']} {setting['method']} " \
-                       f"{setting['label']}"
-                if error:
-                    failures.append((what, error))
-                    print(f"[{done}/{len(todo)}] FAILED {what}: {error}", file=sys.stderr)
-                else:
-                    print(f"[{done}/{len(todo)}] {what}", file=sys.stderr)
-                    if not args.no_report:
-                        try:
-                            write_report(quiet=True)
-                        except Exception as exc:  # a report bug must not stall the sweep
-                            print(f"results_sweep: report failed: {exc!r}", file=sys.stderr)
+                for setting in settings:
+                    done += 1
+                    what = f"{setting['model']} {setting['protocol']} w{setting['windows']} {setting['method']} " \
+                           f"{setting['label']}"
+                    if error:
+                        failures.append((what, error))
+                        print(f"[{done}/{len(todo)}] FAILED {what}: {error}", file=sys.stderr)
+                    else:
+                        print(f"[{done}/{len(todo)}] {what}", file=sys.stderr)
+                if not error and not args.no_report:
+                    try:
+                        write_report(quiet=True)
+                    except Exception as exc:  # a report bug must not stall the sweep
+                        print(f"results_sweep: report failed: {exc!r}", file=sys.stderr)
     write_report()
     if failures:
         print(f"results_sweep: {len(failures)} runs failed", file=sys.stderr)
@@ -1628,7 +1651,9 @@ def main():
                      help="search DIR for dictionary sets (manifest.json)")
     run.add_argument("--methods", default=".", help="regular expression on the method name (dense, KIVI-2, Lexico, ...)")
     run.add_argument("--labels", default=".", help="regular expression on the setting label (s=8 N=4096 n_b=128, ...)")
-    run.add_argument("-j", "--jobs", type=int, default=1, help="runs in parallel")
+    run.add_argument("-j", "--jobs", type=int, default=1, help="lexico-eval calls in parallel")
+    run.add_argument("--per-call", type=int, default=1,
+                     help="settings on the same windows per lexico-eval call (the dense reference is shared)")
     run.add_argument("--threads", type=int, default=1, help="OpenMP threads per run")
     run.add_argument("--nice", type=int, default=15)
     run.add_argument("--timeout", type=float, default=None, help="seconds per run")
