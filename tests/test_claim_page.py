@@ -1,0 +1,52 @@
+#!/usr/bin/python3
+"""The claim's arithmetic (bench/claim_page.py) on hand-computed examples: which points
+form a front, and the KV size at which a front reaches a quality (log-linear between
+neighbours, a bound below the front's smallest point, nothing beyond its best)."""
+
+import math
+import sys
+import unittest
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from claim_page import front, size_at  # noqa: E402
+
+
+def point(kv, kl):
+    return {"kv": kv, "kl": kl}
+
+
+class Front(unittest.TestCase):
+    def test_dominated_points_leave_the_front(self):
+        a, b, c, d = point(10, 0.05), point(20, 0.01), point(15, 0.06), point(20, 0.02)
+        self.assertEqual(front([c, b, a, d], "kl"), [a, b])  # c: bigger and worse than a; d: worse than b
+
+    def test_missing_quality_is_ignored(self):
+        self.assertEqual(front([point(10, None), point(12, 0.1)], "kl"), [point(12, 0.1)])
+
+
+class SizeAt(unittest.TestCase):
+    points = [point(10, 0.04), point(40, 0.01)]
+
+    def test_log_linear_between_neighbours(self):
+        # Quality 0.025 is halfway from 0.04 to 0.01: halfway in log size, sqrt(10 * 40) = 20.
+        size, reached = size_at(self.points, "kl", 0.025)
+        self.assertAlmostEqual(size, 20.0)
+        self.assertIs(reached, self.points[1])
+        self.assertAlmostEqual(size_at(self.points, "kl", 0.01)[0], 40.0)
+
+    def test_better_than_the_smallest_point_is_a_bound(self):
+        self.assertEqual(size_at(self.points, "kl", 0.05), ("below", self.points[0]))
+
+    def test_beyond_the_best_point_is_not_reached(self):
+        self.assertEqual(size_at(self.points, "kl", 0.005), (None, None))
+        self.assertEqual(size_at([], "kl", 0.1), (None, None))
+
+    def test_three_points(self):
+        points = [point(5, 0.1), point(10, 0.04), point(40, 0.01)]
+        size, _ = size_at(points, "kl", 0.07)
+        self.assertAlmostEqual(size, math.exp((math.log(5) + math.log(10)) / 2))
+
+
+if __name__ == "__main__":
+    unittest.main()
