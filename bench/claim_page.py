@@ -88,6 +88,8 @@ def section(runs, claim, plots_dir, paired, relative):
     md = ["## The claim, on one page", "",
           f"Rule, fixed {claim['fixed']} (`results/claim.json`):", ""]
     md += [f"{i}. {text}" for i, text in enumerate(claim["rule"], 1)]
+    if claim.get("rule_8k"):
+        md += ["", f"8k: {claim['rule_8k']}"]
     md += ["", f"Why this setting: {claim['why']}", "",
            f"Fresh text: {claim['fresh_text']}; nothing here was trained, tuned or evaluated on it before the "
            "rule was fixed. Runs decode 16 windows in step per process (`lexico-eval --batch 16`), so their "

@@ -91,6 +91,11 @@ MODELS = {
         "corpus": ("tokens", SHARED / "bpe4k" / "tokens_dev.u16"),
         "window": 1024, "windows": 8, "head_dim": 128, "atoms": (4096, 1024),
     },
+    "proxy-lm-hd128-8k": {  # proxy-lm-hd128 continued on 8k windows: the claim's fresh8k protocol only
+        "path": SHARED / "proxy-lm-hd128-8k",
+        "corpus": ("tokens", SHARED / "bpe4k" / "tokens_dev.u16"),
+        "window": 8192, "windows": 4, "head_dim": 128, "atoms": (4096,), "claim_only": True,
+    },
     "proxy-lm-hd64": {
         "path": SHARED / "proxy-lm-hd64",
         "corpus": ("tokens", SHARED / "bpe4k" / "tokens_dev.u16"),
@@ -108,7 +113,7 @@ MODELS = {
     },
 }
 
-PROTOCOLS = ("prefill", "streaming", "tuning", "unseen", "fresh", "fresh2k")  # the last two: FRESH
+PROTOCOLS = ("prefill", "streaming", "tuning", "unseen", "fresh", "fresh2k", "fresh8k")  # the last three: FRESH
 # "tuning": the prefill protocol on other dev windows (the first TUNING_SKIP are passed
 # over), where the improvement attempts are compared and chosen, so that nothing is
 # tuned on the windows the claim is measured on.
@@ -124,7 +129,8 @@ UNSEEN_TOKENIZER = SHARED / "bpe4k" / "tokenizer.json"
 # B windows decoded in step per process (lexico-eval --batch; scores equal one window at
 # a time up to rounding; its tokens/s are the batch's, so speeds come from elsewhere).
 FRESH_TEXT = REPO / "data" / "text" / "debian_handbook_en.txt"
-FRESH = {"fresh": {"window": 1024, "windows": 64}, "fresh2k": {"window": 2048, "windows": 64}}
+FRESH = {"fresh": {"window": 1024, "windows": 64}, "fresh2k": {"window": 2048, "windows": 64},
+         "fresh8k": {"window": 8192, "windows": 24, "prefill": 7168}}
 FRESH_BATCH = 16
 CLAIM_PATH = RESULTS_DIR / "claim.json"
 SPARSITIES = (4, 6, 8, 12, 16)
@@ -199,7 +205,7 @@ def make_setting(model, protocol, windows, method, family, label, cache, options
         "protocol": protocol,
         "window": window,
         "windows": windows,
-        "prefill": 0 if protocol == "streaming" else window // 2,
+        "prefill": 0 if protocol == "streaming" else FRESH.get(protocol, {}).get("prefill", window // 2),
         "method": method,
         "family": family,
         "label": label,
@@ -647,6 +653,9 @@ def cmd_run(args):
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise SystemExit(f"results_sweep: unknown protocol '{protocol}'")
+        if protocol not in FRESH and any(MODELS[m].get("claim_only") for m in models):
+            raise SystemExit(f"results_sweep: {', '.join(m for m in models if MODELS[m].get('claim_only'))} "
+                             f"runs the claim's protocols only ({', '.join(FRESH)}), not {protocol}")
         if protocol in ("unseen",) + tuple(FRESH) and any(MODELS[m]["corpus"][0] != "tokens" for m in models):
             raise SystemExit("results_sweep: the unseen protocol reads text through the proxies' BPE tokenizer: "
                              "run it for proxy-lm-hd128 and proxy-lm-hd64 only")
@@ -1641,7 +1650,8 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the grid, then write the report")
     run.add_argument("--eval", default=str(DEFAULT_EVAL), help="the lexico-eval binary")
-    run.add_argument("--models", default=",".join(MODELS), help="comma-separated, run in this order")
+    run.add_argument("--models", default=",".join(m for m in MODELS if not MODELS[m].get("claim_only")),
+                     help="comma-separated, run in this order")
     run.add_argument("--model-path", action="append", default=[], metavar="NAME=PATH")
     run.add_argument("--protocols", default="prefill,streaming", help="prefill,streaming (in this order)")
     run.add_argument("--windows", action="append", default=[], metavar="[NAME=]K",
