@@ -57,13 +57,24 @@ def ratio_text(point, lexico_front, metric, paired):
     return text, noise
 
 
-def draw(path, title, rows_by_method):
-    """Two panels, KV % against KL and against ΔNLL: every run faint, each front a line."""
+def pyplot():
+    """matplotlib's pyplot, set up to write the same SVG bytes for the same data."""
     import matplotlib
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.hashsalt"] = "lexico"
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    return plt
+
+
+def save(fig, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="svg", metadata={"Date": None})
+    pyplot().close(fig)
+
+
+def draw(path, title, rows_by_method):
+    """Two panels, KV % against KL and against ΔNLL: every run faint, each front a line."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for ax, (metric, name, axis) in zip(axes, METRICS):
         for method, rows in rows_by_method.items():
             color = COLORS.get(method, "#7f7f7f")
@@ -79,8 +90,7 @@ def draw(path, title, rows_by_method):
         ax.set_title(f"{title}: {name}")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="svg", metadata={"Date": None})
-    plt.close(fig)
+    save(fig, path)
 
 
 def section(runs, claim, plots_dir, paired, relative):

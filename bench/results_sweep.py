@@ -59,7 +59,6 @@ import csv
 import datetime
 import functools
 import hashlib
-import html
 import io
 import json
 import math
@@ -1143,74 +1142,7 @@ def write_csv(groups, ids):
     write_atomically(CSV_PATH, text.getvalue())
 
 
-# ---- SVG plots, written by hand (no matplotlib on this machine)
-
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-           "#bcbd22", "#7f7f7f", "#393b79", "#637939", "#843c39", "#7b4173")
-
-
-def symlog(y, linear=0.01):
-    """Signed log scale: linear near 0 (|y| < linear), logarithmic beyond; shows ΔNLL from 0.001 to 5."""
-    return math.copysign(math.log10(1 + abs(y) / linear), y)
-
-
-class SvgPlot:
-    """A minimal line plot: axes, ticks, grid, one polyline with markers per series, a legend."""
-
-    def __init__(self, title, xlabel, ylabel, xrange, yrange, xticks, yticks, transform=lambda y: y):
-        self.title, self.xlabel, self.ylabel = title, xlabel, ylabel
-        self.x0, self.x1 = xrange
-        self.transform = transform
-        self.y0, self.y1 = transform(yrange[0]), transform(yrange[1])
-        self.xticks, self.yticks = xticks, yticks
-        self.series = []
-        self.width, self.height = 860, 500
-        self.left, self.right, self.top, self.bottom = 70, 250, 40, 55
-
-    def add(self, name, points, color, dashed=False):
-        self.series.append((name, sorted(points), color, dashed))
-
-    def px(self, x):
-        return self.left + (x - self.x0) / (self.x1 - self.x0) * (self.width - self.left - self.right)
-
-    def py(self, y):
-        t = min(max(self.transform(y), self.y0), self.y1)
-        return self.height - self.bottom - (t - self.y0) / (self.y1 - self.y0) * (self.height - self.top - self.bottom)
-
-    def render(self):
-        w, h, l, r, t, b = self.width, self.height, self.left, self.right, self.top, self.bottom
-        out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-               f'font-family="sans-serif" font-size="12">',
-               f'<rect width="{w}" height="{h}" fill="white"/>',
-               f'<text x="{(l + w - r) / 2}" y="22" text-anchor="middle" font-size="14">{html.escape(self.title)}</text>']
-        for x, text in self.xticks:
-            X = self.px(x)
-            out.append(f'<line x1="{X:.1f}" y1="{t}" x2="{X:.1f}" y2="{h - b}" stroke="#e6e6e6"/>')
-            out.append(f'<text x="{X:.1f}" y="{h - b + 16}" text-anchor="middle">{html.escape(text)}</text>')
-        for y, text in self.yticks:
-            Y = self.py(y)
-            out.append(f'<line x1="{l}" y1="{Y:.1f}" x2="{w - r}" y2="{Y:.1f}" stroke="#e6e6e6"/>')
-            out.append(f'<text x="{l - 6}" y="{Y + 4:.1f}" text-anchor="end">{html.escape(text)}</text>')
-        out.append(f'<rect x="{l}" y="{t}" width="{w - l - r}" height="{h - t - b}" fill="none" stroke="black"/>')
-        out.append(f'<text x="{(l + w - r) / 2}" y="{h - 14}" text-anchor="middle">{html.escape(self.xlabel)}</text>')
-        out.append(f'<text transform="translate(18,{(t + h - b) / 2}) rotate(-90)" text-anchor="middle">'
-                   f'{html.escape(self.ylabel)}</text>')
-        for i, (name, points, color, dashed) in enumerate(self.series):
-            coords = " ".join(f"{self.px(x):.1f},{self.py(y):.1f}" for x, y in points)
-            dash = ' stroke-dasharray="5,3"' if dashed else ""
-            if len(points) > 1:
-                out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.6"{dash}/>')
-            for x, y in points:
-                out.append(f'<circle cx="{self.px(x):.1f}" cy="{self.py(y):.1f}" r="3" fill="{color}">'
-                           f'<title>{html.escape(name)}: {x:.2f} %, {y:.4f}</title></circle>')
-            Y = t + 8 + 16 * i
-            out.append(f'<line x1="{w - r + 12}" y1="{Y}" x2="{w - r + 36}" y2="{Y}" stroke="{color}" '
-                       f'stroke-width="2"{dash}/>')
-            out.append(f'<circle cx="{w - r + 24}" cy="{Y}" r="3" fill="{color}"/>')
-            out.append(f'<text x="{w - r + 42}" y="{Y + 4}">{html.escape(name)}</text>')
-        out.append("</svg>")
-        return "\n".join(out) + "\n"
-
+# ---- plots (matplotlib SVG, written deterministically by claim_page.save)
 
 def family_series(rows):
     """{family: [rows]}, Lexico families first, then the others in a fixed order."""
@@ -1226,39 +1158,34 @@ def family_series(rows):
     return sorted(families.items(), key=rank)
 
 
-def x_axis(rows):
-    top = max(105.0, max(r["kv"] for r in rows) * 1.03)
-    return (0.0, top), [(x, f"{x:g}") for x in range(0, int(top) + 1, 10)]
-
-
 def plot_group(model, protocol, windows, rows):
-    PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+    """ΔNLL (signed log scale: eviction's ΔNLL is orders above quantization's) and top-1
+    agreement against KV size, one line per family."""
     rows = [r for r in rows if r["method"] != "dense"] or rows  # the reference sits at ΔNLL 0, 200 %
     stem = f"{model}_{protocol}_w{windows}"
-    xrange, xticks = x_axis(rows)
-    series = family_series(rows)
-
-    # ΔNLL on a signed log scale: eviction's ΔNLL is orders above quantization's.
-    deltas = [r["delta"] for r in rows]
-    low, high = min(0.0, min(deltas)), max(0.01, max(deltas))
-    candidates = [-1, -0.3, -0.1, -0.03, -0.01, 0, 0.01, 0.03, 0.1, 0.3, 1, 3, 10]
-    yticks = [(v, f"{v:g}") for v in candidates if low - 1e-12 <= v <= high * 1.5 or v == 0]
-    ylow = min(low, min(v for v, _ in yticks))
-    yhigh = max(high, max(v for v, _ in yticks))
     title = f"{model}, {protocol} protocol, {windows} windows"
-    delta = SvgPlot(title, "KV size (% of fp16)", "ΔNLL vs dense (nats/token, signed log scale)",
-                    xrange, (ylow, yhigh), xticks, yticks, transform=symlog)
-    floor = min(90.0, min(r["top1"] for r in rows) // 10 * 10)
-    top1 = SvgPlot(title, "KV size (% of fp16)", "top-1 agreement with dense (%)", xrange, (floor, 100.0), xticks,
-                   [(v, f"{v:g}") for v in range(0, 101, 10) if v >= floor])
-    for i, (family, members) in enumerate(series):
-        color = PALETTE[i % len(PALETTE)]
-        dashed = family.startswith("Lexico") and not family.endswith("n_b=128")
-        delta.add(family, [(r["kv"], r["delta"]) for r in members], color, dashed)
-        top1.add(family, [(r["kv"], r["top1"]) for r in members], color, dashed)
-    write_atomically(PLOTS_DIR / f"{stem}_delta_nll.svg", delta.render())
-    write_atomically(PLOTS_DIR / f"{stem}_top1.svg", top1.render())
-    return f"results/plots/{stem}_delta_nll.svg", f"results/plots/{stem}_top1.svg"
+    plt = claim_page.pyplot()
+    paths = []
+    for metric, label, suffix in (("delta", "ΔNLL vs dense (nats/token, signed log scale)", "delta_nll"),
+                                  ("top1", "top-1 agreement with dense (%)", "top1")):
+        fig, ax = plt.subplots(figsize=(8.6, 5))
+        for i, (family, members) in enumerate(family_series(rows)):
+            members = sorted(members, key=lambda r: r["kv"])
+            dashed = family.startswith("Lexico") and not family.endswith("n_b=128")
+            ax.plot([r["kv"] for r in members], [r[metric] for r in members], marker="o", ms=3,
+                    color=plt.get_cmap("tab20")(i % 20), linestyle="--" if dashed else "-", label=family)
+        if metric == "delta":
+            ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xlabel("KV size (% of fp16)")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.tight_layout()
+        path = PLOTS_DIR / f"{stem}_{suffix}.svg"
+        claim_page.save(fig, path)
+        paths.append(f"results/plots/{stem}_{suffix}.svg")
+    return tuple(paths)
 
 
 # ---- RESULTS.md
