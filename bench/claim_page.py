@@ -66,6 +66,11 @@ def pyplot():
     return plt
 
 
+def matplotlib_ticker():
+    import matplotlib.ticker
+    return matplotlib.ticker
+
+
 def save(fig, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="svg", metadata={"Date": None})
@@ -83,6 +88,10 @@ def draw(path, title, rows_by_method):
             ax.plot([r["kv"] for r in points], [r[metric] for r in points], marker="o", ms=4, color=color,
                     label=method, linewidth=2 if method == "Lexico" else 1.2)
         ax.set_xscale("log")
+        plain = matplotlib_ticker().FuncFormatter(lambda x, _: f"{x:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_xlabel("KV size, % of fp16 K and V")
         ax.set_ylabel(axis)
@@ -104,7 +113,9 @@ def section(runs, claim, plots_dir, paired, relative):
            f"Fresh text: {claim['fresh_text']}; nothing here was trained, tuned or evaluated on it before the "
            "rule was fixed. Runs decode 16 windows in step per process (`lexico-eval --batch 16`), so their "
            "tokens/s are a batch's throughput on one thread of the 2-core machine, given as a ratio to the dense "
-           "fp16 cache of the same sweep; single-sequence speeds are in BENCHMARKS.md.", ""]
+           "fp16 cache of the same sweep; the sweeps ran niced beside other jobs (builds, another sweep), so "
+           "these ratios are indicative only: controlled single-sequence ratios are in BENCHMARKS.md. KV % is "
+           "measured at each window's end (the fronts use it) and averaged over decode steps.", ""]
     groups = {}
     for r in runs:
         groups.setdefault((r["model"], r["protocol"], r["windows"]), []).append(r)
