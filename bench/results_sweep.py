@@ -18,7 +18,8 @@ Protocols (lexico-eval's): "prefill" prefills half of each window exactly, the c
 compresses it, and the second half is decoded through the cache and scored;
 "streaming" (--prefill 0) appends every token through the cache; "tuning" is the prefill
 protocol on other dev windows (the first 64 skipped), where improvements are chosen;
-"unseen" is the prefill protocol on new text (State of the Union 1990-1999).
+"unseen" is the prefill protocol on new text (State of the Union 1990-1999), read after
+the tables had been seen; the claim now runs on the "fresh" protocols instead.
 
 Usage (Debian's /usr/bin/python3, standard library only):
 
@@ -37,6 +38,12 @@ Usage (Debian's /usr/bin/python3, standard library only):
   # the claim on text nothing here was trained or tuned on (SOTU 1990-1999)
   python3 bench/results_sweep.py run --models proxy-lm-hd128,proxy-lm-hd64 --protocols unseen \
       --dict-root build-train
+
+  # the claim (results/claim.json: rule and Lexico's settings, fixed before these runs) on
+  # the fresh text, every baseline front beside it; fresh2k: 2048-token windows;
+  # fresh8k: proxy-lm-hd128-8k only; the fronts and ratios head RESULTS.md (claim_page.py)
+  python3 bench/results_sweep.py run --models proxy-lm-hd128,proxy-lm-hd64 --protocols fresh \
+      --eval build/examples/lexico-eval --per-call 4
 
   # what the grid is and which runs are done, without running anything
   python3 bench/results_sweep.py run --dry-run ...
