@@ -53,11 +53,14 @@ def ratio(point, lexico_front, metric):
     return point["kv"] / size, size, bound, reached
 
 
-def ratio_text(found, point, paired):
+def ratio_text(found, point, paired=None):
+    """The ratio as text, and with `paired` the paired ΔNLL of the Lexico point reached."""
     if found is None:
         return "not reached", "—"
     value, size, bound, reached = found
     text = f"≥ {value:.2f}× (≤ {size:.1f} %)" if bound else f"{value:.2f}× ({size:.1f} %)"
+    if paired is None:
+        return text, "—"
     p = paired(reached, point)
     noise = "—" if p is None else f"{p[0]:+.4f} ± {max(x for x in p[1:] if x is not None):.4f}"
     return text, noise
@@ -163,7 +166,7 @@ def section(runs, claim, plots_dir, paired, relative):
             for point, (by_kl, by_delta) in zip(points, found):
                 delta_text, noise = ratio_text(by_delta, point, paired)
                 detail.append(f"| {method} {point['label']} | {point['kv']:.1f} | {point['kl']:.5f} | "
-                              f"{ratio_text(by_kl, point, paired)[0]} | {point['delta']:+.4f} | {delta_text} | {noise} |")
+                              f"{ratio_text(by_kl, point)[0]} | {point['delta']:+.4f} | {delta_text} | {noise} |")
             if points:
                 missed = sum(1 for pair in found for f in pair if f is None)
                 summary.append(f"| {method} | {len(points)} | {span(f for f, _ in found)} | {span(f for _, f in found)} | "

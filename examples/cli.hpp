@@ -101,6 +101,14 @@ class ProgressBar {
 
 // Token ids of a .u16 file, or of a text file through the tokenizer at
 // `tokenizer_path` (a tokenizer.json, a directory holding one, or a llama2.c .bin).
+// Every id of `tokens` (read from `path`) is one the model knows.
+inline void require_in_vocabulary(const std::vector<int>& tokens, const std::string& path,
+                                  const lexico::LlamaModel& model) {
+  for (const int id : tokens)
+    lexico::require(id >= 0 && id < model.config().vocab, path, ": token id ", id,
+                    " outside the model's vocabulary of ", model.config().vocab);
+}
+
 inline std::vector<int> read_corpus(const std::string& path, const std::string& tokenizer_path,
                                     const lexico::LlamaModel& model) {
   std::vector<int> tokens;
@@ -114,9 +122,7 @@ inline std::vector<int> read_corpus(const std::string& path, const std::string& 
     tokens = tokenizer->encode(text, false);
   }
   lexico::require(!tokens.empty(), path, ": no tokens");
-  for (const int id : tokens)
-    lexico::require(id >= 0 && id < model.config().vocab, path, ": token id ", id,
-                    " outside the model's vocabulary of ", model.config().vocab);
+  require_in_vocabulary(tokens, path, model);
   return tokens;
 }
 

@@ -195,9 +195,7 @@ std::vector<int> document_tokens(const std::string& path, const std::string& tok
     tokens.insert(tokens.end(), piece.begin(), piece.end());
     begin = end;
   }
-  for (const int id : tokens)
-    lexico::require(id >= 0 && id < model.config().vocab, path, ": token id ", id, " outside the model's vocabulary of ",
-                    model.config().vocab);
+  cli::require_in_vocabulary(tokens, path, model);
   return tokens;
 }
 
