@@ -121,6 +121,13 @@ def draw(path, title, rows_by_method):
     save(fig, path)
 
 
+def machines_text(rows):
+    """Where a group's runs were made (runs that predate the record: the 2-core development machine)."""
+    where = sorted({f"{m['cpu'] or 'unnamed CPU'}, {m['logical_cpus']} logical CPUs" if m else
+                    "the 2-core development machine" for m in (r.get("machine") for r in rows)})
+    return "Made on " + "; ".join(where) + ", one thread per lexico-eval process."
+
+
 def section(runs, claim, plots_dir, paired, relative):
     """Markdown lines of the claim's page from the fresh-text runs; writes its figures."""
     md = ["## The claim, on one page", "",
@@ -131,9 +138,9 @@ def section(runs, claim, plots_dir, paired, relative):
     md += ["", f"Why this setting: {claim['why']}", "",
            f"Fresh text: {claim['fresh_text']}; nothing here was trained, tuned or evaluated on it before the "
            "rule was fixed. Runs decode 16 windows in step per process (`lexico-eval --batch 16`), so their "
-           "tokens/s are a batch's throughput on one thread of the 2-core machine, given as a ratio to the dense "
-           "fp16 cache of the same sweep; the sweeps ran niced beside other jobs (builds, another sweep), so "
-           "these ratios are indicative only: controlled single-sequence ratios are in BENCHMARKS.md. KV % is "
+           "tokens/s are a batch's throughput on one thread of the machine each table names, given as a ratio to "
+           "the dense fp16 cache of the same sweep; the sweeps ran niced beside other jobs (builds, other "
+           "lexico-eval processes), so these ratios are indicative only: controlled single-sequence ratios are in BENCHMARKS.md. KV % is "
            "measured at each window's end (the fronts use it) and averaged over decode steps.", ""]
     groups = {}
     for r in runs:
@@ -150,6 +157,7 @@ def section(runs, claim, plots_dir, paired, relative):
         scored = rows[0]["scored"]
         md += [f"### {model}, {protocol} ({windows} windows of {rows[0]['window']} tokens, "
                f"{scored:,} scored tokens)", ""]
+        md += [machines_text(rows), ""]
         expected = claim["proxies"].get(model, {}).get("caches", [])
         if len(lexico) < len(expected):
             md += [f"*{len(lexico)} of Lexico's {len(expected)} settings have run; the table is partial.*", ""]

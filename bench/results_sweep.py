@@ -606,11 +606,24 @@ def batches(settings, size):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def machine():
+    """Where runs are made: their tokens/s compare only within one machine (and one sweep)."""
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu": model, "logical_cpus": os.cpu_count()}
+
+
 def execute(settings, eval_binary, nice, threads, timeout):
     """Runs settings in one lexico-eval call and writes a run file per setting; returns
     (settings, error text or None)."""
     cmd = eval_command(settings, eval_binary, nice)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="passive")
+    load = os.getloadavg()[0]
     started = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
@@ -629,6 +642,7 @@ def execute(settings, eval_binary, nice, threads, timeout):
             "command": " ".join(cmd),
             "wall_seconds": round(time.time() - started, 2),
             "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "machine": dict(machine(), load_at_start=round(load, 2)),
         }
         if len(settings) > 1:
             record["shared_call"] = len(settings)  # wall_seconds is the whole call's
@@ -759,6 +773,7 @@ def load_runs(claim=False):
             "kv_mean": 100.0 * float(r.get("kv_size_fraction_decode_mean", r["kv_size_fraction"])),
             "shared_bytes": int(r.get("bytes_cache_shared", 0)),
             "tokens": record.get("token_delta_nll"),
+            "machine": record.get("machine"),
         })
     return runs
 
