@@ -128,7 +128,7 @@ def machines_text(rows):
     return "Made on " + "; ".join(where) + ", one thread per lexico-eval process."
 
 
-def section(runs, claim, plots_dir, paired, relative):
+def section(runs, claim, plots_dir, paired, relative, expected):
     """Markdown lines of the claim's page from the fresh-text runs; writes its figures."""
     md = ["## The claim, on one page", "",
           f"Rule, fixed {claim['fixed']} (`results/claim.json`):", ""]
@@ -158,9 +158,11 @@ def section(runs, claim, plots_dir, paired, relative):
         md += [f"### {model}, {protocol} ({windows} windows of {rows[0]['window']} tokens, "
                f"{scored:,} scored tokens)", ""]
         md += [machines_text(rows), ""]
-        expected = claim["proxies"].get(model, {}).get("caches", [])
-        if len(lexico) < len(expected):
-            md += [f"*{len(lexico)} of Lexico's {len(expected)} settings have run; the table is partial.*", ""]
+        present = {(r["method"], r["label"]) for r in rows}
+        missing = [f"{method} {label}" for method, label in expected(model) if (method, label) not in present]
+        if missing:
+            md += [f"*Not run yet ({len(missing)} of the rule's {len(expected(model))} settings; the table is "
+                   f"partial):* {'; '.join(missing)}.", ""]
         figure = Path(plots_dir) / f"claim_{model}_{protocol}.svg"
         draw(figure, f"{model}, {protocol}", by_method)
         md += [f"![fronts]({relative(figure)})", ""]

@@ -500,6 +500,14 @@ def add_claim_grid(add, model, head_dim):
     claim_baselines(add, head_dim)
 
 
+def claim_grid_labels(model):
+    """(method, label) of every run the claim's rule asks for on `model`."""
+    labels = []
+    add_claim_grid(lambda method, family, label, *rest: labels.append((method, label)), model,
+                   MODELS[model]["head_dim"])
+    return labels
+
+
 def add_references(add, head_dim):
     """The dense cache and KIVI-2/4, which every table is read against."""
     add("dense", "dense", "fp32 (exact reference)", "dense", {})
@@ -1263,7 +1271,7 @@ def write_report(quiet=False):
           "Do not edit by hand: regenerate with `/usr/bin/python3 bench/results_sweep.py report`. "
           "Every number below is one `lexico-eval --json` run whose command is stored in its run file; "
           "the same rows are in [`results/results.csv`](results/results.csv).", ""]
-    md += claim_page.section(claim_runs, claim_settings(), PLOTS_DIR, paired, relative)
+    md += claim_page.section(claim_runs, claim_settings(), PLOTS_DIR, paired, relative, claim_grid_labels)
     md += ["# Every run of the grid", "",
           "The tables below predate the claim's protocol: their settings were compared on the tuning windows "
           "and their claims (sections *Claim* and *Held out*) were read after the unseen-text tables had been "
