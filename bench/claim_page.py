@@ -121,11 +121,18 @@ def draw(path, title, rows_by_method):
     save(fig, path)
 
 
+def machine_name(run):
+    """The machine a run was made on, as the page names it (runs before 2026-12-07 did not record it)."""
+    m = run.get("machine")
+    return f"{m['cpu'] or 'unnamed CPU'}, {m['logical_cpus']} logical CPUs" if m else "a 2-core machine, not recorded"
+
+
 def machines_text(rows):
-    """Where a group's runs were made (runs that predate the record: the 2-core development machine)."""
-    where = sorted({f"{m['cpu'] or 'unnamed CPU'}, {m['logical_cpus']} logical CPUs" if m else
-                    "the 2-core development machine" for m in (r.get("machine") for r in rows)})
-    return "Made on " + "; ".join(where) + ", one thread per lexico-eval process."
+    where = sorted({machine_name(r) for r in rows})
+    text = "Made on " + "; ".join(where) + ", one thread per lexico-eval process."
+    if len(where) > 1:
+        text += " Speed ratios compare runs of one machine only (— where that machine ran no dense fp16 cache)."
+    return text
 
 
 def section(runs, claim, plots_dir, paired, relative, expected):
@@ -153,7 +160,7 @@ def section(runs, claim, plots_dir, paired, relative, expected):
             if not r["method"].startswith("dense"):
                 by_method.setdefault(r["method"], []).append(r)
         lexico = by_method.get("Lexico", [])
-        dense = next((r for r in rows if r["method"] == "dense fp16"), None)
+        dense_on = {machine_name(r): r for r in rows if r["method"] == "dense fp16"}
         scored = rows[0]["scored"]
         md += [f"### {model}, {protocol} ({windows} windows of {rows[0]['window']} tokens, "
                f"{scored:,} scored tokens)", ""]
@@ -195,6 +202,7 @@ def section(runs, claim, plots_dir, paired, relative, expected):
                "decode, × dense | prefill, × dense | shared bytes |", "|---|---|---|---|---|---|---|---|---|---|"]
         on_front = {id(r) for m, _, _ in METRICS for rs in by_method.values() for r in front(rs, m)}
         for r in sorted(rows, key=lambda r: (r["method"] != "Lexico", r["method"], r["kv"])):
+            dense = dense_on.get(machine_name(r))
             speed = (f"{r['tps'] / dense['tps']:.2f}" if dense and dense["tps"] else "—",
                      f"{r['prefill_tps'] / dense['prefill_tps']:.2f}" if dense and dense.get("prefill_tps") else "—")
             mark = " ●" if id(r) in on_front else ""
