@@ -43,6 +43,8 @@ const char* const usage =
     "  --json                print one JSON object instead of the text report\n"
     "  --per-token           with --json: add token_delta_nll, each scored token's NLL minus the dense\n"
     "                        cache's, in scoring order (for paired comparisons between runs)\n"
+    "  --token-detail        with --per-token: add token_ids (each scored token) and token_dense_nll\n"
+    "                        (its NLL under the exact dense cache), to see which tokens a cache costs\n"
     "  --batch B             decode B windows at once, each in its own cache (default 1): the\n"
     "                        weights are read once per step for all B; tokens/s is then the\n"
     "                        batch's throughput. Scores equal B = 1's up to rounding\n";
@@ -56,7 +58,7 @@ struct Args {
   std::string model, tokens, text, tokenizer, documents;
   std::vector<CacheSpec> caches;
   int window = 0, windows = 1, skip = 0, prefill = -1, batch = 1;
-  bool json = false, per_token = false;
+  bool json = false, per_token = false, token_detail = false;
 };
 
 Args parse_args(int argc, char** argv) {
@@ -94,8 +96,9 @@ Args parse_args(int argc, char** argv) {
        {"--prefill", [&](const std::string& v) { a.prefill = cli::parse_number<int>("--prefill", v, 0, 1 << 20); }},
        {"--batch", [&](const std::string& v) { a.batch = cli::parse_number<int>("--batch", v, 1, 256); }},
        {"--json", [&](const std::string&) { a.json = true; }},
-       {"--per-token", [&](const std::string&) { a.per_token = true; }}},
-      usage, {"--json", "--per-token"});
+       {"--per-token", [&](const std::string&) { a.per_token = true; }},
+       {"--token-detail", [&](const std::string&) { a.token_detail = true; }}},
+      usage, {"--json", "--per-token", "--token-detail"});
   if (a.caches.empty()) a.caches.push_back({"dense", {}});
   if (a.caches.front().name == "help") {
     std::fputs(lexico::cache_help().c_str(), stdout);
@@ -103,6 +106,7 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.model.empty()) throw cli::usage_error("--model is required");
   if (a.per_token && !a.json) throw cli::usage_error("--per-token needs --json");
+  if (a.token_detail && !a.per_token) throw cli::usage_error("--token-detail needs --per-token");
   if (a.tokens.empty() == a.text.empty()) throw cli::usage_error("give exactly one of --tokens FILE.u16 and --text FILE");
   if (!a.documents.empty() && a.text.empty()) throw cli::usage_error("--documents needs --text");
   for (const std::string* path : {&a.model, &a.tokens, &a.text, &a.tokenizer}) cli::require_file(*path);
@@ -131,12 +135,18 @@ double kl_divergence(const std::vector<double>& dense_log_p, const std::vector<d
 int argmax(const float* logits, int vocab) { return static_cast<int>(std::max_element(logits, logits + vocab) - logits); }
 
 // One cache configuration's running sums over every window.
+struct ScoredToken {
+  double delta_nll;  // NLL minus the exact dense cache's
+  double dense_nll;
+  int id;
+};
+
 struct Result {
   std::vector<std::unique_ptr<lexico::KVCache>> caches;  // one per window of a batch
   double nll = 0, dense_nll = 0, delta_squares = 0, kl = 0, kv_fraction = 0, decode_seconds = 0, prefill_seconds = 0;
   double kv_fraction_steps = 0;  // summed after every decode step
   long scored = 0, agree = 0, decoded = 0, prefilled = 0;
-  std::vector<double> token_delta;  // NLL minus the dense NLL of each scored token (--per-token)
+  std::vector<ScoredToken> tokens;  // each scored token, in scoring order (--per-token)
 
   lexico::KVCache& cache() const { return *caches.front(); }
   // KV size averaged over decode steps: what a sequence holds on average while it
@@ -250,9 +260,19 @@ void print_json(const Args& args, const Result& r, int window, std::size_t windo
       r.cache().shared_bytes(), shared, peak_rss_bytes(), r.decode_rate(), r.prefill_rate(), r.kv_fraction_decode_mean(),
       args.batch);
   if (args.per_token) {
-    std::printf(", \"token_delta_nll\": [");
-    for (std::size_t i = 0; i < r.token_delta.size(); ++i) std::printf(i ? ",%.6g" : "%.6g", r.token_delta[i]);
-    std::printf("]");
+    auto print_array = [&](const char* name, const char* format, auto field) {
+      std::printf(", \"%s\": [", name);
+      for (std::size_t i = 0; i < r.tokens.size(); ++i) {
+        if (i) std::fputc(',', stdout);
+        std::printf(format, field(r.tokens[i]));
+      }
+      std::printf("]");
+    };
+    print_array("token_delta_nll", "%.6g", [](const ScoredToken& t) { return t.delta_nll; });
+    if (args.token_detail) {
+      print_array("token_ids", "%d", [](const ScoredToken& t) { return t.id; });
+      print_array("token_dense_nll", "%.6g", [](const ScoredToken& t) { return t.dense_nll; });
+    }
   }
   std::printf("}\n");
 }
@@ -314,7 +334,7 @@ int run(const Args& args) {
       r.prefill_seconds += std::chrono::duration<double>(decode_start - prefill_start).count();
       r.prefilled += static_cast<long>(group) * prefill;
       done += static_cast<double>(group) * prefill;
-      std::vector<std::vector<double>> group_delta(group);
+      std::vector<std::vector<ScoredToken>> group_tokens(group);
       std::vector<int> step_tokens(group);
       for (int p = prefill; p < window; ++p) {
         for (std::size_t b = 0; b < group; ++b) step_tokens[b] = windows[first + b][static_cast<std::size_t>(p)];
@@ -333,7 +353,7 @@ int run(const Args& args) {
           r.dense_nll -= dense_log_p[target];
           const double delta = dense_log_p[target] - log_p[target];
           r.delta_squares += delta * delta;
-          if (args.per_token) group_delta[b].push_back(delta);
+          if (args.per_token) group_tokens[b].push_back({delta, -dense_log_p[target], static_cast<int>(target)});
           r.kl += kl_divergence(dense_log_p, log_p);
           r.agree += argmax(logits, config.vocab) == references[b].argmax[static_cast<std::size_t>(p)];
           ++r.scored;
@@ -348,7 +368,7 @@ int run(const Args& args) {
       r.decode_seconds += std::chrono::duration<double>(Clock::now() - decode_start).count();
       for (std::size_t b = 0; b < group; ++b) {
         r.kv_fraction += caches[b]->kv_size_fraction() / static_cast<double>(windows.size());
-        r.token_delta.insert(r.token_delta.end(), group_delta[b].begin(), group_delta[b].end());
+        r.tokens.insert(r.tokens.end(), group_tokens[b].begin(), group_tokens[b].end());
       }
     }
   }

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -150,6 +151,45 @@ TEST(EvalTool, DocumentWindowsOpenOneDocumentEach) {
   const Output none = run(base + " --window 4000 --documents 'Once upon a time'");
   EXPECT_EQ(none.status, 2);
   EXPECT_NE(none.text.find("windows open documents"), std::string::npos) << none.text;
+}
+
+// --token-detail names each scored token: the ids are the window's next tokens (a .u16
+// corpus written here, so the windows are known: BOS, then the file's tokens in order),
+// the same for every cache, and the dense NLLs average to the run's dense mean NLL.
+TEST(EvalTool, TokenDetailNamesTheScoredTokens) {
+  const std::string path = ::testing::TempDir() + "/lexico_detail.u16";
+  std::vector<std::uint16_t> file;
+  for (int i = 0; i < 200; ++i) file.push_back(static_cast<std::uint16_t>(3 + (i * 37 + i / 5) % 400));
+  {
+    std::ofstream out(path, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(file.data()), static_cast<std::streamsize>(file.size() * 2));
+  }
+  const std::string data = LEXICO_REPO_DATA;
+  const std::string base = std::string(LEXICO_BINARY_DIR) + "/examples/lexico-eval --model " + data +
+                           "/stories260k/stories260K.bin --tokens " + path +
+                           " --window 64 --windows 2 --prefill 40 --cache dense --cache kivi:bits=2,group=8";
+  const Output out = run(base + " --json --per-token --token-detail");
+  ASSERT_EQ(out.status, 0) << out.text;
+  const auto results = json_lines(out.text);
+  ASSERT_EQ(results.size(), 2u);
+  for (const auto& result : results) {
+    const auto& ids = result.at("token_ids").as_array();
+    const auto& dense = result.at("token_dense_nll").as_array();
+    ASSERT_EQ(ids.size(), 2u * (64 - 40 - 1));
+    ASSERT_EQ(dense.size(), ids.size());
+    for (std::size_t w = 0; w < 2; ++w)
+      for (std::size_t p = 40; p + 1 < 64; ++p)  // position p predicts window token p + 1 = file token w*63 + p
+        EXPECT_EQ(ids[w * 23 + p - 40].as_int(), file[w * 63 + p]) << "window " << w << " position " << p;
+    double sum = 0;
+    for (const auto& v : dense) sum += v.as_double();
+    EXPECT_NEAR(sum / static_cast<double>(dense.size()), result.at("dense_mean_nll").as_double(), 1e-5);
+  }
+  for (std::size_t t = 0; t < results[0].at("token_dense_nll").as_array().size(); ++t)
+    EXPECT_EQ(results[0].at("token_dense_nll").as_array()[t].as_double(),
+              results[1].at("token_dense_nll").as_array()[t].as_double());
+  const Output bare = run(base + " --json --token-detail");
+  EXPECT_EQ(bare.status, 2);
+  EXPECT_NE(bare.text.find("--token-detail needs --per-token"), std::string::npos) << bare.text;
 }
 
 }  // namespace
