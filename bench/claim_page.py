@@ -148,7 +148,9 @@ def section(runs, claim, plots_dir, paired, relative, expected):
            "tokens/s are a batch's throughput on one thread of the machine each table names, given as a ratio to "
            "the dense fp16 cache of the same sweep; the sweeps ran niced beside other jobs (builds, other "
            "lexico-eval processes), so these ratios are indicative only: controlled single-sequence ratios are in BENCHMARKS.md. KV % is "
-           "measured at each window's end (the fronts use it) and averaged over decode steps.", ""]
+           "measured at each window's end (the fronts use it) and averaged over decode steps. Which tokens "
+           "make Lexico's ΔNLL (copies of an earlier pair of the window, mostly): `results/token_gap.md`, "
+           "written by `bench/token_gap.py`.", ""]
     groups = {}
     for r in runs:
         groups.setdefault((r["model"], r["protocol"], r["windows"]), []).append(r)
