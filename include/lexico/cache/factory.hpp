@@ -220,7 +220,11 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"pool", "0", "> 1: the vectors of a flush share s atoms each on average, one taking up to pool*s (0: s each)"},
         {"pool_recent", "1", "1: the recent tier pools its atoms too; 0: only the codes at s do"},
         {"gram", "fp16", "Gram matrix form: fp16 (N^2 fp16 per dictionary) | on_demand (columns computed, 3d hot)"},
-        {"threads", "0", "OpenMP threads that code a flush (0: the OpenMP default)"}},
+        {"threads", "0", "OpenMP threads that code a flush (0: the OpenMP default)"},
+        {"unshrink", "0", "p in [0, 1]: codes scaled by (|x|^2 / <x, Dc>)^p, undoing least squares' shrinkage "
+                          "(1: a matching query's score, 0.5: the norm)"},
+        {"unshrink_k", "", "p for keys (default: unshrink)"},
+        {"unshrink_v", "", "p for values (default: unshrink)"}},
        [](CacheShape shape, const CacheOptions& o) -> Made {
          require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
          CodeSpaceOptions space_options;
@@ -255,6 +259,9 @@ inline std::vector<CacheType> builtin_cache_types() {
          require(options.key_tolerance >= 0 && options.key_tolerance < 1, "make_cache: lexico tol must be in [0, 1)");
          options.atom_pool = static_cast<float>(o.get_number("pool"));  // LexicoCache checks its range
          options.pool_recent_tiers = o.get_int("pool_recent", 0, 1) == 1;
+         const double unshrink = o.get_number("unshrink", 0, 1);
+         options.key_unshrink = static_cast<float>(o.has("unshrink_k") ? o.get_number("unshrink_k", 0, 1) : unshrink);
+         options.value_unshrink = static_cast<float>(o.has("unshrink_v") ? o.get_number("unshrink_v", 0, 1) : unshrink);
          return std::make_unique<LexicoCache>(shape, space, options);
        }},
   };

@@ -37,6 +37,7 @@
 #include "../coding/codes.hpp"
 #include "../coding/dictionary.hpp"
 #include "../coding/omp.hpp"
+#include "../coding/unshrink.hpp"
 #include "../base/rope.hpp"
 #include "cache.hpp"
 #include "coded_rows.hpp"
@@ -58,6 +59,11 @@ struct LexicoOptions {
   // false: only the long-term codes pool their atoms, the recent tiers keep exactly their
   // sparsity (a pooled tier of many atoms runs OMP to pool·rs atoms per vector: slow).
   bool pool_recent_tiers = true;
+  // Codes scaled along their own vector by (‖x‖² / ⟨x, x̂⟩)^p (coding/unshrink.hpp): least
+  // squares shortens x̂, so the key a query matches scores lower and copying blurs. 0 is the
+  // paper's code, 1 restores a matching query's score, 0.5 the norm.
+  float key_unshrink = 0.0f;
+  float value_unshrink = 0.0f;
   int buffer = 128;  // n_b: most recent tokens kept uncompressed (fp16)
   int flush = 32;    // n_a: tokens coded at once when the buffer overflows
   // The first tokens of a sequence, kept in fp16 for good: attention sinks draw a large
@@ -120,6 +126,9 @@ class LexicoCache final : public KVCache {
     require(space_->layers() == shape.layers && space_->dim() == shape.head_dim, "LexicoCache: the dictionary set of '",
             space_->manifest().model, "' has ", space_->layers(), " layers of head_dim ", space_->dim(),
             "; this cache's model has ", shape.layers, " layers of head_dim ", shape.head_dim);
+    for (const float p : {options_.key_unshrink, options_.value_unshrink})
+      require(p >= 0 && p <= 1, "LexicoCache: unshrink powers must be in [0, 1] (got ", options_.key_unshrink, "/",
+              options_.value_unshrink, ")");
     require(options_.buffer >= 0 && options_.flush >= 1 && options_.sinks >= 0,
             "LexicoCache: buffer and sinks must be >= 0 and flush >= 1 (got ", options_.buffer, ", ",
             options_.sinks, ", ", options_.flush, ")");
@@ -175,6 +184,8 @@ class LexicoCache final : public KVCache {
     if (options_.atom_pool > 0) out << " atom_pool=" << options_.atom_pool;
     if (options_.atom_pool > 0 && !options_.pool_recent_tiers && !options_.tiers.empty()) out << " pool_recent=0";
     if (space_->options().gram != GramPolicy::fp16) out << " gram=" << to_string(space_->options().gram);
+    if (options_.key_unshrink > 0 || options_.value_unshrink > 0)
+      out << " unshrink=" << options_.key_unshrink << "/" << options_.value_unshrink;
     return out.str();
   }
 
@@ -410,6 +421,7 @@ class LexicoCache final : public KVCache {
          bool keys, const LexicoOptions& options)
         : dictionary(&(keys ? space.keys(layer) : space.values(layer)).dictionary()),
           pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
+          unshrink(keys ? options.key_unshrink : options.value_unshrink),
           buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
       if (options.quantized_recent()) {
         const auto format = keys ? options.recent_format : options.recent_value_format.value_or(options.recent_format);
@@ -509,6 +521,7 @@ class LexicoCache final : public KVCache {
           share_atoms(work.result, first, count, count * tier.sparsity, work.keep);
           shorten_codes(*dictionary, work.vectors, first, work.keep, work.result);
         }
+      unshrink_codes(*dictionary, work.vectors, unshrink, work.result);
       append(work.result, tier);
     }
 
@@ -521,6 +534,7 @@ class LexicoCache final : public KVCache {
 
     const Dictionary* dictionary;  // the CodeSpace's
     Eigen::Index pool_columns;     // columns that share an atom budget: one flush
+    float unshrink;                // LexicoOptions::key_unshrink / value_unshrink
     std::vector<Tier> tiers;       // oldest first; tiers[0] is unbounded
     std::unique_ptr<CodedRows<BlockCodec>> recent;  // the quantized recent tier, if any
     Eigen::Index recent_capacity = 0;
