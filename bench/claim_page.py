@@ -13,7 +13,7 @@ from pathlib import Path
 
 METRICS = (("kl", "KL", "mean KL(dense ‖ cache), nats"), ("delta", "ΔNLL", "ΔNLL, nats/token"))
 BASELINE_ORDER = ("KIVI-2", "KIVI-4", "q4_0", "q8_0", "FP8", "TOVA")
-COLORS = {"Lexico": "#d62728", "KIVI-2": "#1f77b4", "KIVI-4": "#17becf", "q4_0": "#2ca02c", "q8_0": "#98df8a",
+COLORS = {"Lexico": "#d62728", "Lexico unshrink": "#e377c2", "KIVI-2": "#1f77b4", "KIVI-4": "#17becf", "q4_0": "#2ca02c", "q8_0": "#98df8a",
           "FP8": "#9467bd", "TOVA": "#8c564b"}
 
 
@@ -177,6 +177,7 @@ def section(runs, claim, plots_dir, paired, relative, expected):
         md += [f"![fronts]({relative(figure)})", ""]
         fronts = {m: front(lexico, m) for m, _, _ in METRICS}
         detail, summary = [], []
+        variants = [m for m in by_method if m.startswith("Lexico ")]
         for method in BASELINE_ORDER:
             points = []
             for metric, _, _ in METRICS:
@@ -188,10 +189,16 @@ def section(runs, claim, plots_dir, paired, relative, expected):
                               f"{ratio_text(by_kl, point)[0]} | {point['delta']:+.4f} | {delta_text} | {noise} |")
             if points:
                 missed = sum(1 for pair in found for f in pair if f is None)
-                summary.append(f"| {method} | {len(points)} | {span(f for f, _ in found)} | {span(f for _, f in found)} | "
-                               f"{missed} |")
-        md += ["| baseline | front points | ratio by KL | ratio by ΔNLL | ratios not reached (better than Lexico's "
-               "best point) |", "|---|---|---|---|---|"] + summary
+                summary.append(f"| {method} | Lexico | {len(points)} | {span(f for f, _ in found)} | "
+                               f"{span(f for _, f in found)} | {missed} |")
+            for variant in variants:  # the same points against each variant's front
+                other = {m: front(by_method[variant], m) for m, _, _ in METRICS}
+                found = [(ratio(p, other["kl"], "kl"), ratio(p, other["delta"], "delta")) for p in points]
+                if points:
+                    summary.append(f"| {method} | {variant} | {len(points)} | {span(f for f, _ in found)} | "
+                                   f"{span(f for _, f in found)} | {sum(1 for pair in found for f in pair if f is None)} |")
+        md += ["| baseline | front | front points | ratio by KL | ratio by ΔNLL | ratios not reached (better than "
+               "the front's best point) |", "|---|---|---|---|---|---|"] + summary
         md += ["", "Per front point: the KV size at which Lexico's front reaches the point's KL or ΔNLL and the "
                "ratio (≥: Lexico's smallest setting is already better, so the ratio is at least this); the paired "
                "column is the Lexico setting that reaches the point's ΔNLL minus the point, token by token "

@@ -493,10 +493,14 @@ def add_claim_grid(add, model, head_dim):
     proxy = claim_settings().get("proxies", {}).get(model)
     if proxy is None:
         print(f"results_sweep: {CLAIM_PATH.name} fixes no Lexico setting for {model}", file=sys.stderr)
-    for spec in proxy["caches"] if proxy else ():
-        cache, options = parse_cache_spec(spec)
-        label = ", ".join(f"{k}={v}" for k, v in options.items() if k != "dict")
-        add("Lexico", "Lexico", label, cache, options, {"dict_dir": options.get("dict", "")})
+    fronts = [("Lexico", proxy["caches"] if proxy else [])]
+    fronts += [(name, variant["proxies"].get(model, []))
+               for name, variant in claim_settings().get("variants", {}).items()]
+    for method, specs in fronts:
+        for spec in specs:
+            cache, options = parse_cache_spec(spec)
+            label = ", ".join(f"{k}={v}" for k, v in options.items() if k != "dict")
+            add(method, method, label, cache, options, {"dict_dir": options.get("dict", "")})
     claim_baselines(add, head_dim)
 
 
