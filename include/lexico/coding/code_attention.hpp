@@ -382,8 +382,8 @@ inline void rotated_code_scores(const CodeStore& codes, const CodeBook& book, co
           "rotated_code_scores: dictionary dimension ", book.dim(), ", RoPE head_dim ", rope.head_dim(),
           " and GQA group ", group, " do not fit");
   const int d = book.dim();
-  const bool interleaved = rope.style() == RopeStyle::interleaved;
 #if defined(__AVX512F__)
+  const bool interleaved = rope.style() == RopeStyle::interleaved;
   if (!interleaved && group <= 8 && d == 128)
     return detail::rotated_code_scores_avx512<8>(codes, book.atoms_fp16(), rope, first, queries, group, scores, ld);
   if (!interleaved && group <= 8 && d == 64)
