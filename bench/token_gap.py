@@ -123,7 +123,7 @@ def report(models):
         fresh = sweep.FRESH["fresh"]
         classes = classify(detail, fresh.get("prefill", fresh["window"] // 2))
         kivi = sorted((r for r in mine if r["method"] == "KIVI-2"), key=lambda r: r["kv"])
-        lexico = sorted((r for r in mine if r["method"] == "Lexico"), key=lambda r: r["kv"])
+        lexico = sorted((r for r in mine if r["method"].startswith("Lexico")), key=lambda r: (r["method"], r["kv"]))
         if not kivi or not lexico:
             md += [f"## {model}", "", "*The claim's fresh runs of KIVI-2 or Lexico are missing.*", ""]
             continue
@@ -140,12 +140,12 @@ def report(models):
                "| Lexico | KV % | ΔNLL | KIVI-2 | KV % | ΔNLL | " + " | ".join(f"{k}: Lexico / KIVI-2" for k in CLASSES)
                + " |", "|---|---|---|---|---|---|" + "---|" * len(CLASSES)]
         for l, k in pairs:
-            md.append(f"| s={l['options'].get('s', '?')} | {l['kv']:.1f} | {l['delta']:+.4f} | {k['label']} | "
+            md.append(f"| {l['method']} s={l['options'].get('s', '?')} | {l['kv']:.1f} | {l['delta']:+.4f} | {k['label']} | "
                       f"{k['kv']:.1f} | {k['delta']:+.4f} | " + " | ".join(
                           f"{class_mean(l, classes, c):+.4f} / {class_mean(k, classes, c):+.4f}" for c in CLASSES) + " |")
         md.append("")
         for l, k in pairs:
-            md += [f"### Lexico {l['label']} ({l['kv']:.1f} % KV, ΔNLL {l['delta']:+.4f}) against KIVI-2 "
+            md += [f"### {l['method']} {l['label']} ({l['kv']:.1f} % KV, ΔNLL {l['delta']:+.4f}) against KIVI-2 "
                    f"{k['label']} ({k['kv']:.1f} % KV, ΔNLL {k['delta']:+.4f})", "",
                    "| tokens | share | Lexico ΔNLL | KIVI-2 ΔNLL | Lexico − KIVI-2 | contribution to the mean gap |",
                    "|---|---|---|---|---|---|"] + table(l, k, classes) + [""]
