@@ -121,6 +121,13 @@ def draw(path, title, rows_by_method):
     save(fig, path)
 
 
+def summary_row(baseline, front_name, found):
+    """One baseline front read against one Lexico front: (by KL, by ΔNLL) ratio per point."""
+    missed = sum(1 for pair in found for f in pair if f is None)
+    return (f"| {baseline} | {front_name} | {len(found)} | {span(f for f, _ in found)} | {span(f for _, f in found)} | "
+            f"{missed} |")
+
+
 def machine_name(run):
     """The machine a run was made on, as the page names it (runs before 2026-12-07 did not record it)."""
     m = run.get("machine")
@@ -183,20 +190,16 @@ def section(runs, claim, plots_dir, paired, relative, expected):
             for metric, _, _ in METRICS:
                 points += [p for p in front(by_method.get(method, []), metric) if all(p is not q for q in points)]
             found = [(ratio(p, fronts["kl"], "kl"), ratio(p, fronts["delta"], "delta")) for p in points]
+            summary += [summary_row(method, "Lexico", found)] if points else []
+            for variant in variants:  # the same points against each variant's front
+                other = {m: front(by_method[variant], m) for m, _, _ in METRICS}
+                summary += [summary_row(method, variant, [(ratio(p, other["kl"], "kl"),
+                                                           ratio(p, other["delta"], "delta")) for p in points])
+                            ] if points else []
             for point, (by_kl, by_delta) in zip(points, found):
                 delta_text, noise = ratio_text(by_delta, point, paired)
                 detail.append(f"| {method} {point['label']} | {point['kv']:.1f} | {point['kl']:.5f} | "
                               f"{ratio_text(by_kl, point)[0]} | {point['delta']:+.4f} | {delta_text} | {noise} |")
-            if points:
-                missed = sum(1 for pair in found for f in pair if f is None)
-                summary.append(f"| {method} | Lexico | {len(points)} | {span(f for f, _ in found)} | "
-                               f"{span(f for _, f in found)} | {missed} |")
-            for variant in variants:  # the same points against each variant's front
-                other = {m: front(by_method[variant], m) for m, _, _ in METRICS}
-                found = [(ratio(p, other["kl"], "kl"), ratio(p, other["delta"], "delta")) for p in points]
-                if points:
-                    summary.append(f"| {method} | {variant} | {len(points)} | {span(f for f, _ in found)} | "
-                                   f"{span(f for _, f in found)} | {sum(1 for pair in found for f in pair if f is None)} |")
         md += ["| baseline | front | front points | ratio by KL | ratio by ΔNLL | ratios not reached (better than "
                "the front's best point) |", "|---|---|---|---|---|---|"] + summary
         md += ["", "Per front point: the KV size at which Lexico's front reaches the point's KL or ΔNLL and the "

@@ -869,6 +869,12 @@ def claim_row(key, rows, ids, metric, variant=VARIANTS[1]):
     return head + [display_label(best, ids), f"{best['kv']:.2f}", value(best), f"{ratio:.2f}", verdict]
 
 
+def standard_error(values, mean):
+    """Standard error of the mean of `values` (whose mean is given), taken as independent."""
+    n = len(values)
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1) / n)
+
+
 def paired(a, b):
     """a's ΔNLL minus b's on the same scored tokens, from their per-token records:
     (mean, standard error with the tokens taken as independent, standard error from the
@@ -879,12 +885,9 @@ def paired(a, b):
     d = [x - y for x, y in zip(a["tokens"], b["tokens"])]
     n, windows = len(d), a["windows"]
     mean = sum(d) / n
-    se_token = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
     per = n // windows
     blocks = [sum(d[w * per:(w + 1) * per]) / per for w in range(windows)] if per * windows == n else []
-    se_window = (math.sqrt(sum((m - mean) ** 2 for m in blocks) / (len(blocks) - 1) / len(blocks))
-                 if len(blocks) > 1 else None)
-    return mean, se_token, se_window
+    return mean, standard_error(d, mean), standard_error(blocks, mean) if len(blocks) > 1 else None
 
 
 def paired_margin(p):

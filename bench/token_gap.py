@@ -70,14 +70,6 @@ def classify(detail, prefill):
     return out
 
 
-def mean_se(values):
-    n = len(values)
-    if n < 2:
-        return (values[0] if values else float("nan")), float("nan")
-    mean = sum(values) / n
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def table(lexico, kivi, classes):
     """Rows per token class and dense-NLL bucket: share, both caches' mean ΔNLL, the paired
     difference, and its contribution to the mean gap (the classes' contributions add up to it)."""
@@ -88,7 +80,8 @@ def table(lexico, kivi, classes):
         if not index:
             return
         diff = [lexico["tokens"][i] - kivi["tokens"][i] for i in index]
-        m, se = mean_se(diff)
+        m = sum(diff) / len(diff)
+        se = sweep.standard_error(diff, m) if len(diff) > 1 else float("nan")
         mean = lambda run: sum(run["tokens"][i] for i in index) / len(index)
         rows.append(f"| {name} | {len(index) / len(classes):.1%} | {mean(lexico):+.4f} | {mean(kivi):+.4f} | "
                     f"{m:+.4f} ± {se:.4f} | {sum(diff) / len(classes):+.4f} |")

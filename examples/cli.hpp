@@ -99,8 +99,6 @@ class ProgressBar {
   Clock::time_point last_{};
 };
 
-// Token ids of a .u16 file, or of a text file through the tokenizer at
-// `tokenizer_path` (a tokenizer.json, a directory holding one, or a llama2.c .bin).
 // Every id of `tokens` (read from `path`) is one the model knows.
 inline void require_in_vocabulary(const std::vector<int>& tokens, const std::string& path,
                                   const lexico::LlamaModel& model) {
@@ -109,6 +107,8 @@ inline void require_in_vocabulary(const std::vector<int>& tokens, const std::str
                     " outside the model's vocabulary of ", model.config().vocab);
 }
 
+// Token ids of a .u16 file, or of a text file through the tokenizer at
+// `tokenizer_path` (a tokenizer.json, a directory holding one, or a llama2.c .bin).
 inline std::vector<int> read_corpus(const std::string& path, const std::string& tokenizer_path,
                                     const lexico::LlamaModel& model) {
   std::vector<int> tokens;
