@@ -305,6 +305,31 @@ TEST(LargePageAllocator, AlignsLargeBlocksAndKeepsContentsAcrossGrowth) {
   EXPECT_THROW(allocator.allocate(static_cast<std::size_t>(-1) / 2), std::bad_array_new_length);
 }
 
+TEST(Kernels, NonzeroRowsListsEveryRowWithAWeight) {
+  // The value combination's list of atoms in use, against the plain definition: the
+  // vector path (m = 1, 2, 4, 8, 16), its tail and the portable path (m = 3, 5), rows that
+  // are nonzero in one column only, -0.0 (counts as zero) and NaN (counts as a weight).
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  for (int m : {1, 2, 3, 4, 5, 8, 16})
+    for (long n : {0L, 1L, 3L, 17L, 4096L})
+      for (float density : {0.0f, 0.05f, 0.5f, 1.0f}) {
+        std::vector<float> weights(static_cast<std::size_t>(n * m), 0.0f);
+        for (long r = 0; r < n; ++r)
+          if (uniform(rng) < density) weights[static_cast<std::size_t>(r * m + static_cast<long>(uniform(rng) * m) % m)] = uniform(rng) + 0.1f;
+        if (n > 2) weights[static_cast<std::size_t>(m)] = -0.0f, weights[static_cast<std::size_t>(2 * m)] = std::nanf("");
+        std::vector<int> want, got = {-1};
+        for (long r = 0; r < n; ++r) {
+          bool any = false;
+          for (int g = 0; g < m; ++g) any = any || weights[static_cast<std::size_t>(r * m + g)] != 0.0f;
+          if (any) want.push_back(static_cast<int>(r));
+        }
+        want.insert(want.begin(), -1);  // appends after what the list held
+        lexico::detail::nonzero_rows(weights.data(), n, m, got);
+        ASSERT_EQ(got, want) << "m " << m << " n " << n << " density " << density;
+      }
+}
+
 TEST(TokenStore, Fp16KernelsMatchNaive) {
   std::mt19937 rng(31);
   std::normal_distribution<float> normal;

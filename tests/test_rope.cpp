@@ -61,6 +61,29 @@ TEST(Rope, ConsecutiveAnglesMatchDirectAngles) {
   EXPECT_LT(worst, 1e-6);
 }
 
+TEST(Rope, RotateRowsAgreesWithConsecutiveAnglesWhateverItRotatedBefore) {
+  // rotate_rows keeps the angles of its last runs per thread: every run, repeated or new,
+  // and a Rope of another theta at the same positions, must turn rows by their own angles.
+  const lexico::Rope a(8, 10000.0f, lexico::RopeStyle::rotate_half), b(8, 500.0f, lexico::RopeStyle::rotate_half);
+  const std::int64_t runs[][2] = {{0, 4}, {900, 33}, {0, 4}, {901, 33}, {900, 32}, {7, 1}, {900, 33}, {0, 4}};
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal;
+  for (int repeat = 0; repeat < 2; ++repeat)
+    for (const auto& run : runs)
+      for (const lexico::Rope* rope : {&a, &b}) {
+        const std::int64_t first = run[0], count = run[1];
+        std::vector<float> rows(static_cast<std::size_t>(count * 8)), want, cos(static_cast<std::size_t>(count * 4)),
+            sin(cos.size());
+        for (float& x : rows) x = normal(rng);
+        want = rows;
+        rope->consecutive_angles(first, count, cos.data(), sin.data());
+        for (std::int64_t t = 0; t < count; ++t) rope->rotate(want.data() + t * 8, cos.data() + t * 4, sin.data() + t * 4);
+        rope->rotate_rows(first, rows.data(), count, 8, 1);
+        for (std::size_t i = 0; i < rows.size(); ++i)
+          ASSERT_EQ(rows[i], want[i]) << "theta " << rope->theta() << " first " << first << " count " << count;
+      }
+}
+
 TEST(Rope, RejectsImpossibleParameters) {
   EXPECT_THROW(lexico::Rope(7, 10000.0f, lexico::RopeStyle::rotate_half), lexico::error);
   EXPECT_THROW(lexico::Rope(8, 1.0f, lexico::RopeStyle::rotate_half), lexico::error);

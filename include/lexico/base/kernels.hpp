@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace lexico::detail {
 
@@ -268,6 +269,38 @@ inline bool fp16_accumulate(const std::uint16_t* rows, long count, int d, const 
   (void)rows, (void)count, (void)d, (void)probabilities, (void)ld, (void)group, (void)out;
   return false;
 #endif
+}
+
+// Appends to `used` every row r < n of the row-major n x m matrix `weights` that holds a
+// nonzero value, in order. A scalar loop with an early exit mispredicts on rows used at
+// random (about half of them in a decode step): 8 ns per row against well under 1 here.
+inline void nonzero_rows(const float* weights, long n, int m, std::vector<int>& used) {
+  long r = 0;
+#if defined(__AVX512F__)
+  if (m == 1 || m == 2 || m == 4 || m == 8 || m == 16) {
+    // 16 floats cover 16 / m rows: a lane mask per row, rows at once by compress.
+    const int rows_per_vector = 16 / m;
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i row_of_lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    alignas(64) int index[16];
+    for (; r + rows_per_vector <= n; r += rows_per_vector) {
+      const __mmask16 lanes = _mm512_cmp_ps_mask(_mm512_loadu_ps(weights + r * m), zero, _CMP_NEQ_UQ);
+      if (lanes == 0) continue;
+      // Row j of this vector is used when any of its m lanes is: fold the mask onto bit j.
+      unsigned rows_mask = 0;
+      for (int j = 0; j < rows_per_vector; ++j)
+        if ((lanes >> (j * m)) & ((1u << m) - 1u)) rows_mask |= 1u << j;
+      const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(r)), row_of_lane);
+      _mm512_mask_compressstoreu_epi32(index, static_cast<__mmask16>(rows_mask), ids);
+      used.insert(used.end(), index, index + __builtin_popcount(rows_mask));
+    }
+  }
+#endif
+  for (; r < n; ++r) {
+    int any = 0;
+    for (int g = 0; g < m; ++g) any |= weights[r * m + g] != 0.0f;
+    if (any) used.push_back(static_cast<int>(r));
+  }
 }
 
 // out[g] (g < m; `width` columns of rows d apart) = Σ_i weights[atoms[i] * m + g] · the

@@ -100,12 +100,9 @@ class Rope {
   void rotate_rows(std::int64_t first, float* rows, std::int64_t count, std::int64_t stride, int heads,
                    bool inverse = false) const {
     const int n = pairs();
-    thread_local std::vector<float> cos, sin;
-    cos.resize(static_cast<std::size_t>(count * n));
-    sin.resize(cos.size());
-    consecutive_angles(first, count, cos.data(), sin.data());
+    const Angles& a = memoized_angles(first, count);
     for (std::int64_t r = 0; r < count; ++r)
-      for (int h = 0; h < heads; ++h) rotate(rows + r * stride + h * head_dim_, cos.data() + r * n, sin.data() + r * n, inverse);
+      for (int h = 0; h < heads; ++h) rotate(rows + r * stride + h * head_dim_, a.cos.data() + r * n, a.sin.data() + r * n, inverse);
   }
 
   // Rotates one head vector by the angles whose cos and sin are given, or by their
@@ -128,6 +125,34 @@ class Rope {
   }
 
  private:
+  struct Angles {
+    int head_dim = 0;
+    float theta = 0;
+    std::int64_t first = -1, count = 0;
+    std::vector<float> cos, sin;
+  };
+
+  // consecutive_angles of the last few runs rotated on this thread: a decode step rotates
+  // the same held positions (sinks, recent tier, buffer) in every layer and KV head, and
+  // their sin/cos in double cost more than the rotations.
+  const Angles& memoized_angles(std::int64_t first, std::int64_t count) const {
+    constexpr int slots = 4;
+    thread_local Angles memo[slots];
+    thread_local int next = 0;
+    for (const Angles& a : memo)
+      if (a.first == first && a.count == count && a.head_dim == head_dim_ && a.theta == theta_) return a;
+    Angles& a = memo[next];
+    next = (next + 1) % slots;
+    a.head_dim = head_dim_;
+    a.theta = theta_;
+    a.first = first;
+    a.count = count;
+    a.cos.resize(static_cast<std::size_t>(count * pairs()));
+    a.sin.resize(a.cos.size());
+    consecutive_angles(first, count, a.cos.data(), a.sin.data());
+    return a;
+  }
+
   int head_dim_;
   float theta_;
   RopeStyle style_;

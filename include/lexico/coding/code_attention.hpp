@@ -192,12 +192,7 @@ inline void add_atom_combination(const CodeBook& book, const RowMatrix& weights,
     sum.assign(static_cast<std::size_t>(m * d), 0.0f);
     atom.resize(static_cast<std::size_t>(d));
     used.clear();
-    for (Eigen::Index a = 0; a < atoms.cols(); ++a) {
-      const float* w = weights.data() + a * m;
-      bool any = false;
-      for (int g = 0; g < m; ++g) any = any || w[g] != 0.0f;
-      if (any) used.push_back(static_cast<int>(a));
-    }
+    detail::nonzero_rows(weights.data(), atoms.cols(), m, used);
     // Column ranges on separate threads: each writes its own columns of every output.
     const int ranges = std::max(1, std::min(thread_budget(threads), d / 32));
     const int width = d / ranges;
