@@ -249,6 +249,14 @@ TEST(Factory, LexicoLayerSparsityGivesEachLayerItsAtoms) {
   EXPECT_LT(payload("layer_s=2:2:2"), payload("layer_s=2:4:6"));
   expect_error_mentioning([&] { make("layer_s=2:4"); }, {"layer_s", "2 sparsities", "3 layers"});
   expect_error_mentioning([&] { make("layer_s=2:0:4"); }, {"layer_s", "item '0'"});
+  // kv_shift moves atoms from values to keys in every layer, and the bytes stay.
+  EXPECT_NE(make("layer_s=2:4:6,kv_shift=1")->parameters().find(" L0=3/1 L1=5/3 L2=7/5"), std::string::npos);
+  EXPECT_NE(make("layer_s=2:4:6,kv_shift=-1")->parameters().find(" L0=1/3 L1=3/5 L2=5/7"), std::string::npos);
+  EXPECT_NE(make("s=4,kv_shift=2")->parameters().find("sk=6 sv=2"), std::string::npos);
+  // (up to the packed indices' rounding to whole bytes: one byte per code row at most)
+  EXPECT_NEAR(payload("layer_s=2:4:6,kv_shift=1"), payload("layer_s=2:4:6"), 2.0 * shape.layers * shape.kv_heads);
+  expect_error_mentioning([&] { make("layer_s=2:4:6,kv_shift=2"); }, {"kv_shift=2", "layer 0", "0 value atoms"});
+  expect_error_mentioning([&] { make("s=4,kv_shift=-4"); }, {"kv_shift=-4", "0 key and 8 value atoms"});
 }
 
 TEST(Factory, HelpListsEveryCacheAndOption) {

@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -207,6 +208,8 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"sv", "", "atoms per value vector (default: s)"},
         {"layer_s", "", "atoms per key and value vector of each layer, s0:s1:... (one per layer; replaces s, sk, sv), "
                         "or auto: s on average, shared out by the manifest's dev errors (layer_sparsity.hpp)"},
+        {"kv_shift", "0", "atoms moved from each layer's value codes to its key codes (keys s + k, values s - k: the "
+                          "same bytes, up to the indices' rounding); negative moves them to the values"},
         {"buffer", "128", "recent tokens kept in fp16 (n_b)"},
         {"flush", "32", "tokens coded at once when the buffer overflows (n_a)"},
         {"sinks", "0", "first tokens kept in fp16 for good (attention sinks)"},
@@ -242,6 +245,19 @@ inline std::vector<CacheType> builtin_cache_types() {
                    per_layer.size(), " sparsities for a model of ", shape.layers, " layers");
            for (int l = 0; l < shape.layers; ++l)
              options.layer_sparsity[l] = {per_layer[static_cast<std::size_t>(l)], per_layer[static_cast<std::size_t>(l)]};
+         }
+         if (const int shift = o.get_int("kv_shift", -254, 254); shift != 0) {
+           const auto moved = [&](std::pair<int, int>& kv, const std::string& where) {
+             require(kv.first + shift >= 1 && kv.first + shift <= 255 && kv.second - shift >= 1 &&
+                         kv.second - shift <= 255,
+                     "make_cache: lexico kv_shift=", shift, " leaves ", where, " with ", kv.first + shift,
+                     " key and ", kv.second - shift, " value atoms (each must be in [1, 255])");
+             kv = {kv.first + shift, kv.second - shift};
+           };
+           std::pair<int, int> plain{options.key_sparsity, options.value_sparsity};
+           moved(plain, "every layer");
+           std::tie(options.key_sparsity, options.value_sparsity) = plain;
+           for (auto& [layer, kv] : options.layer_sparsity) moved(kv, "layer " + std::to_string(layer));
          }
          options.buffer = o.get_int("buffer", 0);
          options.flush = o.get_int("flush", 1);
