@@ -330,6 +330,41 @@ TEST(Kernels, NonzeroRowsListsEveryRowWithAWeight) {
       }
 }
 
+TEST(Kernels, Fp16CombinationMatchesNaive) {
+  // The value combination over the atoms in use: passes of 64 columns (m <= 4) and of 32,
+  // column ranges that start inside a row, every output count up to 8.
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal;
+  const int d = 128, n = 300;
+  std::vector<Eigen::half> rows(static_cast<std::size_t>(n * d));
+  for (auto& x : rows) x = Eigen::half(normal(rng));
+  std::vector<int> atoms;
+  for (int a = 0; a < n; a += 1 + a % 3) atoms.push_back(a);
+  for (int m = 1; m <= 8; ++m)
+    for (int width : {32, 64, 128})
+      for (int first_column : {0, 64}) {
+        if (first_column + width > d) continue;
+        std::vector<float> weights(static_cast<std::size_t>(n * m)), out(static_cast<std::size_t>(m * d), -7.0f);
+        for (auto& w : weights) w = normal(rng);
+        const auto* raw = reinterpret_cast<const std::uint16_t*>(rows.data()) + first_column;
+        if (!lexico::detail::fp16_combination(raw, d, width, atoms.data(), static_cast<long>(atoms.size()), weights.data(),
+                                              m, out.data() + first_column))
+          GTEST_SKIP() << "no AVX-512";
+        for (int g = 0; g < m; ++g)
+          for (int c = 0; c < d; ++c) {
+            const float got = out[static_cast<std::size_t>(g * d + c)];
+            if (c < first_column || c >= first_column + width) {
+              ASSERT_EQ(got, -7.0f) << "column " << c << " outside the range was written";
+              continue;
+            }
+            double want = 0;
+            for (int a : atoms) want += static_cast<double>(weights[static_cast<std::size_t>(a * m + g)]) *
+                                        static_cast<double>(rows[static_cast<std::size_t>(a * d + c)]);
+            ASSERT_NEAR(got, want, 1e-4 * (1 + std::fabs(want))) << "m " << m << " width " << width << " column " << c;
+          }
+      }
+}
+
 TEST(TokenStore, Fp16KernelsMatchNaive) {
   std::mt19937 rng(31);
   std::normal_distribution<float> normal;

@@ -275,39 +275,44 @@ inline bool fp16_accumulate(const std::uint16_t* rows, long count, int d, const 
 // nonzero value, in order. A scalar loop with an early exit mispredicts on rows used at
 // random (about half of them in a decode step): 8 ns per row against well under 1 here.
 inline void nonzero_rows(const float* weights, long n, int m, std::vector<int>& used) {
-  long r = 0;
+  const std::size_t start = used.size();
+  used.resize(start + static_cast<std::size_t>(n) + 16);  // room for a whole vector past the last row
+  int* out = used.data() + start;
+  long found = 0, r = 0;
 #if defined(__AVX512F__)
   if (m == 1 || m == 2 || m == 4 || m == 8 || m == 16) {
-    // 16 floats cover 16 / m rows: a lane mask per row, rows at once by compress.
+    // 16 floats cover 16 / m rows: a lane mask per row, the used rows' indices packed in a
+    // register and stored whole (a compressing store to memory is microcoded on Zen 4).
     const int rows_per_vector = 16 / m;
     const __m512 zero = _mm512_setzero_ps();
     const __m512i row_of_lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    alignas(64) int index[16];
     for (; r + rows_per_vector <= n; r += rows_per_vector) {
-      const __mmask16 lanes = _mm512_cmp_ps_mask(_mm512_loadu_ps(weights + r * m), zero, _CMP_NEQ_UQ);
+      const unsigned lanes = _mm512_cmp_ps_mask(_mm512_loadu_ps(weights + r * m), zero, _CMP_NEQ_UQ);
       if (lanes == 0) continue;
-      // Row j of this vector is used when any of its m lanes is: fold the mask onto bit j.
+      // Row j of this vector is used when any of its m lanes is: (x + 2^m - 1) >> m is 1
+      // for any nonzero m-bit x, without a branch (which would mispredict on random rows).
+      const unsigned row_lanes = (1u << m) - 1u;
       unsigned rows_mask = 0;
-      for (int j = 0; j < rows_per_vector; ++j)
-        if ((lanes >> (j * m)) & ((1u << m) - 1u)) rows_mask |= 1u << j;
+      for (int j = 0; j < rows_per_vector; ++j) rows_mask |= ((((lanes >> (j * m)) & row_lanes) + row_lanes) >> m) << j;
       const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(r)), row_of_lane);
-      _mm512_mask_compressstoreu_epi32(index, static_cast<__mmask16>(rows_mask), ids);
-      used.insert(used.end(), index, index + __builtin_popcount(rows_mask));
+      _mm512_storeu_si512(out + found, _mm512_maskz_compress_epi32(static_cast<__mmask16>(rows_mask), ids));
+      found += __builtin_popcount(rows_mask);
     }
   }
 #endif
   for (; r < n; ++r) {
     int any = 0;
     for (int g = 0; g < m; ++g) any |= weights[r * m + g] != 0.0f;
-    if (any) used.push_back(static_cast<int>(r));
+    if (any) out[found++] = static_cast<int>(r);
   }
+  used.resize(start + static_cast<std::size_t>(found));
 }
 
 // out[g] (g < m; `width` columns of rows d apart) = Σ_i weights[atoms[i] * m + g] · the
 // first `width` columns of row atoms[i] of an fp16 matrix whose rows are d apart: a
-// weighted sum of selected rows for m outputs at once, in passes over 32 columns so
-// that every output's sums stay in registers. Returns false where the CPU or the shape
-// has no fast path.
+// weighted sum of selected rows for m outputs at once, in passes over 32 or 64 columns
+// so that every output's sums stay in registers. Returns false where the CPU or the
+// shape has no fast path.
 inline bool fp16_combination_fits(int width, int m) {
 #if defined(__AVX512F__)
   return width % 32 == 0 && m <= 8;
@@ -317,36 +322,48 @@ inline bool fp16_combination_fits(int width, int m) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// One pass of fp16_combination over columns [c0, c0 + 16 · Chunks), m · Chunks <= 16 sums.
+// The rows are scattered (the atoms in use) and, in a decode step, usually out of cache:
+// the first pass fetches each row's whole width a few rows ahead, later passes find it
+// in L2 (out of cache, 2,000 rows of 16 dictionaries: 84 -> 63 ns per row). Fewer, wider
+// passes read each row from L2 fewer times.
+template <int Chunks>
+void fp16_combination_pass(const std::uint16_t* rows, int d, int width, int c0, const int* atoms, long count,
+                           const float* weights, int m, float* out) {
+  constexpr long ahead = 16;
+  __m512 sum[16 / Chunks][Chunks];
+  for (int g = 0; g < m; ++g)
+    for (int c = 0; c < Chunks; ++c) sum[g][c] = _mm512_setzero_ps();
+  for (long i = 0; i < count; ++i) {
+    if (c0 == 0 && i + ahead < count) {
+      const char* next = reinterpret_cast<const char*>(rows + static_cast<long>(atoms[i + ahead]) * d);
+      for (int line = 0; line < 2 * width; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+    }
+    const std::uint16_t* row = rows + static_cast<long>(atoms[i]) * d + c0;
+    __m512 part[Chunks];
+    for (int c = 0; c < Chunks; ++c) part[c] = load_fp16x16(row + 16 * c);
+    const float* w = weights + static_cast<long>(atoms[i]) * m;
+    for (int g = 0; g < m; ++g) {
+      const __m512 weight = _mm512_set1_ps(w[g]);
+      for (int c = 0; c < Chunks; ++c) sum[g][c] = _mm512_fmadd_ps(weight, part[c], sum[g][c]);
+    }
+  }
+  for (int g = 0; g < m; ++g)
+    for (int c = 0; c < Chunks; ++c) _mm512_storeu_ps(out + g * d + c0 + 16 * c, sum[g][c]);
+}
+#endif
+
 inline bool fp16_combination(const std::uint16_t* rows, int d, int width, const int* atoms, long count,
                              const float* weights, int m, float* out) {
 #if defined(__AVX512F__)
   if (!fp16_combination_fits(width, m)) return false;
-  // The rows are scattered (the atoms in use) and, in a decode step, usually out of cache:
-  // the first pass fetches each row's whole width a few rows ahead, the later passes find
-  // it in L2 (out of cache, 2,000 rows of 16 dictionaries: 84 -> 63 ns per row).
-  constexpr long ahead = 16;
-  for (int c0 = 0; c0 < width; c0 += 32) {
-    __m512 sum[8][2];
-    for (int g = 0; g < m; ++g) sum[g][0] = sum[g][1] = _mm512_setzero_ps();
-    for (long i = 0; i < count; ++i) {
-      if (c0 == 0 && i + ahead < count) {
-        const char* next = reinterpret_cast<const char*>(rows + static_cast<long>(atoms[i + ahead]) * d);
-        for (int line = 0; line < 2 * width; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
-      }
-      const std::uint16_t* row = rows + static_cast<long>(atoms[i]) * d + c0;
-      const __m512 low = load_fp16x16(row), high = load_fp16x16(row + 16);
-      const float* w = weights + static_cast<long>(atoms[i]) * m;
-      for (int g = 0; g < m; ++g) {
-        const __m512 weight = _mm512_set1_ps(w[g]);
-        sum[g][0] = _mm512_fmadd_ps(weight, low, sum[g][0]);
-        sum[g][1] = _mm512_fmadd_ps(weight, high, sum[g][1]);
-      }
-    }
-    for (int g = 0; g < m; ++g) {
-      _mm512_storeu_ps(out + g * d + c0, sum[g][0]);
-      _mm512_storeu_ps(out + g * d + c0 + 16, sum[g][1]);
-    }
-  }
+  const bool wide = m <= 4 && width % 64 == 0;
+  for (int c0 = 0; c0 < width; c0 += wide ? 64 : 32)
+    if (wide)
+      fp16_combination_pass<4>(rows, d, width, c0, atoms, count, weights, m, out);
+    else
+      fp16_combination_pass<2>(rows, d, width, c0, atoms, count, weights, m, out);
   return true;
 #else
   (void)rows, (void)d, (void)width, (void)atoms, (void)count, (void)weights, (void)m, (void)out;
