@@ -75,6 +75,30 @@ TEST(TokenQuant, Q4_0OfARampMatchesHandComputation) {
   for (float v : got) EXPECT_EQ(v, 0.0f);
 }
 
+TEST(TokenQuant, DequantizedCodesEqualTheirDefinition) {
+  // code · scale + offset for every code, nibbles low first: the vectorised blocks of 32
+  // codes, a tail past them, and every byte value at 8 and at 4 bits.
+  std::vector<std::uint8_t> packed(64);
+  for (std::size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<std::uint8_t>(i * 37 + 11);
+  const float scale = 0.0371f, offset = -1.25f;
+  for (int n : {32, 64, 40, 8}) {
+    std::vector<float> out(static_cast<std::size_t>(n), 0.0f);
+    lexico::detail::dequantize_codes<8>(packed.data(), n, scale, offset, out.data());
+    for (int i = 0; i < n; ++i)
+      ASSERT_NEAR(out[static_cast<std::size_t>(i)], packed[static_cast<std::size_t>(i)] * scale + offset, 1e-6f) << i;
+    lexico::detail::dequantize_codes<4>(packed.data(), n, scale, offset, out.data());
+    for (int i = 0; i < n; ++i) {
+      const int code = (packed[static_cast<std::size_t>(i / 2)] >> (4 * (i % 2))) & 15;
+      ASSERT_NEAR(out[static_cast<std::size_t>(i)], code * scale + offset, 1e-6f) << i;
+    }
+  }
+  std::vector<std::uint8_t> every(256);
+  for (int i = 0; i < 256; ++i) every[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(i);
+  std::vector<float> out(256);
+  lexico::detail::dequantize_codes<8>(every.data(), 256, 1.0f, -128.0f, out.data());
+  for (int i = 0; i < 256; ++i) ASSERT_EQ(out[static_cast<std::size_t>(i)], i - 128.0f);
+}
+
 TEST(TokenQuant, Fp8ScaleComesFromThePrefillBlockAndSaturates) {
   const int d = 32;
   lexico::Fp8Cache cache({2, 1, d}, lexico::Fp8Codec());

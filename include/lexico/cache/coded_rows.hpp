@@ -114,12 +114,12 @@ class CodedRows {
   // head_dim) and tokens [first, first + count); each row is decoded once for the group.
   void scores(int head, const float* queries, int group, Eigen::Index first, Eigen::Index count, float* scores,
               Eigen::Index ld) const {
-    const Eigen::Map<const RowMatrix> q(queries, group, head_dim_);
-    Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>> s(scores, group, count, Eigen::OuterStride<>(ld));
-    float key[max_head_dim];
+    require(group >= 1 && group <= max_gqa_group, "CodedRows::scores: GQA group of ", group, " query heads");
+    float key[max_head_dim], dots[max_gqa_group];
     for (Eigen::Index t = 0; t < count; ++t) {
       row(head, first + t, key);
-      s.col(t).noalias() = q * Eigen::Map<const Eigen::VectorXf>(key, head_dim_);
+      detail::dot_group(key, queries, group, head_dim_, dots);
+      for (int g = 0; g < group; ++g) scores[g * ld + t] = dots[g];
     }
   }
   void scores(int head, const float* queries, int group, float* scores, Eigen::Index ld) const {
@@ -129,12 +129,12 @@ class CodedRows {
   // out[g] += Σ_t weights[g * ld + t] · value first + t, tokens [first, first + count).
   void accumulate(int head, const float* weights, Eigen::Index ld, int group, Eigen::Index first, Eigen::Index count,
                   float* out) const {
-    const Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>> p(weights, group, count, Eigen::OuterStride<>(ld));
-    Eigen::Map<RowMatrix> o(out, group, head_dim_);
-    float value[max_head_dim];
+    require(group >= 1 && group <= max_gqa_group, "CodedRows::accumulate: GQA group of ", group, " query heads");
+    float value[max_head_dim], p[max_gqa_group];
     for (Eigen::Index t = 0; t < count; ++t) {
       row(head, first + t, value);
-      o.noalias() += p.col(t) * Eigen::Map<const Eigen::RowVectorXf>(value, head_dim_);
+      for (int g = 0; g < group; ++g) p[g] = weights[g * ld + t];
+      detail::axpy_group(value, p, group, head_dim_, out);
     }
   }
   void accumulate(int head, const float* probabilities, Eigen::Index ld, int group, float* out) const {
