@@ -139,6 +139,9 @@ def machines_text(rows):
     text = "Made on " + "; ".join(where) + ", one thread per lexico-eval process."
     if len(where) > 1:
         text += " Speed ratios compare runs of one machine only (— where that machine ran no dense fp16 cache)."
+    if any(not r["tps"] for r in rows):
+        text += (" A speed of — also marks runs whose process was stopped for a while during the call (the run "
+                 "file's timing_invalid says why), and every ratio to such a dense run.")
     return text
 
 
@@ -215,8 +218,9 @@ def section(runs, claim, plots_dir, paired, relative, expected):
         on_front = {id(r) for m, _, _ in METRICS for rs in by_method.values() for r in front(rs, m)}
         for r in sorted(rows, key=lambda r: (r["method"] != "Lexico", r["method"], r["kv"])):
             dense = dense_on.get(machine_name(r))
-            speed = (f"{r['tps'] / dense['tps']:.2f}" if dense and dense["tps"] else "—",
-                     f"{r['prefill_tps'] / dense['prefill_tps']:.2f}" if dense and dense.get("prefill_tps") else "—")
+            speed = (f"{r['tps'] / dense['tps']:.2f}" if dense and dense["tps"] and r["tps"] else "—",
+                     f"{r['prefill_tps'] / dense['prefill_tps']:.2f}"
+                     if dense and dense.get("prefill_tps") and r["prefill_tps"] else "—")
             mark = " ●" if id(r) in on_front else ""
             shared = f"{r['shared_bytes'] / 2**20:.1f} MiB" if r["shared_bytes"] else "—"
             md.append(f"| {r['method']}{mark} | {r['label']} | {r['kv']:.2f} | {r['kv_mean']:.2f} | {r['kl']:.5f} | "

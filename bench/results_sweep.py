@@ -769,6 +769,9 @@ def load_runs(claim=False):
         s, r = record["setting"], record["result"]
         if (s["protocol"] in FRESH) != claim:
             continue
+        # A run whose process was stopped for a while (timing_invalid says why) keeps its
+        # quality and loses its speed: 0 tokens/s reads as "not measured".
+        timed = not record.get("timing_invalid")
         runs.append({
             "model": s["model"], "protocol": s["protocol"], "windows": int(r["windows"]),
             "window": int(r["window"]), "prefill": int(r["prefill"]), "method": s["method"],
@@ -778,10 +781,10 @@ def load_runs(claim=False):
             "kv": 100.0 * float(r["kv_size_fraction"]), "nll": float(r["mean_nll"]),
             "dense_nll": float(r["dense_mean_nll"]), "delta": float(r["delta_nll"]),
             "delta_se": float(r["delta_nll_se"]) if "delta_nll_se" in r else None,
-            "top1": 100.0 * float(r["top1_agreement"]), "tps": float(r["tokens_per_second"]),
+            "top1": 100.0 * float(r["top1_agreement"]), "tps": float(r["tokens_per_second"]) if timed else 0.0,
             "kl": float(r["mean_kl"]) if "mean_kl" in r else None,
             "scored": int(r["scored_tokens"]), "run_file": path.name, "finished": record.get("finished", ""),
-            "prefill_tps": float(r.get("prefill_tokens_per_second", 0.0)),
+            "prefill_tps": float(r.get("prefill_tokens_per_second", 0.0)) if timed else 0.0,
             "kv_mean": 100.0 * float(r.get("kv_size_fraction_decode_mean", r["kv_size_fraction"])),
             "shared_bytes": int(r.get("bytes_cache_shared", 0)),
             "tokens": record.get("token_delta_nll"),
