@@ -65,7 +65,9 @@ TEST(Rope, RotateRowsAgreesWithConsecutiveAnglesWhateverItRotatedBefore) {
   // rotate_rows keeps the angles of its last runs per thread: every run, repeated or new,
   // and a Rope of another theta at the same positions, must turn rows by their own angles.
   const lexico::Rope a(8, 10000.0f, lexico::RopeStyle::rotate_half), b(8, 500.0f, lexico::RopeStyle::rotate_half);
-  const std::int64_t runs[][2] = {{0, 4}, {900, 33}, {0, 4}, {901, 33}, {900, 32}, {7, 1}, {900, 33}, {0, 4}};
+  const std::int64_t runs[][2] = {{0, 4},    {900, 33}, {0, 4},    {901, 33}, {900, 32},
+                                  {7, 1},    {900, 33}, {0, 4},    {0, 2000}, {900, 33},
+                                  {5, 1500}, {0, 2000}, {0, 4}};  // runs past 1,024 take the scratch slot
   std::mt19937 rng(9);
   std::normal_distribution<float> normal;
   for (int repeat = 0; repeat < 2; ++repeat)

@@ -134,15 +134,17 @@ class Rope {
 
   // consecutive_angles of the last few runs rotated on this thread: a decode step rotates
   // the same held positions (sinks, recent tier, buffer) in every layer and KV head, and
-  // their sin/cos in double cost more than the rotations.
+  // their sin/cos in double cost more than the rotations. Long runs (a prompt's keys) are
+  // computed once into a scratch slot instead, so the memo stays small.
   const Angles& memoized_angles(std::int64_t first, std::int64_t count) const {
     constexpr int slots = 4;
-    thread_local Angles memo[slots];
+    constexpr std::int64_t longest_memoized = 1024;
+    thread_local Angles memo[slots], scratch;
     thread_local int next = 0;
     for (const Angles& a : memo)
       if (a.first == first && a.count == count && a.head_dim == head_dim_ && a.theta == theta_) return a;
-    Angles& a = memo[next];
-    next = (next + 1) % slots;
+    Angles& a = count > longest_memoized ? scratch : memo[next];
+    if (count <= longest_memoized) next = (next + 1) % slots;
     a.head_dim = head_dim_;
     a.theta = theta_;
     a.first = first;
