@@ -176,11 +176,14 @@ void fp16_accumulate_columns(const std::uint16_t* rows, long count, int d, int c
     for (int c = 0; c < Width; ++c) _mm512_storeu_ps(out + g * d + 16 * (c0 + c), sum[g][c]);
 }
 
-// Passes of as many columns as keep at most 32 sums (the register file) live.
+// Passes of as many columns as fit the 32 registers with their sums, one row's values
+// and a weight (Group · width + width + 1): at Group 4 a width of 8 (41 registers) kept
+// half the sums on the stack, a store and a load around every FMA (30 % of a dense
+// decode step, BENCHMARKS.md session 15); later passes find the rows in L1 or L2.
 template <int Group>
 void fp16_accumulate_group(const std::uint16_t* rows, long count, int d, const float* probabilities, long ld,
                            float* out) {
-  constexpr int width = Group <= 4 ? 8 : 4;
+  constexpr int width = Group * 8 + 9 <= 32 ? 8 : Group * 4 + 5 <= 32 ? 4 : 2;
   const int chunks = d / 16;
   int c0 = 0;
   for (; c0 + width <= chunks; c0 += width)
@@ -214,16 +217,34 @@ void fp16_scores_chunks(const std::uint16_t* rows, long count, int d, const floa
   __m512 partial[8][16];
   long t0 = 0;
   for (; t0 + 16 <= count; t0 += 16) {
-    for (int r = 0; r < 16; ++r) {
+    // Two rows at a time, so each query vector loaded serves two FMAs: one row at a time
+    // issued a load per FMA and waited on the load ports, not the FMA units.
+    for (int r = 0; r < 16; r += 2) {
       const std::uint16_t* row = rows + (t0 + r) * d;
       prefetch_row_ahead(row, d);
-      __m512 key[16];
-      for (int c = 0; c < chunks; ++c) key[c] = load_fp16x16(row + 16 * c);
+      prefetch_row_ahead(row + d, d);
+      __m512 key[2][16];
+      for (int c = 0; c < chunks; ++c) {
+        key[0][c] = load_fp16x16(row + 16 * c);
+        key[1][c] = load_fp16x16(row + d + 16 * c);
+      }
       for (int g = 0; g < group; ++g) {
+        // Even and odd chunks in separate sums: chains of d / 32 dependent FMAs, not d / 16.
         const float* q = queries + g * d;
-        __m512 sum = _mm512_mul_ps(key[0], _mm512_loadu_ps(q));
-        for (int c = 1; c < chunks; ++c) sum = _mm512_fmadd_ps(key[c], _mm512_loadu_ps(q + 16 * c), sum);
-        partial[g][r] = sum;
+        __m512 sum[2][2];
+        for (int c = 0; c < 2 && c < chunks; ++c) {
+          const __m512 query = _mm512_loadu_ps(q + 16 * c);
+          sum[0][c] = _mm512_mul_ps(key[0][c], query);
+          sum[1][c] = _mm512_mul_ps(key[1][c], query);
+        }
+        if (chunks == 1) sum[0][1] = sum[1][1] = _mm512_setzero_ps();
+        for (int c = 2; c < chunks; ++c) {
+          const __m512 query = _mm512_loadu_ps(q + 16 * c);
+          sum[0][c & 1] = _mm512_fmadd_ps(key[0][c], query, sum[0][c & 1]);
+          sum[1][c & 1] = _mm512_fmadd_ps(key[1][c], query, sum[1][c & 1]);
+        }
+        partial[g][r] = _mm512_add_ps(sum[0][0], sum[0][1]);
+        partial[g][r + 1] = _mm512_add_ps(sum[1][0], sum[1][1]);
       }
     }
     for (int g = 0; g < group; ++g) _mm512_storeu_ps(scores + g * ld + t0, sum_lanes16(partial[g]));
