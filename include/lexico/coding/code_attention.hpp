@@ -332,12 +332,7 @@ void rotated_code_scores_avx512(const CodeStore& codes, const Eigen::half* atoms
         rotated[c] = _mm512_fmsub_ps(key[c], cs, _mm512_mul_ps(key[half + c], sn));
         rotated[half + c] = _mm512_fmadd_ps(key[half + c], cs, _mm512_mul_ps(key[c], sn));
       }
-      for (int g = 0; g < group; ++g) {
-        const float* q = turned[g];
-        __m512 sum = _mm512_mul_ps(rotated[0], _mm512_load_ps(q));
-        for (int c = 1; c < Chunks; ++c) sum = _mm512_fmadd_ps(rotated[c], _mm512_load_ps(q + 16 * c), sum);
-        partial[g][r] = sum;
-      }
+      for (int g = 0; g < group; ++g) partial[g][r] = dot_chunks(rotated, turned[g], Chunks);
     }
     for (int g = 0; g < group; ++g) {
       for (int r = filled; r < 16; ++r) partial[g][r] = _mm512_setzero_ps();
