@@ -7,8 +7,8 @@
 //   export LEXICO_CACHES='dense:dtype=fp16;lexico:dict=dictionaries/proxy-lm-hd128,s=4,layer_s=auto,...'
 //   build/bench/bench_decode --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
 //
-// Each sequence prefills 512 tokens and decodes the next 512 (context 512 to 1,023), then a
-// new sequence starts on the following tokens; prefills are outside the timing. With
+// Each sequence prefills LEXICO_PREFILL tokens (default 512) and decodes the next 512
+// (context 512 to 1,023 by default), then a new sequence starts on the following tokens; prefills are outside the timing. With
 // PERF_CTL=FIFO (and PERF_ACK=FIFO), perf's control pipes (`perf record -D -1 --control
 // fifo:FIFO,ACK`) are enabled around the decode steps only, so a profile holds no prefill
 // and no set-up (loading, the CodeSpace's Gram matrices).
@@ -21,6 +21,7 @@
 #include <exception>
 #include <fstream>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -28,7 +29,19 @@
 
 namespace {
 
-constexpr int prefill_tokens = 512, decode_tokens = 512;
+constexpr std::size_t decode_tokens = 512;
+
+// LEXICO_PREFILL tokens (default 512) before the decode steps: a long prefill profiles
+// a step at long context (proxy-lm-hd128-8k at 7,168, where the cache sets the pace).
+std::size_t prefill_tokens() {
+  const char* text = std::getenv("LEXICO_PREFILL");
+  if (!text || !*text) return 512;
+  char* end = nullptr;
+  const long value = std::strtol(text, &end, 10);
+  if (*end != '\0' || value < 1 || value > 1 << 20)
+    throw std::invalid_argument(std::string("LEXICO_PREFILL: '") + text + "' is not a token count in 1..1048576");
+  return static_cast<std::size_t>(value);
+}
 
 std::vector<std::string> cache_specs() {
   const char* list = std::getenv("LEXICO_CACHES");
@@ -64,7 +77,9 @@ void BM_DecodeStep(benchmark::State& state) {
   static std::vector<int> tokens;
   const std::string spec = cache_specs().at(static_cast<std::size_t>(state.range(0)));
   std::unique_ptr<lexico::KVCache> cache;
+  std::size_t prefill = 0;
   try {
+    prefill = prefill_tokens();
     if (!model) model = std::make_unique<const lexico::LlamaModel>(lexico::LlamaModel::load(model_dir));
     if (tokens.empty()) tokens = lexico::read_u16_tokens(tokens_path);
     const std::size_t colon = spec.find(':');
@@ -74,15 +89,15 @@ void BM_DecodeStep(benchmark::State& state) {
     return state.SkipWithError((spec + ": " + e.what()).c_str());
   }
   lexico::LlamaRunner runner(*model);
-  const std::size_t window = prefill_tokens + decode_tokens;
+  const std::size_t window = prefill + decode_tokens;
   if (tokens.size() < 2 * window) return state.SkipWithError("LEXICO_TOKENS holds fewer than two windows");
   std::size_t start = 0, next = 0;
   auto new_sequence = [&] {
     start = (start + window) % (tokens.size() / window * window);
     cache->clear();
     runner.prefill(std::vector<int>(tokens.begin() + static_cast<long>(start),
-                                    tokens.begin() + static_cast<long>(start + prefill_tokens)), *cache);
-    next = start + prefill_tokens;
+                                    tokens.begin() + static_cast<long>(start + prefill)), *cache);
+    next = start + prefill;
   };
   new_sequence();
   perf_control("enable");
