@@ -257,6 +257,14 @@ TEST(Factory, LexicoLayerSparsityGivesEachLayerItsAtoms) {
   EXPECT_NEAR(payload("layer_s=2:4:6,kv_shift=1"), payload("layer_s=2:4:6"), 2.0 * shape.layers * shape.kv_heads);
   expect_error_mentioning([&] { make("layer_s=2:4:6,kv_shift=2"); }, {"kv_shift=2", "layer 0", "0 value atoms"});
   expect_error_mentioning([&] { make("s=4,kv_shift=-4"); }, {"kv_shift=-4", "0 key and 8 value atoms"});
+  // layer_sk / layer_sv set one part per layer over s or layer_s; kv_shift applies after them.
+  EXPECT_NE(make("layer_s=2:4:6,layer_sk=3:3:3")->parameters().find(" L0=3/2 L1=3/4 L2=3/6"), std::string::npos);
+  EXPECT_NE(make("s=4,layer_sv=1:2:5")->parameters().find(" L0=4/1 L1=4/2 L2=4/5"), std::string::npos);
+  EXPECT_NE(make("s=4,layer_sk=5:5:5,layer_sv=3:3:3,kv_shift=-1")->parameters().find(" L0=4/4 L1=4/4 L2=4/4"),
+            std::string::npos);
+  EXPECT_EQ(3 * payload("layer_sk=2:4:6,layer_sv=2:4:6"), payload("s=2") + payload("s=4") + payload("s=6"));
+  expect_error_mentioning([&] { make("s=4,layer_sv=1:2"); }, {"layer_sv", "2 sparsities", "3 layers"});
+  expect_error_mentioning([&] { make("s=4,layer_sk=1:256:2"); }, {"layer_sk", "256"});
 }
 
 TEST(Factory, HelpListsEveryCacheAndOption) {

@@ -208,6 +208,8 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"sv", "", "atoms per value vector (default: s)"},
         {"layer_s", "", "atoms per key and value vector of each layer, s0:s1:... (one per layer; replaces s, sk, sv), "
                         "or auto: s on average, shared out by the manifest's dev errors (layer_sparsity.hpp)"},
+        {"layer_sk", "", "atoms per key vector of each layer, s0:s1:... (after s, sk or layer_s; before kv_shift)"},
+        {"layer_sv", "", "atoms per value vector of each layer, s0:s1:... (after s, sv or layer_s; before kv_shift)"},
         {"kv_shift", "0", "atoms moved from each layer's value codes to its key codes (keys s + k, values s - k: the "
                           "same bytes, up to the indices' rounding); negative moves them to the values"},
         {"buffer", "128", "recent tokens kept in fp16 (n_b)"},
@@ -245,6 +247,18 @@ inline std::vector<CacheType> builtin_cache_types() {
                    per_layer.size(), " sparsities for a model of ", shape.layers, " layers");
            for (int l = 0; l < shape.layers; ++l)
              options.layer_sparsity[l] = {per_layer[static_cast<std::size_t>(l)], per_layer[static_cast<std::size_t>(l)]};
+         }
+         // Keys and values of each layer apart (measured sensitivities give them different budgets).
+         for (const bool keys : {true, false}) {
+           const char* name = keys ? "layer_sk" : "layer_sv";
+           if (!o.has(name)) continue;
+           const std::vector<int> per_layer = o.get_int_list(name, 1, 255);
+           require(static_cast<int>(per_layer.size()) == shape.layers, "make_cache: lexico ", name, " lists ",
+                   per_layer.size(), " sparsities for a model of ", shape.layers, " layers");
+           for (int l = 0; l < shape.layers; ++l) {
+             auto& kv = options.layer_sparsity.try_emplace(l, options.key_sparsity, options.value_sparsity).first->second;
+             (keys ? kv.first : kv.second) = per_layer[static_cast<std::size_t>(l)];
+           }
          }
          if (const int shift = o.get_int("kv_shift", -254, 254); shift != 0) {
            const auto moved = [&](std::pair<int, int>& kv, const std::string& where) {
