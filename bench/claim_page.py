@@ -140,8 +140,9 @@ def machines_text(rows):
     if len(where) > 1:
         text += " Speed ratios compare runs of one machine only (— where that machine ran no dense fp16 cache)."
     if any(not r["tps"] for r in rows):
-        text += (" A speed of — also marks runs whose process was stopped for a while during the call (the run "
-                 "file's timing_invalid says why), and every ratio to such a dense run.")
+        text += (" A speed of — also marks runs whose timing is not valid (their process was stopped, or starved "
+                 "by other work, during the call; the run file's timing_invalid says why), and every ratio to such a "
+                 "dense run.")
     return text
 
 

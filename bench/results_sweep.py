@@ -769,7 +769,7 @@ def load_runs(claim=False):
         s, r = record["setting"], record["result"]
         if (s["protocol"] in FRESH) != claim:
             continue
-        # A run whose process was stopped for a while (timing_invalid says why) keeps its
+        # A run whose timing is not valid (timing_invalid says why: stopped or starved) keeps its
         # quality and loses its speed: 0 tokens/s reads as "not measured".
         timed = not record.get("timing_invalid")
         runs.append({
