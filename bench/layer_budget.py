@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Per-layer key and value atom budgets of a Lexico cache, by measured sensitivity (issue 18, item 3).
+
+  layer_budget.py sensitivity --layer-s 4:3:3:4:3:4:4:7 --out results/layer_budget/sensitivity.jsonl
+      runs the base cache and, for every layer l, the base with one more key atom in l
+      (layer_sk) and with one more value atom in l (layer_sv), all in one lexico-eval process
+      on the tuning windows (dev windows 65-72 of tokens_dev.u16), with --per-token;
+  layer_budget.py try --layer-s ... --candidate NAME=OPTIONS ... --out FILE.jsonl
+      runs the base and each candidate (extra cache options, e.g. layer_sk=4:3:3:3:3:4:4:8);
+      --skip 72 runs them on dev windows 73-80 instead, which no choice was made on;
+  layer_budget.py report FILE.jsonl ... > results/layer_budget.md
+      tables every cache of each file against the file's first one (the base): KV size, KL,
+      its change, and the paired ΔNLL change (mean ± standard error of the per-token
+      differences, same tokens in both runs).
+
+--dry-run prints the lexico-eval command instead of running it.
+"""
+import argparse
+import json
+import os
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+
+
+def base_spec(args):
+    return (f"lexico:dict={args.dict},s={args.s},layer_s={args.layer_s},buffer=32,recent=128,"
+            f"recent_format=q8_0/q4_0")
+
+
+def run(args, caches):
+    """One lexico-eval process over the tuning windows; each cache spec a (label, spec) pair."""
+    command = [args.eval, "--model", args.model, "--tokens", args.tokens, "--window", "1024", "--windows", "8",
+               "--skip", str(args.skip), "--prefill", "512", "--json", "--per-token"]
+    for _, spec in caches:
+        command += ["--cache", spec]
+    if args.dry_run:
+        print(shlex.join(command))
+        return
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        sys.exit(f"layer_budget: lexico-eval failed ({result.returncode}): {result.stderr[-2000:]}")
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    lexico = [r for r in rows if r["cache"] == "lexico"]
+    if len(lexico) != len(caches):
+        sys.exit(f"layer_budget: {len(lexico)} Lexico results for {len(caches)} caches")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for (label, spec), r in zip(caches, lexico):
+            f.write(json.dumps({"label": label, "spec": spec, "skip": args.skip, "command": shlex.join(command), **r}) + "\n")
+    print(f"layer_budget: {len(caches)} caches -> {out}")
+
+
+def sensitivity(args):
+    base = [int(x) for x in args.layer_s.split(":")]
+    caches = [("base", base_spec(args))]
+    for part in ("sk", "sv"):
+        for layer in range(len(base)):
+            bumped = list(base)
+            bumped[layer] += 1
+            caches.append((f"{'K' if part == 'sk' else 'V'}{layer} +1",
+                           base_spec(args) + f",layer_{part}=" + ":".join(map(str, bumped))))
+    run(args, caches)
+
+
+def try_candidates(args):
+    caches = [("base", base_spec(args))]
+    for candidate in args.candidate:
+        name, _, options = candidate.partition("=")
+        if not options:
+            sys.exit(f"layer_budget: --candidate '{candidate}' is not NAME=OPTIONS")
+        caches.append((name, base_spec(args) + "," + options))
+    run(args, caches)
+
+
+def paired(a, b):
+    if len(a) != len(b) or len(a) < 2:
+        sys.exit("layer_budget: per-token lists of different lengths (not the same windows?)")
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return mean, se
+
+
+def report(args):
+    print("# Per-layer key and value budgets (tuning windows)\n")
+    print("Made by `bench/layer_budget.py report " + " ".join(args.files) + "` from the run files of "
+          "`bench/layer_budget.py sensitivity` and `try`; each table sets every cache against the first one "
+          "of its file (the base), on the same 8 windows of proxy-lm-hd128's dev tokens (1,024 tokens, prefill 512, "
+          "4,088 scored tokens; which windows, each file says). Paired ΔNLL is the mean per-token NLL change against the base ± its "
+          "standard error.\n")
+    for path in args.files:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        base = rows[0]
+        print(f"## {Path(path).name}\n")
+        skip = base.get("skip", 64)
+        print(f"Dev windows {skip + 1}-{skip + 8}{' (the tuning windows)' if skip == 64 else ''}. "
+              f"Base: `{base['spec']}` ({base['parameters']}).\n")
+        print(f"Command: `OMP_NUM_THREADS=1 {base['command']}`\n")
+        print("| cache | KV % | payload bytes vs base | KL | KL vs base | ΔNLL | paired ΔNLL vs base |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            mean, se = paired(r["token_delta_nll"], base["token_delta_nll"]) if r is not base else (0.0, 0.0)
+            change = (r["mean_kl"] / base["mean_kl"] - 1) * 100
+            print(f"| {r['label']} | {100 * r['kv_size_fraction']:.2f} | {r['bytes_payload'] - base['bytes_payload']:+d} | "
+                  f"{r['mean_kl']:.5f} | {change:+.1f} % | {r['delta_nll']:+.4f} | {mean:+.5f} ± {se:.5f} |")
+        print()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("sensitivity", "try"):
+        p = sub.add_parser(name)
+        p.add_argument("--eval", default=str(REPO / "build" / "examples" / "lexico-eval"))
+        p.add_argument("--model", default=str(SHARED / "proxy-lm-hd128"))
+        p.add_argument("--tokens", default=str(SHARED / "bpe4k" / "tokens_dev.u16"))
+        p.add_argument("--dict", default="dictionaries/proxy-lm-hd128")
+        p.add_argument("--s", type=int, default=4, help="s of the base (its KV size with layer_s)")
+        p.add_argument("--layer-s", required=True, help="the base's atoms per layer, s0:s1:...")
+        p.add_argument("--skip", type=int, default=64,
+                       help="dev windows skipped (64: the tuning windows 65-72; 72: windows 73-80, held out)")
+        p.add_argument("--out", required=True)
+        p.add_argument("--dry-run", action="store_true")
+        if name == "try":
+            p.add_argument("--candidate", action="append", default=[], metavar="NAME=OPTIONS", required=True)
+    p = sub.add_parser("report")
+    p.add_argument("files", nargs="+")
+    args = parser.parse_args()
+    {"sensitivity": sensitivity, "try": try_candidates, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
