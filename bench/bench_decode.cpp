@@ -8,10 +8,10 @@
 //   build/bench/bench_decode --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
 //
 // Each sequence prefills LEXICO_PREFILL tokens (default 512) and decodes the next 512
-// (context 512 to 1,023 by default), then a new sequence starts on the following tokens; prefills are outside the timing. With
-// PERF_CTL=FIFO (and PERF_ACK=FIFO), perf's control pipes (`perf record -D -1 --control
-// fifo:FIFO,ACK`) are enabled around the decode steps only, so a profile holds no prefill
-// and no set-up (loading, the CodeSpace's Gram matrices).
+// (context 512 to 1,023 by default), then a new sequence starts on the following tokens;
+// prefills are outside the timing. With PERF_CTL=FIFO (and PERF_ACK=FIFO), perf's control
+// pipes (`perf record -D -1 --control fifo:FIFO,ACK`) are enabled around the decode steps
+// only, so a profile holds no prefill and no set-up (loading, the CodeSpace's Gram matrices).
 #include <lexico/cache/factory.hpp>
 #include <lexico/model/llama.hpp>
 #include <lexico/training/kv_collect.hpp>

@@ -134,7 +134,8 @@ inline __m512 sum_lanes16(const __m512* v) {
 
 // Σ_c x[c] ⊙ q[16c ..] for chunks >= 1 as one vector of partial sums, the even and odd
 // chunks summed apart: chains of chunks / 2 dependent FMAs instead of chunks, which left
-// the FMA units waiting on their own latency (dense decode attention in L2: 10 % faster).
+// the FMA units waiting on their own latency (with the register-sized passes of
+// fp16_accumulate_group: dense decode attention in L2 about 10 % faster).
 inline __m512 dot_chunks(const __m512* x, const float* q, int chunks) {
   __m512 sum[2] = {_mm512_mul_ps(x[0], _mm512_loadu_ps(q)), _mm512_setzero_ps()};
   for (int c = 1; c < chunks; ++c) sum[c & 1] = _mm512_fmadd_ps(x[c], _mm512_loadu_ps(q + 16 * c), sum[c & 1]);
@@ -187,8 +188,9 @@ void fp16_accumulate_columns(const std::uint16_t* rows, long count, int d, int c
 
 // Passes of as many columns as fit the 32 registers with their sums, one row's values
 // and a weight (Group · width + width + 1): at Group 4 a width of 8 (41 registers) kept
-// half the sums on the stack, a store and a load around every FMA (30 % of a dense
-// decode step, BENCHMARKS.md session 15); later passes find the rows in L1 or L2.
+// half the sums on the stack, a store and a load around every FMA (that kernel was 30 %
+// of dense decode attention's samples at 16k tokens; BENCHMARKS.md, session 15); later
+// passes find the rows in L1 or L2.
 template <int Group>
 void fp16_accumulate_group(const std::uint16_t* rows, long count, int d, const float* probabilities, long ld,
                            float* out) {
