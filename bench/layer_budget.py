@@ -75,7 +75,7 @@ def try_candidates(args):
         name, _, options = candidate.partition("=")
         if not options:
             sys.exit(f"layer_budget: --candidate '{candidate}' is not NAME=OPTIONS")
-        caches.append((name, base_spec(args) + "," + options))
+        caches.append((f"{name}: {options}", base_spec(args) + "," + options))
     run(args, caches)
 
 
