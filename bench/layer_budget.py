@@ -89,7 +89,7 @@ def paired(a, b):
 
 
 def report(args):
-    print("# Per-layer key and value budgets (tuning windows)\n")
+    print("# Per-layer key and value budgets (proxy-lm-hd128; tuning and held-out dev windows)\n")
     print("Made by `bench/layer_budget.py report " + " ".join(args.files) + "` from the run files of "
           "`bench/layer_budget.py sensitivity` and `try`; each table sets every cache against the first one "
           "of its file (the base), on the same 8 windows of proxy-lm-hd128's dev tokens (1,024 tokens, prefill 512, "
