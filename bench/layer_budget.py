@@ -18,11 +18,12 @@
 import argparse
 import json
 import os
-import math
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import results_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -79,15 +80,6 @@ def try_candidates(args):
     run(args, caches)
 
 
-def paired(a, b):
-    if len(a) != len(b) or len(a) < 2:
-        sys.exit("layer_budget: per-token lists of different lengths (not the same windows?)")
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
-    return mean, se
-
-
 def report(args):
     print("# Per-layer key and value budgets (proxy-lm-hd128; tuning and held-out dev windows)\n")
     print("Made by `bench/layer_budget.py report " + " ".join(args.files) + "` from the run files of "
@@ -106,7 +98,12 @@ def report(args):
         print("| cache | KV % | payload bytes vs base | KL | KL vs base | ΔNLL | paired ΔNLL vs base |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            mean, se = paired(r["token_delta_nll"], base["token_delta_nll"]) if r is not base else (0.0, 0.0)
+            # the per-token mean and standard error of results_sweep's paired difference
+            difference = results_sweep.paired({"tokens": r["token_delta_nll"], "windows": 8},
+                                              {"tokens": base["token_delta_nll"]})
+            if difference is None:
+                sys.exit(f"layer_budget: {path}: '{r['label']}' and the base scored different tokens")
+            mean, se = difference[:2]
             change = (r["mean_kl"] / base["mean_kl"] - 1) * 100
             print(f"| {r['label']} | {100 * r['kv_size_fraction']:.2f} | {r['bytes_payload'] - base['bytes_payload']:+d} | "
                   f"{r['mean_kl']:.5f} | {change:+.1f} % | {r['delta_nll']:+.4f} | {mean:+.5f} ± {se:.5f} |")

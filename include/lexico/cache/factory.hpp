@@ -240,11 +240,17 @@ inline std::vector<CacheType> builtin_cache_types() {
          const int s = o.get_int("s", 1, 255);
          options.key_sparsity = o.has("sk") ? o.get_int("sk", 1, 255) : s;
          options.value_sparsity = o.has("sv") ? o.get_int("sv", 1, 255) : s;
-         if (o.has("layer_s")) {
-           const std::vector<int> per_layer = o.get("layer_s") == "auto" ? allocate_layer_sparsity(space->manifest(), s)
-                                                                         : o.get_int_list("layer_s", 1, 255);
-           require(static_cast<int>(per_layer.size()) == shape.layers, "make_cache: lexico layer_s lists ",
+         // One count per layer, from an option's list (or layer_s=auto's allocation).
+         const auto per_layer_option = [&](const char* name) {
+           const std::vector<int> per_layer = std::string(name) == "layer_s" && o.get(name) == "auto"
+                                                  ? allocate_layer_sparsity(space->manifest(), s)
+                                                  : o.get_int_list(name, 1, 255);
+           require(static_cast<int>(per_layer.size()) == shape.layers, "make_cache: lexico ", name, " lists ",
                    per_layer.size(), " sparsities for a model of ", shape.layers, " layers");
+           return per_layer;
+         };
+         if (o.has("layer_s")) {
+           const std::vector<int> per_layer = per_layer_option("layer_s");
            for (int l = 0; l < shape.layers; ++l)
              options.layer_sparsity[l] = {per_layer[static_cast<std::size_t>(l)], per_layer[static_cast<std::size_t>(l)]};
          }
@@ -252,9 +258,7 @@ inline std::vector<CacheType> builtin_cache_types() {
          for (const bool keys : {true, false}) {
            const char* name = keys ? "layer_sk" : "layer_sv";
            if (!o.has(name)) continue;
-           const std::vector<int> per_layer = o.get_int_list(name, 1, 255);
-           require(static_cast<int>(per_layer.size()) == shape.layers, "make_cache: lexico ", name, " lists ",
-                   per_layer.size(), " sparsities for a model of ", shape.layers, " layers");
+           const std::vector<int> per_layer = per_layer_option(name);
            for (int l = 0; l < shape.layers; ++l) {
              auto& kv = options.layer_sparsity.try_emplace(l, options.key_sparsity, options.value_sparsity).first->second;
              (keys ? kv.first : kv.second) = per_layer[static_cast<std::size_t>(l)];
