@@ -6,7 +6,8 @@
       (layer_sk) and with one more value atom in l (layer_sv), all in one lexico-eval process
       on the tuning windows (dev windows 65-72 of tokens_dev.u16), with --per-token;
   layer_budget.py try --layer-s ... --candidate NAME=OPTIONS ... --out FILE.jsonl
-      runs the base and each candidate (extra cache options, e.g. layer_sk=4:3:3:3:3:4:4:8);
+      runs the base and each candidate (cache options set over the base's, e.g.
+      layer_sk=4:3:3:3:3:4:4:8, or dict=DIR for another dictionary set);
       --skip 72 runs them on dev windows 73-80 instead, which no choice was made on;
   layer_budget.py report FILE.jsonl ... > results/layer_budget.md
       tables every cache of each file against the file's first one (the base): KV size, KL,
@@ -70,13 +71,26 @@ def sensitivity(args):
     run(args, caches)
 
 
+def with_options(spec, options):
+    """The cache spec with OPTIONS (a,b=c,...) set: a key the spec has takes the new value,
+    so a candidate may name another dict= as well as add options."""
+    kind, _, rest = spec.partition(":")
+    merged = dict(item.split("=", 1) for item in rest.split(","))
+    for item in options.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            sys.exit(f"layer_budget: candidate option '{item}' is not KEY=VALUE")
+        merged[key] = value
+    return kind + ":" + ",".join(f"{k}={v}" for k, v in merged.items())
+
+
 def try_candidates(args):
     caches = [("base", base_spec(args))]
     for candidate in args.candidate:
         name, _, options = candidate.partition("=")
         if not options:
             sys.exit(f"layer_budget: --candidate '{candidate}' is not NAME=OPTIONS")
-        caches.append((f"{name}: {options}", base_spec(args) + "," + options))
+        caches.append((f"{name}: {options}", with_options(base_spec(args), options)))
     run(args, caches)
 
 

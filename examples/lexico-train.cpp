@@ -63,7 +63,13 @@ const char* const usage =
     "  --keys-before-rope         train the key dictionaries on keys before RoPE; the lexico cache\n"
     "                             then codes keys before RoPE (lower error, slower scoring)\n"
     "  --atom-type f32|f16        how the files store the atoms (default f32); f16 halves the bytes\n"
-    "                             and holds exactly the atoms the cache codes with\n";
+    "                             and holds exactly the atoms the cache codes with\n"
+    "  --key-metric               code keys for what queries see: measure each layer's query energy per\n"
+    "                             RoPE pair on the first 64 training windows, train the key dictionaries\n"
+    "                             on keys whitened by it and store it in the manifest (key_metric.hpp)\n"
+    "  --key-metric-power P       the metric's pair energies raised to P (default 1; 0 < P <= 4)\n"
+    "  --from DIR                 with --key-metric: carry DIR's dictionaries into the metric instead of\n"
+    "                             training (key atoms whitened and renormalised, values as they are)\n";
 
 struct Args {
   std::string model, tokens, text, tokenizer, dev, out, work;
@@ -71,6 +77,9 @@ struct Args {
   Eigen::Index dev_vectors = 32768;
   int window = 1024;
   bool keys_before_rope = false;
+  bool key_metric = false;
+  double key_metric_power = 1;
+  std::string from;  // --from: a set to carry into the key metric
   lexico::AtomType atom_type = lexico::AtomType::f32;
 };
 
@@ -114,13 +123,18 @@ Args parse_args(int argc, char** argv) {
        {"--method", named("--method", [&](const std::string& v) { a.train.method = lexico::parse_train_method(v); })},
        {"--init", named("--init", [&](const std::string& v) { a.train.init = lexico::parse_train_init(v); })},
        {"--atom-type", named("--atom-type", [&](const std::string& v) { a.atom_type = lexico::parse_atom_type(v); })},
-       {"--keys-before-rope", [&](const std::string&) { a.keys_before_rope = true; }}},
-      usage, {"--keys-before-rope"});
+       {"--keys-before-rope", [&](const std::string&) { a.keys_before_rope = true; }},
+       {"--key-metric", [&](const std::string&) { a.key_metric = true; }},
+       {"--key-metric-power",
+        [&](const std::string& v) { a.key_metric_power = parse_number<double>("--key-metric-power", v, 1e-3, 4); }},
+       {"--from", [&](const std::string& v) { a.from = v; }}},
+      usage, {"--keys-before-rope", "--key-metric"});
   if (a.model.empty()) throw cli::usage_error("--model is required");
   if (a.tokens.empty() == a.text.empty()) throw cli::usage_error("give exactly one of --tokens FILE.u16 and --text FILE");
   if (!atoms || !sparsity) throw cli::usage_error("--atoms and --sparsity are required");
   if (a.out.empty()) throw cli::usage_error("--out is required");
   if (a.train.sparsity > a.train.atoms) throw cli::usage_error("--sparsity must not exceed --atoms");
+  if (!a.from.empty() && !a.key_metric) throw cli::usage_error("--from carries a set into the key metric: give --key-metric");
   for (const std::string* path : {&a.model, &a.tokens, &a.text, &a.dev, &a.tokenizer}) cli::require_file(*path);
   if (a.work.empty()) a.work = (fs::path(a.out) / "vectors").string();
   return a;
@@ -311,6 +325,8 @@ std::string run_key(const Args& args) {
       << "\nvectors=" << t.vectors << "\ndev_vectors=" << args.dev_vectors << "\ninit=" << lexico::to_string(t.init)
       << "\nbatch=" << t.batch << "\nlr=" << t.learning_rate << "\nwindow=" << args.window << "\nseed=" << t.seed
       << "\nkeys_before_rope=" << args.keys_before_rope << "\n";
+  if (args.key_metric)
+    key << "key_metric=queries\nkey_metric_power=" << args.key_metric_power << "\nfrom=" << absolute(args.from) << "\n";
   return key.str();
 }
 
@@ -376,6 +392,36 @@ int run(const Args& args) {
   }
   const std::string dev_dir = (fs::path(args.work) / "dev").string();
   ensure_collected(model, dev_windows, dev_collection, dev_dir, "collect dev");
+  // The key metric, from the queries of the first training windows.
+  constexpr std::size_t metric_windows = 64;
+  std::vector<std::vector<float>> key_metric;
+  if (args.key_metric) {
+    const std::vector<std::vector<int>> windows(train_all.begin(),
+                                                train_all.begin() + std::min(train_all.size(), metric_windows));
+    cli::ProgressBar bar;
+    const auto metric_begin = Clock::now();
+    const lexico::QueryEnergy energy = lexico::collect_query_energy(model, windows, [&](std::size_t done) {
+      const double elapsed = std::chrono::duration<double>(Clock::now() - metric_begin).count();
+      const double fraction = static_cast<double>(done) / static_cast<double>(windows.size());
+      bar.show("query metric", fraction, elapsed / fraction - elapsed,
+               std::to_string(done) + "/" + std::to_string(windows.size()) + " windows");
+    });
+    for (int l = 0; l < config.layers; ++l) key_metric.push_back(energy.scale(l, config.rope, args.key_metric_power));
+  }
+  // --from: the set whose dictionaries are carried into the metric instead of trained.
+  std::optional<lexico::DictionarySet> from;
+  if (!args.from.empty()) {
+    from = lexico::load_dictionaries(args.from);
+    const lexico::DictionarySetManifest& m = from->manifest;
+    lexico::require(m.key_metric.empty(), "--from ", args.from, ": the set already has a key metric");
+    lexico::require(m.layers == config.layers && m.head_dim == config.head_dim && m.atoms == args.train.atoms,
+                    "--from ", args.from, ": ", m.layers, " layers of ", m.atoms, " atoms of dimension ", m.head_dim,
+                    ", this run has ", config.layers, " layers, --atoms ", args.train.atoms, ", head_dim ",
+                    config.head_dim);
+    lexico::require(lexico::manifest_key_rope(m, m.head_dim).has_value() == args.keys_before_rope, "--from ",
+                    args.from, ": its keys are ", lexico::manifest_key_rope(m, m.head_dim) ? "before" : "after",
+                    " RoPE, this run's ", args.keys_before_rope ? "before" : "after");
+  }
   const double collect_seconds = std::chrono::duration<double>(Clock::now() - begin).count();
   const double collect_cpu = cpu_seconds();
 
@@ -412,13 +458,23 @@ int run(const Args& args) {
     if (resumed > 0 && index == resumed)
       std::fprintf(stderr, "lexico-train: continuing after %d of %d dictionaries finished by an earlier run (%s)\n",
                    resumed, dictionaries, checkpoint.dir().c_str());
-    lexico::FileVectorSource source(lexico::kv_vector_path(train_dir, layer, keys), Eigen::Index(1) << 18,
-                                    options.seed + static_cast<std::uint64_t>(index), options.vectors);
+    lexico::FileVectorSource file_source(lexico::kv_vector_path(train_dir, layer, keys), Eigen::Index(1) << 18,
+                                         options.seed + static_cast<std::uint64_t>(index), options.vectors);
+    // Keys in the key metric's space, where there is one.
+    const std::vector<float>* scale = keys && args.key_metric ? &key_metric[static_cast<std::size_t>(layer)] : nullptr;
+    std::optional<lexico::WhitenedSource> whitened_source;
+    if (scale) whitened_source.emplace(file_source, *scale);
+    lexico::VectorSource& source = scale ? static_cast<lexico::VectorSource&>(*whitened_source) : file_source;
     const Eigen::Index per_dictionary = options.vectors;
     const double done_before = static_cast<double>(index - resumed) * static_cast<double>(per_dictionary);
     const double total = static_cast<double>(dictionaries - resumed) * static_cast<double>(per_dictionary);
     const auto dict_begin = Clock::now();
-    lexico::TrainResult result = lexico::train_dictionary(
+    lexico::TrainResult result;
+    if (from) {
+      const lexico::LayerDictionaries& given = from->layers[static_cast<std::size_t>(layer)];
+      result.dictionary = keys ? lexico::whitened(*given.keys, *scale) : *given.values;
+    } else {
+      result = lexico::train_dictionary(
         source, options,
         [&](const lexico::TrainProgress& p) {
           const double done = done_before + static_cast<double>(p.vectors);
@@ -431,6 +487,7 @@ int run(const Args& args) {
         {{"model", args.model}, {"layer", std::to_string(layer)}, {"kind", keys ? "K" : "V"},
          {"method", manifest.method}, {"atoms", std::to_string(options.atoms)},
          {"sparsity", std::to_string(options.sparsity)}});
+    }
     eta_per_vector = std::chrono::duration<double>(Clock::now() - train_begin).count() / (done_before + static_cast<double>(per_dictionary));
     const double dict_seconds = std::chrono::duration<double>(Clock::now() - dict_begin).count();
 
@@ -445,8 +502,12 @@ int run(const Args& args) {
 
     lexico::VectorFile train_file(lexico::kv_vector_path(train_dir, layer, keys));
     lexico::VectorFile dev_file(lexico::kv_vector_path(dev_dir, layer, keys));
-    const Eigen::MatrixXf train_sample = train_file.read_head(args.dev_vectors);
-    const Eigen::MatrixXf dev_sample = dev_file.read_head(args.dev_vectors);
+    Eigen::MatrixXf train_sample = train_file.read_head(args.dev_vectors);
+    Eigen::MatrixXf dev_sample = dev_file.read_head(args.dev_vectors);
+    if (scale) {  // errors in the metric the keys are coded in
+      lexico::whiten_columns(*scale, train_sample);
+      lexico::whiten_columns(*scale, dev_sample);
+    }
     for (const int s : eval_sparsities) {
       if (s > std::min(config.head_dim, options.atoms)) continue;
       done.errors.push_back({layer, keys ? 'K' : 'V', s,
@@ -472,6 +533,14 @@ int run(const Args& args) {
   settings["dev_vectors"] = std::to_string(args.dev_vectors);
   settings["window"] = std::to_string(args.window);
   settings["keys"] = args.keys_before_rope ? "before_rope" : "after_rope";
+  if (args.key_metric) {
+    manifest.key_metric = key_metric;
+    settings["key_metric"] = "queries";
+    settings["key_metric_power"] = std::to_string(args.key_metric_power);
+    settings["key_metric_windows"] = std::to_string(std::min(train_all.size(), metric_windows));
+    settings["rope_style"] = lexico::to_string(config.rope);  // which dimensions the metric pairs
+    if (from) settings["key_metric_from"] = args.from;
+  }
   if (args.keys_before_rope) {  // what the cache needs to undo and redo the rotation
     std::ostringstream theta;
     theta.precision(9);

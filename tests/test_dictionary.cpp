@@ -1,6 +1,7 @@
 #include <lexico/coding/code_book.hpp>
 #include <lexico/coding/dictionary.hpp>
 #include <lexico/coding/dictionary_set.hpp>
+#include <lexico/coding/key_metric.hpp>
 
 #include <sys/resource.h>
 
@@ -416,3 +417,84 @@ TEST(DictionarySet, RewritingASetLeavesNoTemporaryAndRefusesMismatchedDictionari
 }
 
 }  // namespace
+
+// A key metric survives the manifest's round trip and reaches the CodeSpace; a metric
+// with the wrong shape, a bad entry, a RoPE pair split, or no rope_style is refused with
+// the manifest's name.
+TEST(DictionarySet, KeyMetricRoundTripsAndIsChecked) {
+  const int d = 8;
+  const auto layers = set_layers(2, d, 12);
+  lexico::DictionarySetManifest manifest = set_manifest(2, d, 12);
+  manifest.settings["rope_style"] = "rotate_half";
+  const std::vector<float> layer0 = {1, 2, 0.5f, 0.25f, 1, 2, 0.5f, 0.25f};  // rotate_half pairs (e, e + 4)
+  manifest.key_metric = {layer0, std::vector<float>(d, 1.5f)};
+  const std::string text = lexico::manifest_json(manifest);
+  const lexico::MemoryFolder folder = memory_set(layers, text);
+  const lexico::DictionarySet set = lexico::load_dictionaries(folder);
+  EXPECT_EQ(set.manifest.key_metric, manifest.key_metric);
+  EXPECT_EQ(lexico::manifest_json(set.manifest), text);
+  const auto space = lexico::load_code_space(folder);
+  ASSERT_NE(space->key_scale(0), nullptr);
+  EXPECT_EQ(*space->key_scale(0), layer0);
+  EXPECT_FLOAT_EQ((*space->key_inverse_scale(0))[3], 4.0f);
+
+  const struct {
+    const char* from;
+    const char* to;
+    const char* expected;
+  } cases[] = {{"[1, 2, 0.5, 0.25, 1, 2, 0.5, 0.25]", "[1, 2, 0.5, 0.25, 1, 2, 0.5]", "layer 0: 7 entries for head_dim 8"},
+               {"[1, 2, 0.5, 0.25, 1, 2, 0.5, 0.25]", "[1, 2, 0.5, 0.25, 1, 2, 0.5, -1]", "entry 7 = -1"},
+               {"[1, 2, 0.5, 0.25, 1, 2, 0.5, 0.25]", "[1, 2, 0.5, 0.25, 1, 2, 0.5, 0.3]",
+                "entries 3 and 7 form a rotate_half RoPE pair"},
+               {"\"rope_style\": \"rotate_half\"", "\"rope_style\": \"interleaved\"",
+                "entries 0 and 1 form a interleaved RoPE pair"},
+               {"\"rope_style\": \"rotate_half\"", "\"other\": \"x\"", "needs settings.rope_style"}};
+  for (const auto& c : cases) {
+    const std::string message =
+        error_of([&] { lexico::load_dictionaries(memory_set(layers, replaced(text, c.from, c.to))); });
+    EXPECT_NE(message.find("mem/manifest.json: key_metric"), std::string::npos) << message;
+    EXPECT_NE(message.find(c.expected), std::string::npos) << c.expected << " -> " << message;
+  }
+  const std::string extra_layer = replaced(text, "\n  ]\n}", ",\n    [1, 1, 1, 1, 1, 1, 1, 1]\n  ]\n}");
+  EXPECT_NE(error_of([&] { lexico::load_dictionaries(memory_set(layers, extra_layer)); }).find("lists 3 layers of 2"),
+            std::string::npos);
+}
+
+// QueryEnergy by hand: one layer, d = 4, a token with two query heads [1, 0, 0, 0] and
+// [0, 2, 0, 0]; energies per dimension 1, 4, 0, 0 over a mean of 1.25.
+TEST(KeyMetric, QueryEnergyScalesByHand) {
+  lexico::QueryEnergy energy(1, 4);
+  lexico::RowMatrix queries(1, 8);
+  queries << 1, 0, 0, 0, 0, 2, 0, 0;
+  energy.add(0, queries);
+  EXPECT_EQ(energy.count(0), 2);
+  // rotate_half pairs (0, 2) and (1, 3): w = 1 / 2.5 and 4 / 2.5.
+  const std::vector<float> half = energy.scale(0, lexico::RopeStyle::rotate_half);
+  const std::vector<float> want_half = {std::sqrt(0.4f), std::sqrt(1.6f), std::sqrt(0.4f), std::sqrt(1.6f)};
+  for (int e = 0; e < 4; ++e) EXPECT_NEAR(half[static_cast<std::size_t>(e)], want_half[static_cast<std::size_t>(e)], 1e-6);
+  // interleaved pairs (0, 1) and (2, 3): w = 5 / 2.5, and 0 floored at 1e-4.
+  const std::vector<float> paired = energy.scale(0, lexico::RopeStyle::interleaved);
+  EXPECT_NEAR(paired[0], std::sqrt(2.0f), 1e-6);
+  EXPECT_NEAR(paired[1], std::sqrt(2.0f), 1e-6);
+  EXPECT_NEAR(paired[3], 0.01f, 1e-7);
+  // power 0.5: w^0.5.
+  EXPECT_NEAR(energy.scale(0, lexico::RopeStyle::rotate_half, 0.5)[1], std::pow(1.6f, 0.25f), 1e-6);
+  EXPECT_NE(error_of([&] { energy.add(0, lexico::RowMatrix(1, 6)); }).find("not whole heads of 4"), std::string::npos);
+  EXPECT_NE(error_of([&] { lexico::QueryEnergy(2, 4).scale(1, lexico::RopeStyle::rotate_half); })
+                .find("no queries seen in layer 1"),
+            std::string::npos);
+}
+
+// Whitening a dictionary: atoms √w ⊙ a with unit norm, so OMP over it with whitened
+// vectors is OMP in the metric.
+TEST(KeyMetric, WhitenedDictionaryHoldsScaledUnitAtoms) {
+  const lexico::Dictionary plain = random_dictionary(4, 6, 3);
+  const std::vector<float> scale = {2, 1, 0.5f, 1};
+  const lexico::Dictionary white = lexico::whitened(plain, scale);
+  for (int j = 0; j < 6; ++j) {
+    Eigen::VectorXf want = plain.atoms().col(j);
+    for (int e = 0; e < 4; ++e) want[e] *= scale[static_cast<std::size_t>(e)];
+    want.normalize();
+    EXPECT_LT((white.atoms().col(j) - want).norm(), 1e-6);
+  }
+}

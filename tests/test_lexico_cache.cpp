@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "cache_test_util.hpp"
+#include "test_util.hpp"
 
 namespace {
 
@@ -104,6 +105,8 @@ RowMatrix reference_attention(const lexico::LexicoCache& cache, const std::optio
     append_fp16(values, value_sinks, h, shape.head_dim);
     for (int tier = 0; tier < cache.code_tiers(); ++tier) {
       Eigen::MatrixXd k = reconstruct(cache.key_codes(layer, h, tier), cache.key_dictionary(layer));
+      if (const auto* scale = cache.space().key_scale(layer))  // codes of √w ⊙ k: back to k
+        for (Eigen::Index e = 0; e < k.cols(); ++e) k.col(e) /= static_cast<double>((*scale)[static_cast<std::size_t>(e)]);
       if (rope) rotate_rows(k, *rope, keys.rows());
       const Eigen::MatrixXd v = reconstruct(cache.value_codes(layer, h, tier), cache.value_dictionary(layer));
       keys.conservativeResize(keys.rows() + k.rows(), Eigen::NoChange);
@@ -143,16 +146,19 @@ struct Sequence {
   RowMatrix keys, values, queries;
 };
 
-// Cache options and the RoPE of a CodeSpace that codes keys before it (if any).
+// Cache options, the RoPE of a CodeSpace that codes keys before it (if any) and its key
+// metric (if any).
 struct Config {
   lexico::LexicoOptions options;
   std::optional<lexico::Rope> rope;
   int head_dim = 16;
+  std::vector<std::vector<float>> key_metric;
 };
 
 lexico::CodeSpaceOptions space_options(const Config& config) {
   lexico::CodeSpaceOptions space;
   space.key_rope = config.rope;
+  space.key_metric = config.key_metric;
   return space;
 }
 
@@ -235,6 +241,96 @@ TEST(LexicoCache, EqualsAttentionOverReconstructedKV_KeysBeforeRopeVectorKernel)
     config.options.tiers.clear();
     check_against_reconstruction(1, 3, 1, keys_before_rope(config, lexico::RopeStyle::rotate_half), 200);
   }
+}
+
+// A key metric (√w per layer, equal on RoPE pairs) spread over two orders of magnitude.
+Config with_key_metric(Config config, int layers) {
+  std::mt19937 rng(31);
+  std::uniform_real_distribution<float> log_scale(-1.0f, 1.0f);
+  const lexico::RopeStyle style = config.rope ? config.rope->style() : lexico::RopeStyle::rotate_half;
+  for (int l = 0; l < layers; ++l) {
+    std::vector<float> scale(static_cast<std::size_t>(config.head_dim));
+    for (int e = 0; e < config.head_dim; ++e) {
+      const int partner = lexico::rope_partner(e, config.head_dim, style);
+      scale[static_cast<std::size_t>(e)] =
+          partner < e ? scale[static_cast<std::size_t>(partner)] : std::pow(10.0f, log_scale(rng));
+    }
+    config.key_metric.push_back(scale);
+  }
+  return config;
+}
+
+// Keys coded in a key metric: attention equals attention over the decoded codes turned
+// back (k̂ = (D'c) ⊘ √w), after RoPE, before it (both styles) and in the vector kernel.
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_KeyMetric) {
+  check_against_reconstruction(2, 8, 2, with_key_metric({}, 2));
+  check_against_reconstruction(2, 8, 2, with_key_metric(keys_before_rope({}, lexico::RopeStyle::rotate_half), 2));
+  check_against_reconstruction(1, 5, 1,
+                               with_key_metric(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::interleaved), 1));
+  Config config = with_sinks_and_tiers();
+  config.head_dim = 128;
+  check_against_reconstruction(2, 4, 1, with_key_metric(keys_before_rope(config, lexico::RopeStyle::rotate_half), 1), 200);
+}
+
+// A metric that weighs every dimension alike changes no choice of OMP: the cache attends
+// as the plain one does, though its codes hold 2k and its queries are halved (a power of
+// two, so every product scales exactly and the FP8 coefficients round alike).
+TEST(LexicoCache, UniformKeyMetricAttendsAsPlainKeys) {
+  const int d = 16, kv = 2, q = 4, tokens = 60;
+  for (const bool before_rope : {false, true}) {
+    Config plain;
+    plain.options.key_sparsity = plain.options.value_sparsity = 4;
+    plain.options.buffer = 8;
+    plain.options.flush = 4;
+    if (before_rope) plain = keys_before_rope(plain, lexico::RopeStyle::rotate_half);
+    Config uniform = plain;
+    uniform.key_metric.assign(1, std::vector<float>(d, 2.0f));
+    const auto dicts = random_dictionaries(1, d, 48, 41);
+    lexico::LexicoCache a({1, kv, d}, dicts, plain.options, space_options(plain));
+    lexico::LexicoCache b({1, kv, d}, dicts, uniform.options, space_options(uniform));
+    const Sequence s = random_sequence(tokens, kv, q, d, 42);
+    RowMatrix out_a(q, d), out_b(q, d);
+    for (Eigen::Index t = 0; t < tokens; ++t) {
+      a.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), out_a);
+      b.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), out_b);
+      ASSERT_LT(relative_error(out_b, out_a), 1e-5) << "token " << t << (before_rope ? " (keys before RoPE)" : "");
+    }
+    EXPECT_GT(a.coded_tokens(0), 40);
+    // The same atoms in every row, twice the plain coefficients.
+    const auto plain_rows = reconstruct(a.key_codes(0, 1), a.key_dictionary(0));
+    const auto metric_rows = reconstruct(b.key_codes(0, 1), b.key_dictionary(0));
+    EXPECT_LT((metric_rows / 2.0 - plain_rows).norm(), 1e-6 * plain_rows.norm());
+  }
+}
+
+// Metrics a CodeSpace refuses: wrong counts, a non-positive or non-finite entry, and for
+// keys before RoPE one that differs within a RoPE pair.
+TEST(LexicoCache, RejectsBadKeyMetrics) {
+  const int d = 8;
+  const auto dicts = random_dictionaries(2, d, 16, 51);
+  const auto space_with = [&](std::vector<std::vector<float>> metric, bool before_rope) {
+    lexico::CodeSpaceOptions options;
+    if (before_rope) options.key_rope = lexico::Rope(d, 10000.0f, lexico::RopeStyle::rotate_half);
+    options.key_metric = std::move(metric);
+    return lexico::CodeSpace(dicts, options);
+  };
+  const auto fails_with = [&](std::vector<std::vector<float>> metric, bool before_rope, const std::string& text) {
+    const std::string message = lexico_test::error_of([&] { space_with(std::move(metric), before_rope); });
+    EXPECT_NE(message.find(text), std::string::npos) << "message: '" << message << "', expected '" << text << "'";
+  };
+  const std::vector<float> ones(d, 1.0f);
+  EXPECT_NO_THROW(space_with({ones, ones}, true));
+  fails_with({ones}, false, "key metric of 1 layers for 2");
+  fails_with({ones, std::vector<float>(d - 1, 1.0f)}, false, "key metric of layer 1: 7 entries for head_dim 8");
+  for (const float bad : {0.0f, -1.0f, std::nanf(""), INFINITY}) {
+    std::vector<float> scale = ones;
+    scale[3] = bad;
+    fails_with({ones, scale}, false, "entry 3");
+  }
+  std::vector<float> unpaired = ones;
+  unpaired[1] = 2.0f;  // its rotate_half partner, 5, stays 1
+  EXPECT_NO_THROW(space_with({ones, unpaired}, false));  // keys after RoPE: any diagonal metric
+  fails_with({ones, unpaired}, true, "entries 1 and 5 form a rotate_half RoPE pair");
 }
 
 // Keys that are sparse over the dictionary before RoPE, then rotated as a model does:

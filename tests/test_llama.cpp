@@ -59,7 +59,7 @@ double nll(const float* logits, int vocab, int next) {
 struct KVRecorder {
   std::vector<std::vector<float>> keys, values;
   explicit KVRecorder(LlamaRunner& runner, int layers) : keys(layers), values(layers) {
-    runner.set_kv_observer([this](int layer, lexico::ConstRowsRef k, lexico::ConstRowsRef v) {
+    runner.set_kv_observer([this](int layer, lexico::ConstRowsRef, lexico::ConstRowsRef k, lexico::ConstRowsRef v) {
       for (Eigen::Index t = 0; t < k.rows(); ++t) {
         keys[layer].insert(keys[layer].end(), k.row(t).data(), k.row(t).data() + k.cols());
         values[layer].insert(values[layer].end(), v.row(t).data(), v.row(t).data() + v.cols());
@@ -260,7 +260,7 @@ void check_keys_before_rope(const LlamaModel& model, bool interleaved) {
   std::vector<lexico::RowMatrix> seen[2];
   for (int before = 0; before < 2; ++before) {
     lexico::LlamaRunner runner(model);
-    runner.set_kv_observer([&](int layer, lexico::ConstRowsRef keys, lexico::ConstRowsRef) {
+    runner.set_kv_observer([&](int layer, lexico::ConstRowsRef, lexico::ConstRowsRef keys, lexico::ConstRowsRef) {
       if (layer == 1) seen[before].push_back(keys);
     }, before == 1);
     lexico::DenseCache<float> cache(model.config().cache_shape());

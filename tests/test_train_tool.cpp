@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include <gtest/gtest.h>
 
 #include <lexico/coding/dictionary_set.hpp>
+#include <lexico/coding/key_metric.hpp>
 
 namespace {
 
@@ -130,6 +132,50 @@ TEST(TrainTool, KeptDictionariesOfOtherArgumentsAreDiscardedWithAReason) {
   EXPECT_NE(log.find("other arguments"), std::string::npos) << log;
   EXPECT_NE(log.find("starting over"), std::string::npos) << log;
   EXPECT_EQ(lexico::load_dictionaries((root / "set").string()).manifest.atoms, 32);
+  fs::remove_all(root);
+}
+
+// --key-metric --from carries a plain set into the metric: key atoms √w ⊙ a renormalised
+// with the manifest's √w (equal on the model's RoPE pairs), values untouched; training
+// with --key-metric stores a metric too; --from alone is a usage error.
+TEST(TrainTool, KeyMetricFromAPlainSet) {
+  if (!fs::exists(tool)) GTEST_SKIP() << tool << " not built (LEXICO_BUILD_EXAMPLES=OFF)";
+  const fs::path root = fs::temp_directory_path() / ("lexico_train_metric_" + std::to_string(::getpid()));
+  fs::remove_all(root);
+  fs::create_directories(root);
+  ASSERT_EQ(wait_exit(spawn(train_args(root / "plain", 32), root / "log")), 0) << text_of(root / "log");
+  std::vector<std::string> args = train_args(root / "metric", 32);
+  args.insert(args.end(), {"--key-metric", "--from", (root / "plain").string(), "--work", (root / "plain" / "vectors").string()});
+  ASSERT_EQ(wait_exit(spawn(args, root / "log")), 0) << text_of(root / "log");
+  const lexico::DictionarySet plain = lexico::load_dictionaries((root / "plain").string());
+  const lexico::DictionarySet metric = lexico::load_dictionaries((root / "metric").string());
+  ASSERT_EQ(metric.manifest.key_metric.size(), static_cast<std::size_t>(plain.manifest.layers));
+  EXPECT_EQ(metric.manifest.settings.at("key_metric"), "queries");
+  bool varies = false;
+  for (int l = 0; l < plain.manifest.layers; ++l) {
+    const std::vector<float>& scale = metric.manifest.key_metric[static_cast<std::size_t>(l)];
+    for (float s : scale) varies = varies || std::abs(s - scale.front()) > 1e-3f;
+    const auto& layer = metric.layers[static_cast<std::size_t>(l)];
+    EXPECT_LT((lexico::whitened(*plain.layers[static_cast<std::size_t>(l)].keys, scale).atoms() - layer.keys->atoms()).norm(),
+              1e-5);
+    EXPECT_EQ(layer.values->atoms(), plain.layers[static_cast<std::size_t>(l)].values->atoms());
+  }
+  EXPECT_TRUE(varies) << "a metric of equal weights tells nothing";
+  EXPECT_EQ(lexico::load_code_space((root / "metric").string())->key_scale(0)->size(),
+            static_cast<std::size_t>(plain.manifest.head_dim));
+
+  args = train_args(root / "trained", 32);
+  args.insert(args.end(), {"--key-metric", "--key-metric-power", "0.5", "--work", (root / "plain" / "vectors").string()});
+  ASSERT_EQ(wait_exit(spawn(args, root / "log")), 0) << text_of(root / "log");
+  const lexico::DictionarySet trained = lexico::load_dictionaries((root / "trained").string());
+  ASSERT_EQ(trained.manifest.key_metric.size(), static_cast<std::size_t>(plain.manifest.layers));
+  // Power 0.5: every weight the square root of the full metric's (the same queries).
+  EXPECT_NEAR(trained.manifest.key_metric[0][1], std::sqrt(metric.manifest.key_metric[0][1]), 1e-4);
+
+  args = train_args(root / "bad", 32);
+  args.insert(args.end(), {"--from", (root / "plain").string()});
+  EXPECT_EQ(wait_exit(spawn(args, root / "log")), 2);
+  EXPECT_NE(text_of(root / "log").find("give --key-metric"), std::string::npos) << text_of(root / "log");
   fs::remove_all(root);
 }
 

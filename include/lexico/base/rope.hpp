@@ -26,6 +26,13 @@ inline RopeStyle parse_rope_style(const std::string& name) {
   return name == "interleaved" ? RopeStyle::interleaved : RopeStyle::rotate_half;
 }
 
+// The dimension that RoPE turns together with dimension e of a d-dimensional head.
+inline int rope_partner(int e, int head_dim, RopeStyle style) {
+  if (style == RopeStyle::interleaved) return e ^ 1;
+  const int half = head_dim / 2;
+  return e < half ? e + half : e - half;
+}
+
 class Rope {
  public:
   Rope(int head_dim, float theta, RopeStyle style) : head_dim_(head_dim), theta_(theta), style_(style) {

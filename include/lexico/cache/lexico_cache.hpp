@@ -37,6 +37,7 @@
 #include "../coding/codes.hpp"
 #include "../coding/dictionary.hpp"
 #include "../coding/omp.hpp"
+#include "../coding/key_metric.hpp"
 #include "../coding/unshrink.hpp"
 #include "../base/rope.hpp"
 #include "cache.hpp"
@@ -204,6 +205,7 @@ class LexicoCache final : public KVCache {
   // tier 0 holds the oldest tokens at key_sparsity / value_sparsity, the last tier the
   // newest (tier i > 0 is options.tiers[tiers - 1 - i]).
   int code_tiers() const { return quantized_recent() ? 1 : static_cast<int>(options_.tiers.size()) + 1; }
+  // Keys of a set with a key metric are coded whitened, √w ⊙ k (CodeSpace::key_scale).
   const CodeStore& key_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, true); }
   const CodeStore& value_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, false); }
   const Dictionary& key_dictionary(int layer) const { return space_->keys(checked_layer(layer)).dictionary(); }
@@ -227,8 +229,12 @@ class LexicoCache final : public KVCache {
     state.values.append(values, state.values.tiers.front());
     state.coded += tokens;
     state.frozen = seen(layer) + tokens;
-    // Atoms have unit norm: a key's norm is at most the sum of its |coefficients|.
-    add_tokens(layer, tokens, keys.coefficients.cwiseAbs().colwise().sum().maxCoeff());
+    // Atoms have unit norm: a key's norm is at most the sum of its |coefficients| (times
+    // the largest 1/√w of a key metric, whose space the codes are in).
+    double stretch = 1;
+    if (const std::vector<float>* inverse = space_->key_inverse_scale(layer))
+      stretch = *std::max_element(inverse->begin(), inverse->end());
+    add_tokens(layer, tokens, stretch * keys.coefficients.cwiseAbs().colwise().sum().maxCoeff());
   }
 
   // Decode attention for many sequences' caches on one layer (any cache type). Lexico
@@ -422,6 +428,7 @@ class LexicoCache final : public KVCache {
         : dictionary(&(keys ? space.keys(layer) : space.values(layer)).dictionary()),
           pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
           unshrink(keys ? options.key_unshrink : options.value_unshrink),
+          scale(keys ? space.key_scale(layer) : nullptr),
           buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
       if (options.quantized_recent()) {
         const auto format = keys ? options.recent_format : options.recent_value_format.value_or(options.recent_format);
@@ -458,7 +465,7 @@ class LexicoCache final : public KVCache {
         if (take == 0) continue;
         // Whole token rows are already the token-major d x (tokens · heads) layout.
         scratch().vectors = Eigen::Map<const Eigen::MatrixXf>(held.row(end - take).data(), dim, take * heads);
-        encode_into(tiers[i]);
+        encode_raw(tiers[i]);
         end -= take;
       }
     }
@@ -468,7 +475,7 @@ class LexicoCache final : public KVCache {
     void code_buffered(Eigen::Index count) {
       const Eigen::MatrixXf& vectors = gather(buffer, count);
       buffer.erase_front(count);
-      if (!recent) return encode_into(tiers.back());
+      if (!recent) return encode_raw(tiers.back());
       for (Eigen::Index t = 0; t < count; ++t) recent->append(vectors.col(t * buffer.heads()).data());
     }
 
@@ -476,7 +483,7 @@ class LexicoCache final : public KVCache {
     void code_recent(Eigen::Index count) {
       gather(*recent, count);
       recent->erase_front(count);
-      encode_into(tiers.front());
+      encode_raw(tiers.front());
     }
 
     // The oldest `count` tokens of every head of a store (TokenStore, CodedRows) into
@@ -509,6 +516,13 @@ class LexicoCache final : public KVCache {
       encode_into(to);
     }
 
+    // Encodes the columns of scratch().vectors as the stores hold them: keys in the set's
+    // key metric first (√w ⊙ k, key_metric.hpp), where it has one.
+    void encode_raw(Tier& tier) {
+      if (scale) whiten_columns(*scale, scratch().vectors);
+      encode_into(tier);
+    }
+
     // Encodes the columns of scratch().vectors (token-major, heads within a token) into a
     // tier; a pooled tier shares its atoms within each flush's worth of columns, from the
     // first, so a token codes the same whether it came from a prefill or one by one.
@@ -535,6 +549,7 @@ class LexicoCache final : public KVCache {
     const Dictionary* dictionary;  // the CodeSpace's
     Eigen::Index pool_columns;     // columns that share an atom budget: one flush
     float unshrink;                // LexicoOptions::key_unshrink / value_unshrink
+    const std::vector<float>* scale;  // the key metric's √w (keys of a set with one), else null
     std::vector<Tier> tiers;       // oldest first; tiers[0] is unbounded
     std::unique_ptr<CodedRows<BlockCodec>> recent;  // the quantized recent tier, if any
     Eigen::Index recent_capacity = 0;
@@ -605,17 +620,27 @@ class LexicoCache final : public KVCache {
     const CodeBook& key_book = space_->keys(layer);
     const int group = static_cast<int>(queries.rows()) / shape().kv_heads;
     const std::int64_t first = first_position(layer);
+    const std::vector<float>* inverse = space_->key_inverse_scale(layer);
     grouped_decode_attention(
         queries, shape().kv_heads, sinks + coded + state.keys.buffer.tokens(), out,
         [&](int h, const float* q, int g, float* scores, Eigen::Index ld) {
           held_scores(state.keys.sinks, rope, first, h, q, g, scores, ld);
+          // Codes of whitened keys meet the queries turned back (q ⊘ √w).
+          thread_local std::vector<float> turned_back;
+          const float* coded_q = q;
+          if (inverse && rope) {
+            const int d = key_book.dim();
+            turned_back.resize(static_cast<std::size_t>(g * d));
+            for (int i = 0; i < g * d; ++i) turned_back[static_cast<std::size_t>(i)] = q[i] * (*inverse)[static_cast<std::size_t>(i % d)];
+            coded_q = turned_back.data();
+          }
           // A token's column is its position: sinks first, then the codes in order.
           Eigen::Index column = sinks;
           for (const Tier& tier : state.keys.tiers) {
             const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
             if (codes.rows() == 0) continue;
             if (rope)
-              rotated_code_scores(codes, key_book, *rope, first + column, q, g, scores + column, ld);
+              rotated_code_scores(codes, key_book, *rope, first + column, coded_q, g, scores + column, ld);
             else
               code_scores(codes, table + h * group, table_ld, g, scores + column, ld);
             column += static_cast<Eigen::Index>(codes.rows());
@@ -688,7 +713,15 @@ class LexicoCache final : public KVCache {
     }
     const ConstRowsRef queries = single ? requests[members.front()].queries : ConstRowsRef(stacked);
     const Eigen::Index n_keys = space.keys(layer).size(), n_values = space.values(layer).size();
-    if (coded && !space.key_rope()) atom_table(space.keys(layer), queries, table, threads);
+    if (coded && !space.key_rope()) {
+      thread_local RowMatrix turned_back;  // q ⊘ √w for codes of whitened keys
+      const std::vector<float>* inverse = space.key_inverse_scale(layer);
+      if (inverse) {
+        turned_back = queries;
+        for (int e = 0; e < d; ++e) turned_back.col(e) *= (*inverse)[static_cast<std::size_t>(e)];
+      }
+      atom_table(space.keys(layer), inverse ? ConstRowsRef(turned_back) : queries, table, threads);
+    }
     if (coded) weights.setZero(n_values, rows);
     for (std::size_t m = 0; m < members.size(); ++m) {
       const AttendRequest& request = requests[members[m]];

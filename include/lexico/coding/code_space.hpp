@@ -22,6 +22,7 @@
 #include "code_book.hpp"
 #include "dictionary.hpp"
 #include "../base/error.hpp"
+#include "key_metric.hpp"
 #include "omp.hpp"
 #include "../base/rope.hpp"
 
@@ -47,6 +48,9 @@ struct DictionarySetManifest {
   int layers = 0, head_dim = 0, atoms = 0, sparsity = 0;
   std::map<std::string, std::string> settings;  // training configuration and data, free-form
   std::vector<DictionaryError> errors;
+  // Per layer √w of the key metric (key_metric.hpp) the key dictionaries were trained in,
+  // d entries each; empty: plain keys. Its RoPE pairs are settings.rope_style's.
+  std::vector<std::vector<float>> key_metric;
 };
 
 // The RoPE a dictionary set's keys were taken before (settings keys=before_rope, with
@@ -77,6 +81,9 @@ struct CodeSpaceOptions {
   // Keys are coded before this RoPE (dictionaries from lexico-train --keys-before-rope);
   // from a manifest it is read from the set's settings.
   std::optional<Rope> key_rope;
+  // Per layer √w of a key metric (key_metric.hpp; lexico-train --key-metric) whose space the
+  // key dictionaries belong to, d entries each, or empty; from a manifest, its key_metric.
+  std::vector<std::vector<float>> key_metric;
 };
 
 class CodeSpace {
@@ -109,6 +116,17 @@ class CodeSpace {
     }
     require(!options_.key_rope || options_.key_rope->head_dim() == dim(), "CodeSpace: RoPE head_dim ",
             options_.key_rope ? options_.key_rope->head_dim() : 0, " differs from the dictionaries' dimension ", dim());
+    const auto& metric = options_.key_metric;
+    require(metric.empty() || static_cast<int>(metric.size()) == this->layers(), "CodeSpace: a key metric of ",
+            metric.size(), " layers for ", this->layers(), " layers of dictionaries");
+    for (std::size_t l = 0; l < metric.size(); ++l) {
+      // Keys before RoPE need a metric that commutes with the rotation (equal on its pairs).
+      const RopeStyle style = options_.key_rope ? options_.key_rope->style() : RopeStyle::rotate_half;
+      check_key_scale(metric[l], dim(), options_.key_rope ? &style : nullptr,
+                      detail::concat("CodeSpace: key metric of layer ", l));
+      key_inverse_scale_.emplace_back(metric[l].size());
+      for (std::size_t e = 0; e < metric[l].size(); ++e) key_inverse_scale_.back()[e] = 1.0f / metric[l][e];
+    }
   }
   CodeSpace(const CodeSpace&) = delete;
   CodeSpace& operator=(const CodeSpace&) = delete;
@@ -122,6 +140,15 @@ class CodeSpace {
   const std::optional<Rope>& key_rope() const { return options_.key_rope; }
   const CodeSpaceOptions& options() const { return options_; }
   const DictionarySetManifest& manifest() const { return manifest_; }
+  // The key metric's √w of a layer (key_metric.hpp) and its reciprocal, d entries each, or
+  // null when the set codes plain keys: a cache codes √w ⊙ k and scores those codes with
+  // queries multiplied by 1/√w.
+  const std::vector<float>* key_scale(int layer) const {
+    return options_.key_metric.empty() ? nullptr : &options_.key_metric[checked(layer)];
+  }
+  const std::vector<float>* key_inverse_scale(int layer) const {
+    return key_inverse_scale_.empty() ? nullptr : &key_inverse_scale_[checked(layer)];
+  }
   const std::shared_ptr<OmpWorkspacePool>& workspaces() const { return workspaces_; }
 
   // An encoder over one layer's keys or values with this space's books, pool and threads.
@@ -153,6 +180,7 @@ class CodeSpace {
   CodeSpaceOptions options_;
   DictionarySetManifest manifest_;
   std::vector<std::shared_ptr<const CodeBook>> keys_, values_;
+  std::vector<std::vector<float>> key_inverse_scale_;  // per layer 1/√w (empty: no key metric)
   std::shared_ptr<OmpWorkspacePool> workspaces_;
 };
 

@@ -8,7 +8,8 @@
 //    "layers": L, "head_dim": d, "atoms": N, "sparsity": s, "keys": "after_rope",
 //    "settings": {"key": "value", ...},
 //    "files": [{"layer": 0, "keys": "layer00.k.dict", "values": "layer00.v.dict"}, ...],
-//    "errors": [{"layer": 0, "kind": "K", "sparsity": 8, "train": 0.31, "dev": 0.33}, ...]}
+//    "errors": [{"layer": 0, "kind": "K", "sparsity": 8, "train": 0.31, "dev": 0.33}, ...],
+//    "key_metric": [[d numbers], ...]}      (optional: per layer √w of key_metric.hpp)
 // File names are relative to dir and may not leave it (no "..", no absolute path). Errors
 // are mean ||x − x̂|| / ||x|| with FP8 coefficients. "keys" says whether the key
 // dictionaries code keys before or after RoPE (what a cache must match); manifests
@@ -32,6 +33,7 @@
 
 #include "code_space.hpp"
 #include "dictionary.hpp"
+#include "key_metric.hpp"
 #include "../base/error.hpp"
 #include "../base/files.hpp"
 #include "../base/json.hpp"
@@ -109,7 +111,17 @@ inline std::string manifest_json(const DictionarySetManifest& m) {
         << "\", \"sparsity\": " << e.sparsity << ", \"train\": " << detail::json_number(e.train)
         << ", \"dev\": " << detail::json_number(e.dev) << "}";
   }
-  out << "\n  ]\n}\n";
+  out << "\n  ]";
+  if (!m.key_metric.empty()) {
+    out << ",\n  \"key_metric\": [";
+    for (std::size_t l = 0; l < m.key_metric.size(); ++l) {
+      out << (l ? ",\n    [" : "\n    [");
+      for (std::size_t e = 0; e < m.key_metric[l].size(); ++e) out << (e ? ", " : "") << detail::json_number(m.key_metric[l][e]);
+      out << "]";
+    }
+    out << "\n  ]";
+  }
+  out << "\n}\n";
   return out.str();
 }
 
@@ -184,6 +196,22 @@ inline DictionarySetManifest parse_manifest(const json::Value& root, const std::
     e.train = entry.at("train", where).as_double(where + " train");
     e.dev = entry.at("dev", where).as_double(where + " dev");
     m.errors.push_back(e);
+  }
+  if (const json::Value* metric = root.find("key_metric")) {
+    const std::string where = path + ": key_metric";
+    const json::Value::Array& layers = metric->as_array(where);
+    require(static_cast<int>(layers.size()) == m.layers, where, " lists ", layers.size(), " layers of ", m.layers);
+    const auto style = m.settings.find("rope_style");
+    require(style != m.settings.end(), where, " needs settings.rope_style (which dimensions RoPE pairs)");
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+      const std::string layer_where = concat(where, " layer ", l);
+      std::vector<float> scale;
+      for (const json::Value& x : layers[l].as_array(layer_where))
+        scale.push_back(static_cast<float>(x.as_double(layer_where)));
+      const RopeStyle pairs = parse_rope_style(style->second);
+      check_key_scale(scale, m.head_dim, &pairs, layer_where);
+      m.key_metric.push_back(std::move(scale));
+    }
   }
   return m;
 }
@@ -263,6 +291,7 @@ namespace lexico {
 inline std::shared_ptr<const CodeSpace> load_code_space(const Folder& folder, CodeSpaceOptions options = {}) {
   DictionarySet set = load_dictionaries(folder);
   if (!options.key_rope) options.key_rope = manifest_key_rope(set.manifest, set.manifest.head_dim);
+  if (options.key_metric.empty()) options.key_metric = set.manifest.key_metric;
   return std::make_shared<const CodeSpace>(set.layers, std::move(options), std::move(set.manifest));
 }
 inline std::shared_ptr<const CodeSpace> load_code_space(const std::string& dir, CodeSpaceOptions options = {}) {

@@ -443,10 +443,11 @@ inline void require_finite(ConstRowsRef rows, const std::vector<std::int64_t>& p
 // decode() allocates nothing; the model must outlive the runner.
 class LlamaRunner {
  public:
-  // Sees every layer's new keys and values, T x kv_width each, before they reach the
-  // cache: how dictionary training collects KV vectors. Keys are those the cache
-  // stores (after RoPE) unless `keys_before_rope`.
-  using KVObserver = std::function<void(int layer, ConstRowsRef keys, ConstRowsRef values)>;
+  // Sees every layer's new queries (T x q_width), keys and values (T x kv_width each)
+  // before they reach the cache: how dictionary training collects KV vectors and the
+  // queries' key metric. Queries and keys are those the cache sees (after RoPE) unless
+  // `keys_before_rope`.
+  using KVObserver = std::function<void(int layer, ConstRowsRef queries, ConstRowsRef keys, ConstRowsRef values)>;
 
   explicit LlamaRunner(const LlamaModel& model)
       : model_(model), decode_ws_(model.config(), 1), rope_(model.config().rotary()) {}
@@ -548,11 +549,11 @@ class LlamaRunner {
       const auto queries = ws.qkv.leftCols(q_width);
       const auto keys = ws.qkv.middleCols(q_width, kv_width);
       const auto values = ws.qkv.rightCols(kv_width);
-      if (observer_ && observe_before_rope_) observer_(l, keys, values);
+      if (observer_ && observe_before_rope_) observer_(l, queries, keys, values);
       if (any_unrotated) ws.unrotated_keys = keys;
       rotate(ws, 0, c.heads);
       rotate(ws, q_width, c.kv_heads);
-      if (observer_ && !observe_before_rope_) observer_(l, keys, values);
+      if (observer_ && !observe_before_rope_) observer_(l, queries, keys, values);
       if (batched || T == 1) {
         for (Eigen::Index t = 0; t < T; ++t) {
           KVCache& cache = cache_of(t);

@@ -26,6 +26,7 @@
 #include <Eigen/Core>
 
 #include "../cache/dense.hpp"
+#include "../coding/key_metric.hpp"
 #include "../base/error.hpp"
 #include "../base/files.hpp"
 #include "../model/llama.hpp"
@@ -88,7 +89,7 @@ inline void collect_kv(const LlamaModel& model, const std::vector<std::vector<in
   const int d = config.head_dim, heads = config.kv_heads;
   LlamaRunner runner(model);
   Eigen::MatrixXf keys, values;
-  runner.set_kv_observer([&](int layer, ConstRowsRef k, ConstRowsRef v) {
+  runner.set_kv_observer([&](int layer, ConstRowsRef, ConstRowsRef k, ConstRowsRef v) {
     // Row t holds the token's KV heads side by side: d x heads columns each.
     keys.resize(d, k.rows() * heads);
     values.resize(d, v.rows() * heads);
@@ -104,6 +105,41 @@ inline void collect_kv(const LlamaModel& model, const std::vector<std::vector<in
     if (progress) progress(w + 1);
   }
 }
+
+// The queries' energy per layer and dimension over `windows` (key_metric.hpp), each
+// window run in a fresh dense cache; `progress(done)` after each.
+inline QueryEnergy collect_query_energy(const LlamaModel& model, const std::vector<std::vector<int>>& windows,
+                                        const std::function<void(std::size_t)>& progress = {}) {
+  const LlamaConfig& config = model.config();
+  QueryEnergy energy(config.layers, config.head_dim);
+  LlamaRunner runner(model);
+  runner.set_kv_observer([&](int layer, ConstRowsRef queries, ConstRowsRef, ConstRowsRef) { energy.add(layer, queries); });
+  for (std::size_t w = 0; w < windows.size(); ++w) {
+    DenseCache<float> cache(config.cache_shape());
+    runner.prefill(windows[w], cache);
+    if (progress) progress(w + 1);
+  }
+  return energy;
+}
+
+// Another source's vectors multiplied by √w (a key metric's layer): dictionaries trained
+// on it live in the whitened space.
+class WhitenedSource final : public VectorSource {
+ public:
+  WhitenedSource(VectorSource& source, std::vector<float> scale) : source_(source), scale_(std::move(scale)) {
+    require(static_cast<int>(scale_.size()) == source_.dim(), "WhitenedSource: ", scale_.size(),
+            " scales for vectors of ", source_.dim());
+  }
+  int dim() const override { return source_.dim(); }
+  void next(Eigen::Ref<Eigen::MatrixXf> out) override {
+    source_.next(out);
+    whiten_columns(scale_, out);
+  }
+
+ private:
+  VectorSource& source_;
+  std::vector<float> scale_;
+};
 
 // Keys and values of one layer, d x M each.
 struct LayerVectors {
