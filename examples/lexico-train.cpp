@@ -32,6 +32,7 @@
 #include <lexico/base/files.hpp>
 #include <lexico/base/json.hpp>
 #include <lexico/coding/dictionary_set.hpp>
+#include <lexico/coding/value_metric.hpp>
 #include <lexico/training/kv_collect.hpp>
 #include <lexico/model/llama.hpp>
 #include <lexico/training/train.hpp>
@@ -68,8 +69,11 @@ const char* const usage =
     "                             RoPE pair on the first 64 training windows, train the key dictionaries\n"
     "                             on keys whitened by it and store it in the manifest (key_metric.hpp)\n"
     "  --key-metric-power P       the metric's pair energies raised to P (default 1; 0 < P <= 4)\n"
-    "  --from DIR                 with --key-metric: carry DIR's dictionaries into the metric instead of\n"
-    "                             training (key atoms whitened and renormalised, values as they are)\n";
+    "  --value-metric             code values for what the output projection keeps: per layer the metric\n"
+    "                             of W_o (value_metric.hpp); value dictionaries trained in it, stored\n"
+    "  --value-metric-power P     its eigenvalues raised to P (default 1; 0 < P <= 4)\n"
+    "  --from DIR                 with --key-metric or --value-metric: carry DIR's plain dictionaries into\n"
+    "                             the metrics instead of training (atoms mapped and renormalised)\n";
 
 struct Args {
   std::string model, tokens, text, tokenizer, dev, out, work;
@@ -77,8 +81,8 @@ struct Args {
   Eigen::Index dev_vectors = 32768;
   int window = 1024;
   bool keys_before_rope = false;
-  bool key_metric = false;
-  double key_metric_power = 1;
+  bool key_metric = false, value_metric = false;
+  double key_metric_power = 1, value_metric_power = 1;
   std::string from;  // --from: a set to carry into the key metric
   lexico::AtomType atom_type = lexico::AtomType::f32;
 };
@@ -125,16 +129,20 @@ Args parse_args(int argc, char** argv) {
        {"--atom-type", named("--atom-type", [&](const std::string& v) { a.atom_type = lexico::parse_atom_type(v); })},
        {"--keys-before-rope", [&](const std::string&) { a.keys_before_rope = true; }},
        {"--key-metric", [&](const std::string&) { a.key_metric = true; }},
+       {"--value-metric", [&](const std::string&) { a.value_metric = true; }},
+       {"--value-metric-power",
+        [&](const std::string& v) { a.value_metric_power = parse_number<double>("--value-metric-power", v, 1e-3, 4); }},
        {"--key-metric-power",
         [&](const std::string& v) { a.key_metric_power = parse_number<double>("--key-metric-power", v, 1e-3, 4); }},
        {"--from", [&](const std::string& v) { a.from = v; }}},
-      usage, {"--keys-before-rope", "--key-metric"});
+      usage, {"--keys-before-rope", "--key-metric", "--value-metric"});
   if (a.model.empty()) throw cli::usage_error("--model is required");
   if (a.tokens.empty() == a.text.empty()) throw cli::usage_error("give exactly one of --tokens FILE.u16 and --text FILE");
   if (!atoms || !sparsity) throw cli::usage_error("--atoms and --sparsity are required");
   if (a.out.empty()) throw cli::usage_error("--out is required");
   if (a.train.sparsity > a.train.atoms) throw cli::usage_error("--sparsity must not exceed --atoms");
-  if (!a.from.empty() && !a.key_metric) throw cli::usage_error("--from carries a set into the key metric: give --key-metric");
+  if (!a.from.empty() && !a.key_metric && !a.value_metric)
+    throw cli::usage_error("--from carries a set into a metric: give --key-metric or --value-metric");
   for (const std::string* path : {&a.model, &a.tokens, &a.text, &a.dev, &a.tokenizer}) cli::require_file(*path);
   if (a.work.empty()) a.work = (fs::path(a.out) / "vectors").string();
   return a;
@@ -325,8 +333,9 @@ std::string run_key(const Args& args) {
       << "\nvectors=" << t.vectors << "\ndev_vectors=" << args.dev_vectors << "\ninit=" << lexico::to_string(t.init)
       << "\nbatch=" << t.batch << "\nlr=" << t.learning_rate << "\nwindow=" << args.window << "\nseed=" << t.seed
       << "\nkeys_before_rope=" << args.keys_before_rope << "\n";
-  if (args.key_metric)
-    key << "key_metric=queries\nkey_metric_power=" << args.key_metric_power << "\nfrom=" << absolute(args.from) << "\n";
+  if (args.key_metric) key << "key_metric=queries\nkey_metric_power=" << args.key_metric_power << "\n";
+  if (args.value_metric) key << "value_metric=output\nvalue_metric_power=" << args.value_metric_power << "\n";
+  if (!args.from.empty()) key << "from=" << absolute(args.from) << "\n";
   return key.str();
 }
 
@@ -408,12 +417,17 @@ int run(const Args& args) {
     });
     for (int l = 0; l < config.layers; ++l) key_metric.push_back(energy.scale(l, config.rope, args.key_metric_power));
   }
+  std::vector<lexico::ValueMetric> value_metric;  // from the model's output projections
+  for (int l = 0; args.value_metric && l < config.layers; ++l)
+    value_metric.push_back(lexico::value_metric_of_output(model.weights().layers[static_cast<std::size_t>(l)].wo,
+                                                          config.head_dim, args.value_metric_power));
   // --from: the set whose dictionaries are carried into the metric instead of trained.
   std::optional<lexico::DictionarySet> from;
   if (!args.from.empty()) {
     from = lexico::load_dictionaries(args.from);
     const lexico::DictionarySetManifest& m = from->manifest;
-    lexico::require(m.key_metric.empty(), "--from ", args.from, ": the set already has a key metric");
+    lexico::require(m.key_metric.empty() && m.value_metric.empty(), "--from ", args.from,
+                    ": the set is already coded in a metric");
     lexico::require(m.layers == config.layers && m.head_dim == config.head_dim && m.atoms == args.train.atoms,
                     "--from ", args.from, ": ", m.layers, " layers of ", m.atoms, " atoms of dimension ", m.head_dim,
                     ", this run has ", config.layers, " layers, --atoms ", args.train.atoms, ", head_dim ",
@@ -461,10 +475,13 @@ int run(const Args& args) {
     lexico::FileVectorSource file_source(lexico::kv_vector_path(train_dir, layer, keys), Eigen::Index(1) << 18,
                                          options.seed + static_cast<std::uint64_t>(index), options.vectors);
     // Keys in the key metric's space, where there is one.
-    const std::vector<float>* scale = keys && args.key_metric ? &key_metric[static_cast<std::size_t>(layer)] : nullptr;
-    std::optional<lexico::WhitenedSource> whitened_source;
-    if (scale) whitened_source.emplace(file_source, *scale);
-    lexico::VectorSource& source = scale ? static_cast<lexico::VectorSource&>(*whitened_source) : file_source;
+    // Vectors in the space of their metric, where there is one.
+    std::optional<Eigen::MatrixXf> map;
+    if (keys && args.key_metric) map = lexico::key_map(key_metric[static_cast<std::size_t>(layer)]);
+    if (!keys && args.value_metric) map = value_metric[static_cast<std::size_t>(layer)].map();
+    std::optional<lexico::MappedSource> mapped_source;
+    if (map) mapped_source.emplace(file_source, *map);
+    lexico::VectorSource& source = map ? static_cast<lexico::VectorSource&>(*mapped_source) : file_source;
     const Eigen::Index per_dictionary = options.vectors;
     const double done_before = static_cast<double>(index - resumed) * static_cast<double>(per_dictionary);
     const double total = static_cast<double>(dictionaries - resumed) * static_cast<double>(per_dictionary);
@@ -472,7 +489,8 @@ int run(const Args& args) {
     lexico::TrainResult result;
     if (from) {
       const lexico::LayerDictionaries& given = from->layers[static_cast<std::size_t>(layer)];
-      result.dictionary = keys ? lexico::whitened(*given.keys, *scale) : *given.values;
+      const lexico::Dictionary& plain = keys ? *given.keys : *given.values;
+      result.dictionary = map ? lexico::mapped(plain, *map) : plain;
     } else {
       result = lexico::train_dictionary(
         source, options,
@@ -504,9 +522,9 @@ int run(const Args& args) {
     lexico::VectorFile dev_file(lexico::kv_vector_path(dev_dir, layer, keys));
     Eigen::MatrixXf train_sample = train_file.read_head(args.dev_vectors);
     Eigen::MatrixXf dev_sample = dev_file.read_head(args.dev_vectors);
-    if (scale) {  // errors in the metric the keys are coded in
-      lexico::whiten_columns(*scale, train_sample);
-      lexico::whiten_columns(*scale, dev_sample);
+    if (map) {  // errors in the metric the vectors are coded in
+      train_sample = *map * train_sample;
+      dev_sample = *map * dev_sample;
     }
     for (const int s : eval_sparsities) {
       if (s > std::min(config.head_dim, options.atoms)) continue;
@@ -539,8 +557,17 @@ int run(const Args& args) {
     settings["key_metric_power"] = std::to_string(args.key_metric_power);
     settings["key_metric_windows"] = std::to_string(std::min(train_all.size(), metric_windows));
     settings["rope_style"] = lexico::to_string(config.rope);  // which dimensions the metric pairs
-    if (from) settings["key_metric_from"] = args.from;
   }
+  if (args.value_metric) {
+    for (int l = 0; l < config.layers; ++l) {
+      manifest.value_metric.push_back(value_metric[static_cast<std::size_t>(l)].scale);
+      layers[static_cast<std::size_t>(l)].value_axes =
+          std::make_shared<const lexico::Dictionary>(value_metric[static_cast<std::size_t>(l)].axes);
+    }
+    settings["value_metric"] = "output";
+    settings["value_metric_power"] = std::to_string(args.value_metric_power);
+  }
+  if (from) settings["metric_from"] = args.from;
   if (args.keys_before_rope) {  // what the cache needs to undo and redo the rotation
     std::ostringstream theta;
     theta.precision(9);

@@ -2,6 +2,7 @@
 #include <lexico/coding/dictionary.hpp>
 #include <lexico/coding/dictionary_set.hpp>
 #include <lexico/coding/key_metric.hpp>
+#include <lexico/coding/value_metric.hpp>
 
 #include <sys/resource.h>
 
@@ -485,16 +486,70 @@ TEST(KeyMetric, QueryEnergyScalesByHand) {
             std::string::npos);
 }
 
-// Whitening a dictionary: atoms √w ⊙ a with unit norm, so OMP over it with whitened
-// vectors is OMP in the metric.
-TEST(KeyMetric, WhitenedDictionaryHoldsScaledUnitAtoms) {
+// Mapping a dictionary: atoms T·a with unit norm, so OMP over it with mapped vectors is
+// OMP in the map's metric; the key metric's map is diag(√w).
+TEST(KeyMetric, MappedDictionaryHoldsMappedUnitAtoms) {
   const lexico::Dictionary plain = random_dictionary(4, 6, 3);
   const std::vector<float> scale = {2, 1, 0.5f, 1};
-  const lexico::Dictionary white = lexico::whitened(plain, scale);
+  const lexico::Dictionary white = lexico::mapped(plain, lexico::key_map(scale));
+  Eigen::MatrixXf t(4, 4);
+  t << 1, 2, 0, 0, 0, 1, 0, 0, 0, 0, 3, 1, 1, 0, 0, 1;
+  const lexico::Dictionary general = lexico::mapped(plain, t);
   for (int j = 0; j < 6; ++j) {
     Eigen::VectorXf want = plain.atoms().col(j);
     for (int e = 0; e < 4; ++e) want[e] *= scale[static_cast<std::size_t>(e)];
-    want.normalize();
-    EXPECT_LT((white.atoms().col(j) - want).norm(), 1e-6);
+    EXPECT_LT((white.atoms().col(j) - want.normalized()).norm(), 1e-6);
+    EXPECT_LT((general.atoms().col(j) - (t * plain.atoms().col(j)).normalized()).norm(), 1e-6);
   }
+}
+
+// The metric of an output projection by hand: one head of d = 2, W_o = [[2, 0], [0, 1]]
+// gives M = diag(4, 1), eigenvalues over their mean 1.6 and 0.4 (ascending: 0.4 first, on
+// the second axis); two heads average their blocks.
+TEST(ValueMetric, OutputMetricByHand) {
+  lexico::RowMatrix wo(2, 2);
+  wo << 2, 0, 0, 1;
+  const lexico::ValueMetric metric = lexico::value_metric_of_output(wo, 2);
+  EXPECT_NEAR(metric.scale[0], std::sqrt(0.4f), 1e-6);
+  EXPECT_NEAR(metric.scale[1], std::sqrt(1.6f), 1e-6);
+  EXPECT_NEAR(std::abs(metric.axes(1, 0)), 1.0f, 1e-6);
+  EXPECT_NEAR(std::abs(metric.axes(0, 1)), 1.0f, 1e-6);
+  // T = diag(√λ) Uᵀ: ‖T e‖² = eᵀ M e / mean eigenvalue.
+  const Eigen::Vector2f e(0.3f, -0.7f);
+  EXPECT_NEAR((metric.map() * e).squaredNorm(), (4 * 0.09f + 0.49f) / 2.5f, 1e-6);
+  lexico::RowMatrix two(2, 4);
+  two << 2, 0, 0, 0, 0, 1, 0, 2;  // head 0: diag(2, 1); head 1: [[0, 0], [0, 2]]
+  const lexico::ValueMetric pooled = lexico::value_metric_of_output(two, 2);
+  // M = (diag(4, 1) + diag(0, 4)) / 2 = diag(2, 2.5), mean 2.25.
+  EXPECT_NEAR(pooled.scale[0], std::sqrt(2.0f / 2.25f), 1e-6);
+  EXPECT_NEAR(pooled.scale[1], std::sqrt(2.5f / 2.25f), 1e-6);
+  EXPECT_NE(error_of([&] { lexico::value_metric_of_output(lexico::RowMatrix(2, 3), 2); }).find("not whole heads of 2"),
+            std::string::npos);
+}
+
+// A value metric (axes files and √λ) survives save and load, reaches the CodeSpace as
+// T = diag(√λ) Uᵀ, and a set without its axes files is refused.
+TEST(DictionarySet, ValueMetricRoundTrips) {
+  const fs::path dir = temp_path("value_metric_set");
+  const int d = 8;
+  auto layers = set_layers(2, d, 12);
+  lexico::DictionarySetManifest manifest = set_manifest(2, d, 12);
+  std::vector<lexico::ValueMetric> metrics;
+  for (int l = 0; l < 2; ++l) {
+    lexico::RowMatrix wo = lexico::RowMatrix::Random(16, 2 * d);
+    metrics.push_back(lexico::value_metric_of_output(wo, d));
+    manifest.value_metric.push_back(metrics.back().scale);
+    layers[static_cast<std::size_t>(l)].value_axes = std::make_shared<const lexico::Dictionary>(metrics.back().axes);
+  }
+  lexico::save_dictionaries(dir.string(), layers, manifest, lexico::AtomType::f16);
+  const auto space = lexico::load_code_space(dir.string());
+  for (int l = 0; l < 2; ++l) {
+    ASSERT_NE(space->coding_map(l, false), nullptr);
+    EXPECT_LT((*space->coding_map(l, false) - metrics[static_cast<std::size_t>(l)].map()).norm(), 1e-5);
+    EXPECT_LT((*space->value_inverse(l) * *space->coding_map(l, false) - Eigen::MatrixXf::Identity(d, d)).norm(), 1e-4);
+  }
+  EXPECT_EQ(space->coding_map(0, true), nullptr);
+  fs::remove(dir / "layer01.vaxes.dict");
+  EXPECT_NE(error_of([&] { lexico::load_dictionaries(dir.string()); }).find("layer 1 value_axes"), std::string::npos);
+  fs::remove_all(dir);
 }

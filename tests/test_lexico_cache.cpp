@@ -108,7 +108,9 @@ RowMatrix reference_attention(const lexico::LexicoCache& cache, const std::optio
       if (const auto* scale = cache.space().key_scale(layer))  // codes of √w ⊙ k: back to k
         for (Eigen::Index e = 0; e < k.cols(); ++e) k.col(e) /= static_cast<double>((*scale)[static_cast<std::size_t>(e)]);
       if (rope) rotate_rows(k, *rope, keys.rows());
-      const Eigen::MatrixXd v = reconstruct(cache.value_codes(layer, h, tier), cache.value_dictionary(layer));
+      Eigen::MatrixXd v = reconstruct(cache.value_codes(layer, h, tier), cache.value_dictionary(layer));
+      if (const auto* map = cache.space().coding_map(layer, false))  // codes of T·v: back to v
+        v = (map->cast<double>().inverse() * v.transpose()).transpose();
       keys.conservativeResize(keys.rows() + k.rows(), Eigen::NoChange);
       keys.bottomRows(k.rows()) = k;
       values.conservativeResize(values.rows() + v.rows(), Eigen::NoChange);
@@ -153,12 +155,14 @@ struct Config {
   std::optional<lexico::Rope> rope;
   int head_dim = 16;
   std::vector<std::vector<float>> key_metric;
+  std::vector<Eigen::MatrixXf> value_metric;
 };
 
 lexico::CodeSpaceOptions space_options(const Config& config) {
   lexico::CodeSpaceOptions space;
   space.key_rope = config.rope;
   space.key_metric = config.key_metric;
+  space.value_metric = config.value_metric;
   return space;
 }
 
@@ -260,6 +264,31 @@ Config with_key_metric(Config config, int layers) {
   return config;
 }
 
+// A value metric's map per layer: identity plus a random part, well conditioned.
+Config with_value_metric(Config config, int layers) {
+  std::mt19937 rng(33);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  for (int l = 0; l < layers; ++l) {
+    Eigen::MatrixXf map = Eigen::MatrixXf::Identity(config.head_dim, config.head_dim);
+    for (Eigen::Index i = 0; i < map.size(); ++i) map.data()[i] += normal(rng);
+    config.value_metric.push_back(map);
+  }
+  return config;
+}
+
+// Values coded in a value metric (codes of T·v): attention equals attention over the
+// decoded codes mapped back with T⁻¹, alone and with a key metric, keys before RoPE or after.
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_ValueMetric) {
+  check_against_reconstruction(2, 8, 2, with_value_metric({}, 2));
+  check_against_reconstruction(
+      1, 5, 1, with_value_metric(with_key_metric(keys_before_rope(with_sinks_and_tiers(), lexico::RopeStyle::rotate_half), 1), 1));
+  Config quantized = with_sinks_and_tiers();
+  quantized.head_dim = 64;
+  quantized.options.tiers = {{12, 8, 8}};
+  quantized.options.recent_format = lexico::LexicoOptions::RecentFormat::q8_0;
+  check_against_reconstruction(2, 4, 1, with_value_metric(keys_before_rope(quantized, lexico::RopeStyle::rotate_half), 1), 120);
+}
+
 // Keys coded in a key metric: attention equals attention over the decoded codes turned
 // back (k̂ = (D'c) ⊘ √w), after RoPE, before it (both styles) and in the vector kernel.
 TEST(LexicoCache, EqualsAttentionOverReconstructedKV_KeyMetric) {
@@ -272,10 +301,11 @@ TEST(LexicoCache, EqualsAttentionOverReconstructedKV_KeyMetric) {
   check_against_reconstruction(2, 4, 1, with_key_metric(keys_before_rope(config, lexico::RopeStyle::rotate_half), 1), 200);
 }
 
-// A metric that weighs every dimension alike changes no choice of OMP: the cache attends
-// as the plain one does, though its codes hold 2k and its queries are halved (a power of
-// two, so every product scales exactly and the FP8 coefficients round alike).
-TEST(LexicoCache, UniformKeyMetricAttendsAsPlainKeys) {
+// Metrics that weigh every dimension alike change no choice of OMP: the cache attends as
+// the plain one does, though its codes hold 2k and 2v, its queries are halved and its coded
+// values' output too (a power of two, so every product scales exactly and the FP8
+// coefficients round alike).
+TEST(LexicoCache, UniformMetricsAttendAsPlainVectors) {
   const int d = 16, kv = 2, q = 4, tokens = 60;
   for (const bool before_rope : {false, true}) {
     Config plain;
@@ -285,6 +315,7 @@ TEST(LexicoCache, UniformKeyMetricAttendsAsPlainKeys) {
     if (before_rope) plain = keys_before_rope(plain, lexico::RopeStyle::rotate_half);
     Config uniform = plain;
     uniform.key_metric.assign(1, std::vector<float>(d, 2.0f));
+    uniform.value_metric.assign(1, 2.0f * Eigen::MatrixXf::Identity(d, d));
     const auto dicts = random_dictionaries(1, d, 48, 41);
     lexico::LexicoCache a({1, kv, d}, dicts, plain.options, space_options(plain));
     lexico::LexicoCache b({1, kv, d}, dicts, uniform.options, space_options(uniform));
@@ -331,6 +362,28 @@ TEST(LexicoCache, RejectsBadKeyMetrics) {
   unpaired[1] = 2.0f;  // its rotate_half partner, 5, stays 1
   EXPECT_NO_THROW(space_with({ones, unpaired}, false));  // keys after RoPE: any diagonal metric
   fails_with({ones, unpaired}, true, "entries 1 and 5 form a rotate_half RoPE pair");
+}
+
+// Value maps a CodeSpace refuses: wrong counts or shape, NaN, and one too ill-conditioned
+// to turn attention back in fp32.
+TEST(LexicoCache, RejectsBadValueMetrics) {
+  const int d = 8;
+  const auto dicts = random_dictionaries(2, d, 16, 52);
+  const auto fails_with = [&](std::vector<Eigen::MatrixXf> maps, const std::string& text) {
+    lexico::CodeSpaceOptions options;
+    options.value_metric = std::move(maps);
+    const std::string message = lexico_test::error_of([&] { lexico::CodeSpace space(dicts, options); });
+    EXPECT_NE(message.find(text), std::string::npos) << "message: '" << message << "', expected '" << text << "'";
+  };
+  const Eigen::MatrixXf identity = Eigen::MatrixXf::Identity(d, d);
+  fails_with({identity}, "value metric of 1 layers for 2");
+  fails_with({identity, Eigen::MatrixXf::Identity(d, d - 1)}, "value metric of layer 1: a map of 8 x 7");
+  Eigen::MatrixXf bad = identity;
+  bad(2, 3) = std::nanf("");
+  fails_with({identity, bad}, "holds a NaN");
+  bad = identity;
+  bad(5, 5) = 1e-8f;
+  fails_with({identity, bad}, "condition number");
 }
 
 // Keys that are sparse over the dictionary before RoPE, then rotated as a model does:

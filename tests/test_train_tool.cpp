@@ -19,6 +19,7 @@
 
 #include <lexico/coding/dictionary_set.hpp>
 #include <lexico/coding/key_metric.hpp>
+#include <lexico/coding/value_metric.hpp>
 
 namespace {
 
@@ -156,7 +157,8 @@ TEST(TrainTool, KeyMetricFromAPlainSet) {
     const std::vector<float>& scale = metric.manifest.key_metric[static_cast<std::size_t>(l)];
     for (float s : scale) varies = varies || std::abs(s - scale.front()) > 1e-3f;
     const auto& layer = metric.layers[static_cast<std::size_t>(l)];
-    EXPECT_LT((lexico::whitened(*plain.layers[static_cast<std::size_t>(l)].keys, scale).atoms() - layer.keys->atoms()).norm(),
+    EXPECT_LT((lexico::mapped(*plain.layers[static_cast<std::size_t>(l)].keys, lexico::key_map(scale)).atoms() -
+               layer.keys->atoms()).norm(),
               1e-5);
     EXPECT_EQ(layer.values->atoms(), plain.layers[static_cast<std::size_t>(l)].values->atoms());
   }
@@ -175,7 +177,7 @@ TEST(TrainTool, KeyMetricFromAPlainSet) {
   args = train_args(root / "bad", 32);
   args.insert(args.end(), {"--from", (root / "plain").string()});
   EXPECT_EQ(wait_exit(spawn(args, root / "log")), 2);
-  EXPECT_NE(text_of(root / "log").find("give --key-metric"), std::string::npos) << text_of(root / "log");
+  EXPECT_NE(text_of(root / "log").find("give --key-metric or --value-metric"), std::string::npos) << text_of(root / "log");
   fs::remove_all(root);
 }
 

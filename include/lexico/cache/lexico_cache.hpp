@@ -428,7 +428,7 @@ class LexicoCache final : public KVCache {
         : dictionary(&(keys ? space.keys(layer) : space.values(layer)).dictionary()),
           pool_columns(Eigen::Index(options.flush) * shape.kv_heads),
           unshrink(keys ? options.key_unshrink : options.value_unshrink),
-          scale(keys ? space.key_scale(layer) : nullptr),
+          map(space.coding_map(layer, keys)),
           buffer(shape.kv_heads, shape.head_dim), sinks(shape.kv_heads, shape.head_dim) {
       if (options.quantized_recent()) {
         const auto format = keys ? options.recent_format : options.recent_value_format.value_or(options.recent_format);
@@ -516,10 +516,10 @@ class LexicoCache final : public KVCache {
       encode_into(to);
     }
 
-    // Encodes the columns of scratch().vectors as the stores hold them: keys in the set's
-    // key metric first (√w ⊙ k, key_metric.hpp), where it has one.
+    // Encodes the columns of scratch().vectors as the stores hold them: mapped first into
+    // the space of the set's key or value metric (key_metric.hpp, value_metric.hpp), if any.
     void encode_raw(Tier& tier) {
-      if (scale) whiten_columns(*scale, scratch().vectors);
+      if (map) scratch().vectors = *map * scratch().vectors;
       encode_into(tier);
     }
 
@@ -549,7 +549,7 @@ class LexicoCache final : public KVCache {
     const Dictionary* dictionary;  // the CodeSpace's
     Eigen::Index pool_columns;     // columns that share an atom budget: one flush
     float unshrink;                // LexicoOptions::key_unshrink / value_unshrink
-    const std::vector<float>* scale;  // the key metric's √w (keys of a set with one), else null
+    const Eigen::MatrixXf* map;    // into the space of the set's key or value metric, else null
     std::vector<Tier> tiers;       // oldest first; tiers[0] is unbounded
     std::unique_ptr<CodedRows<BlockCodec>> recent;  // the quantized recent tier, if any
     Eigen::Index recent_capacity = 0;
@@ -746,9 +746,12 @@ class LexicoCache final : public KVCache {
         weights.middleCols(offsets[m], heads) = Eigen::Map<const RowMatrix>(block_weights.data(), n_values, heads);
     }
     if (!coded) return;
-    if (single) return add_atom_combination(space.values(layer), weights, requests[members.front()].out, threads);
+    const Eigen::MatrixXf* value_inverse = space.value_inverse(layer);
+    if (single && !value_inverse)
+      return add_atom_combination(space.values(layer), weights, requests[members.front()].out, threads);
     combined.setZero(rows, d);
     add_atom_combination(space.values(layer), weights, combined, threads);
+    if (value_inverse) combined *= value_inverse->transpose();  // rows of T·v back to v: (T⁻¹ Σ p T v)ᵀ
     for (std::size_t m = 0; m < members.size(); ++m) {
       RowsRef out = requests[members[m]].out;
       out += combined.middleRows(offsets[m], out.rows());

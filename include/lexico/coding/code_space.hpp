@@ -23,6 +23,7 @@
 #include "dictionary.hpp"
 #include "../base/error.hpp"
 #include "key_metric.hpp"
+#include "value_metric.hpp"
 #include "omp.hpp"
 #include "../base/rope.hpp"
 
@@ -31,6 +32,8 @@ namespace lexico {
 // A layer's key and value dictionaries.
 struct LayerDictionaries {
   std::shared_ptr<const Dictionary> keys, values;
+  // The value metric's axes (value_metric.hpp), d orthonormal atoms, or null.
+  std::shared_ptr<const Dictionary> value_axes = nullptr;
 };
 
 // Relative coding error of one dictionary at one sparsity (FP8 coefficients).
@@ -51,6 +54,9 @@ struct DictionarySetManifest {
   // Per layer √w of the key metric (key_metric.hpp) the key dictionaries were trained in,
   // d entries each; empty: plain keys. Its RoPE pairs are settings.rope_style's.
   std::vector<std::vector<float>> key_metric;
+  // Per layer √λ of the value metric (value_metric.hpp) along the layer's value_axes;
+  // empty: plain values.
+  std::vector<std::vector<float>> value_metric;
 };
 
 // The RoPE a dictionary set's keys were taken before (settings keys=before_rope, with
@@ -84,6 +90,10 @@ struct CodeSpaceOptions {
   // Per layer √w of a key metric (key_metric.hpp; lexico-train --key-metric) whose space the
   // key dictionaries belong to, d entries each, or empty; from a manifest, its key_metric.
   std::vector<std::vector<float>> key_metric;
+  // Per layer the value metric's map T (d x d, value_metric.hpp; lexico-train
+  // --value-metric) into the space of the value dictionaries, or empty; from a manifest,
+  // diag(value_metric) · value_axesᵀ.
+  std::vector<Eigen::MatrixXf> value_metric;
 };
 
 class CodeSpace {
@@ -122,11 +132,18 @@ class CodeSpace {
     for (std::size_t l = 0; l < metric.size(); ++l) {
       // Keys before RoPE need a metric that commutes with the rotation (equal on its pairs).
       const RopeStyle style = options_.key_rope ? options_.key_rope->style() : RopeStyle::rotate_half;
-      check_key_scale(metric[l], dim(), options_.key_rope ? &style : nullptr,
+      check_metric_scale(metric[l], dim(), options_.key_rope ? &style : nullptr,
                       detail::concat("CodeSpace: key metric of layer ", l));
       key_inverse_scale_.emplace_back(metric[l].size());
       for (std::size_t e = 0; e < metric[l].size(); ++e) key_inverse_scale_.back()[e] = 1.0f / metric[l][e];
+      key_map_.push_back(key_map(metric[l]));
     }
+    const auto& value_metric = options_.value_metric;
+    require(value_metric.empty() || static_cast<int>(value_metric.size()) == this->layers(),
+            "CodeSpace: a value metric of ", value_metric.size(), " layers for ", this->layers(),
+            " layers of dictionaries");
+    for (std::size_t l = 0; l < value_metric.size(); ++l)
+      value_inverse_.push_back(inverse_value_map(value_metric[l], dim(), detail::concat("CodeSpace: value metric of layer ", l)));
   }
   CodeSpace(const CodeSpace&) = delete;
   CodeSpace& operator=(const CodeSpace&) = delete;
@@ -148,6 +165,17 @@ class CodeSpace {
   }
   const std::vector<float>* key_inverse_scale(int layer) const {
     return key_inverse_scale_.empty() ? nullptr : &key_inverse_scale_[checked(layer)];
+  }
+  // The map into the space a layer's key or value dictionaries code in (diag(√w) of the
+  // key metric, T of the value metric), or null for plain vectors.
+  const Eigen::MatrixXf* coding_map(int layer, bool keys) const {
+    const auto& maps = keys ? key_map_ : options_.value_metric;
+    return maps.empty() ? nullptr : &maps[checked(layer)];
+  }
+  // T⁻¹ of a layer's value metric (value_metric.hpp), or null: a cache turns the attention
+  // over coded values back with it.
+  const Eigen::MatrixXf* value_inverse(int layer) const {
+    return value_inverse_.empty() ? nullptr : &value_inverse_[checked(layer)];
   }
   const std::shared_ptr<OmpWorkspacePool>& workspaces() const { return workspaces_; }
 
@@ -181,6 +209,8 @@ class CodeSpace {
   DictionarySetManifest manifest_;
   std::vector<std::shared_ptr<const CodeBook>> keys_, values_;
   std::vector<std::vector<float>> key_inverse_scale_;  // per layer 1/√w (empty: no key metric)
+  std::vector<Eigen::MatrixXf> key_map_;               // per layer diag(√w)
+  std::vector<Eigen::MatrixXf> value_inverse_;         // per layer T⁻¹ (empty: no value metric)
   std::shared_ptr<OmpWorkspacePool> workspaces_;
 };
 

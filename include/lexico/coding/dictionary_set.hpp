@@ -9,7 +9,9 @@
 //    "settings": {"key": "value", ...},
 //    "files": [{"layer": 0, "keys": "layer00.k.dict", "values": "layer00.v.dict"}, ...],
 //    "errors": [{"layer": 0, "kind": "K", "sparsity": 8, "train": 0.31, "dev": 0.33}, ...],
-//    "key_metric": [[d numbers], ...]}      (optional: per layer √w of key_metric.hpp)
+//    "key_metric": [[d numbers], ...],      (optional: per layer √w of key_metric.hpp)
+//    "value_metric": [[d numbers], ...]}    (optional: per layer √λ of value_metric.hpp,
+//                                            with "value_axes": "layer00.vaxes.dict" in files)
 // File names are relative to dir and may not leave it (no "..", no absolute path). Errors
 // are mean ||x − x̂|| / ||x|| with FP8 coefficients. "keys" says whether the key
 // dictionaries code keys before or after RoPE (what a cache must match); manifests
@@ -34,6 +36,7 @@
 #include "code_space.hpp"
 #include "dictionary.hpp"
 #include "key_metric.hpp"
+#include "value_metric.hpp"
 #include "../base/error.hpp"
 #include "../base/files.hpp"
 #include "../base/json.hpp"
@@ -55,6 +58,12 @@ inline std::string dictionary_file_name(int layer, bool keys) {
   std::snprintf(name, sizeof name, "layer%02d.%s.dict", layer, keys ? "k" : "v");
   return name;
 }
+inline std::string value_axes_file_name(int layer) {
+  char name[32];
+  std::snprintf(name, sizeof name, "layer%02d.vaxes.dict", layer);
+  return name;
+}
+
 
 inline int manifest_int(const json::Value& value, const std::string& what, int low, int high) {
   const std::int64_t n = value.as_int(what);
@@ -67,6 +76,17 @@ inline std::string json_number(double value) {
   char text[32];
   std::snprintf(text, sizeof text, "%.17g", value);
   return text;
+}
+
+// "name": [[numbers], ...] of per-layer vectors.
+inline void write_layer_vectors(std::ostream& out, const char* name, const std::vector<std::vector<float>>& layers) {
+  out << ",\n  \"" << name << "\": [";
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    out << (l ? ",\n    [" : "\n    [");
+    for (std::size_t e = 0; e < layers[l].size(); ++e) out << (e ? ", " : "") << json_number(layers[l][e]);
+    out << "]";
+  }
+  out << "\n  ]";
 }
 
 inline constexpr const char* manifest_name = "manifest.json";
@@ -103,7 +123,8 @@ inline std::string manifest_json(const DictionarySetManifest& m) {
   for (int l = 0; l < m.layers; ++l)
     out << (l ? ",\n    " : "\n    ") << "{\"layer\": " << l << ", \"keys\": "
         << json::quote(detail::dictionary_file_name(l, true))
-        << ", \"values\": " << json::quote(detail::dictionary_file_name(l, false)) << "}";
+        << ", \"values\": " << json::quote(detail::dictionary_file_name(l, false))
+        << (m.value_metric.empty() ? "" : ", \"value_axes\": " + json::quote(detail::value_axes_file_name(l))) << "}";
   out << "\n  ],\n  \"errors\": [";
   for (std::size_t i = 0; i < m.errors.size(); ++i) {
     const DictionaryError& e = m.errors[i];
@@ -112,15 +133,8 @@ inline std::string manifest_json(const DictionarySetManifest& m) {
         << ", \"dev\": " << detail::json_number(e.dev) << "}";
   }
   out << "\n  ]";
-  if (!m.key_metric.empty()) {
-    out << ",\n  \"key_metric\": [";
-    for (std::size_t l = 0; l < m.key_metric.size(); ++l) {
-      out << (l ? ",\n    [" : "\n    [");
-      for (std::size_t e = 0; e < m.key_metric[l].size(); ++e) out << (e ? ", " : "") << detail::json_number(m.key_metric[l][e]);
-      out << "]";
-    }
-    out << "\n  ]";
-  }
+  if (!m.key_metric.empty()) detail::write_layer_vectors(out, "key_metric", m.key_metric);
+  if (!m.value_metric.empty()) detail::write_layer_vectors(out, "value_metric", m.value_metric);
   out << "\n}\n";
   return out.str();
 }
@@ -151,6 +165,13 @@ inline void save_dictionaries(const std::string& dir, const std::vector<LayerDic
       staged.push_back(std::make_unique<AtomicFile>(detail::join(dir, detail::dictionary_file_name(l, keys))));
       staged.back()->write(dictionary.to_bytes(atom_type));
     }
+    if (manifest.value_metric.empty()) continue;
+    require(layer.value_axes && layer.value_axes->dim() == manifest.head_dim &&
+                layer.value_axes->size() == manifest.head_dim,
+            "save_dictionaries: layer ", l, " needs value axes of ", manifest.head_dim, " x ", manifest.head_dim,
+            " for its value metric");
+    staged.push_back(std::make_unique<AtomicFile>(detail::join(dir, detail::value_axes_file_name(l))));
+    staged.back()->write(layer.value_axes->to_bytes(AtomType::f32));  // the map keeps full precision
   }
   const std::string manifest_path = detail::join(dir, detail::manifest_name);
   std::error_code ec;
@@ -209,8 +230,21 @@ inline DictionarySetManifest parse_manifest(const json::Value& root, const std::
       for (const json::Value& x : layers[l].as_array(layer_where))
         scale.push_back(static_cast<float>(x.as_double(layer_where)));
       const RopeStyle pairs = parse_rope_style(style->second);
-      check_key_scale(scale, m.head_dim, &pairs, layer_where);
+      check_metric_scale(scale, m.head_dim, &pairs, layer_where);
       m.key_metric.push_back(std::move(scale));
+    }
+  }
+  if (const json::Value* metric = root.find("value_metric")) {
+    const std::string where = path + ": value_metric";
+    const json::Value::Array& layers = metric->as_array(where);
+    require(static_cast<int>(layers.size()) == m.layers, where, " lists ", layers.size(), " layers of ", m.layers);
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+      const std::string layer_where = concat(where, " layer ", l);
+      std::vector<float> scale;
+      for (const json::Value& x : layers[l].as_array(layer_where))
+        scale.push_back(static_cast<float>(x.as_double(layer_where)));
+      check_metric_scale(scale, m.head_dim, nullptr, layer_where);
+      m.value_metric.push_back(std::move(scale));
     }
   }
   return m;
@@ -276,7 +310,20 @@ inline DictionarySet load_dictionaries(const Folder& folder) {
               m.atoms);
       return dictionary;
     };
-    set.layers[static_cast<std::size_t>(l)] = {load("keys"), load("values")};
+    LayerDictionaries& layer = set.layers[static_cast<std::size_t>(l)];
+    layer = {load("keys"), load("values"), nullptr};
+    require(m.value_metric.empty() == !entry.find("value_axes"), where, " layer ", l,
+            m.value_metric.empty() ? ": value_axes without a value_metric" : ": a value_metric needs value_axes");
+    if (!m.value_metric.empty()) {
+      const std::string what = detail::concat(where, " layer ", l, " value_axes");
+      const std::string& file = entry.at("value_axes", where).as_string(what);
+      Folder::check_name(file, what);
+      require(folder.contains(file), what, ": '", file, "' does not exist in ", folder.name());
+      layer.value_axes = std::make_shared<const Dictionary>(Dictionary::load(*folder.open(file)));
+      require(layer.value_axes->dim() == m.head_dim && layer.value_axes->size() == m.head_dim, what, " '", file,
+              "' is ", layer.value_axes->dim(), " x ", layer.value_axes->size(), ", expected ", m.head_dim, " x ",
+              m.head_dim);
+    }
   }
   return set;
 }
@@ -292,6 +339,9 @@ inline std::shared_ptr<const CodeSpace> load_code_space(const Folder& folder, Co
   DictionarySet set = load_dictionaries(folder);
   if (!options.key_rope) options.key_rope = manifest_key_rope(set.manifest, set.manifest.head_dim);
   if (options.key_metric.empty()) options.key_metric = set.manifest.key_metric;
+  if (options.value_metric.empty())
+    for (std::size_t l = 0; l < set.manifest.value_metric.size(); ++l)
+      options.value_metric.push_back(ValueMetric{set.layers[l].value_axes->atoms(), set.manifest.value_metric[l]}.map());
   return std::make_shared<const CodeSpace>(set.layers, std::move(options), std::move(set.manifest));
 }
 inline std::shared_ptr<const CodeSpace> load_code_space(const std::string& dir, CodeSpaceOptions options = {}) {

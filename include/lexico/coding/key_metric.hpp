@@ -22,7 +22,6 @@
 #include "../base/error.hpp"
 #include "../base/rope.hpp"
 #include "../base/rows.hpp"
-#include "dictionary.hpp"
 
 namespace lexico {
 
@@ -86,7 +85,7 @@ class QueryEnergy {
 
 // Checks one layer's √w: d finite entries in [1e-6, 1e6] and, given a RoPE style, equal
 // on each of its pairs (else the metric would not commute with the rotation).
-inline void check_key_scale(const std::vector<float>& scale, int head_dim, const RopeStyle* style,
+inline void check_metric_scale(const std::vector<float>& scale, int head_dim, const RopeStyle* style,
                             const std::string& where) {
   require(static_cast<int>(scale.size()) == head_dim, where, ": ", scale.size(), " entries for head_dim ", head_dim);
   for (int e = 0; e < head_dim; ++e) {
@@ -102,21 +101,13 @@ inline void check_key_scale(const std::vector<float>& scale, int head_dim, const
   }
 }
 
-// x ← √w ⊙ x for every column of d x M vectors.
-inline void whiten_columns(const std::vector<float>& scale, Eigen::Ref<Eigen::MatrixXf> vectors) {
-  require(static_cast<Eigen::Index>(scale.size()) == vectors.rows(), "whiten_columns: ", scale.size(),
-          " scales for vectors of ", vectors.rows());
-  for (Eigen::Index e = 0; e < vectors.rows(); ++e) vectors.row(e) *= scale[static_cast<std::size_t>(e)];
-}
-
-// A dictionary of plain keys carried into the whitened space: atoms √w ⊙ a, normalised.
-// OMP over it with whitened keys is OMP in the metric over the original atoms.
-inline Dictionary whitened(const Dictionary& dictionary, const std::vector<float>& scale) {
-  require(static_cast<int>(scale.size()) == dictionary.dim(), "whitened: ", scale.size(), " scales for atoms of ",
-          dictionary.dim());
-  Eigen::MatrixXf atoms = dictionary.atoms();
-  whiten_columns(scale, atoms);
-  return Dictionary(std::move(atoms), dictionary.metadata());
+// The metric's map diag(√w) as a matrix (what value_metric.hpp's `mapped` and a
+// training source take).
+inline Eigen::MatrixXf key_map(const std::vector<float>& scale) {
+  const Eigen::Index d = static_cast<Eigen::Index>(scale.size());
+  Eigen::MatrixXf map = Eigen::MatrixXf::Zero(d, d);
+  for (Eigen::Index e = 0; e < d; ++e) map(e, e) = scale[static_cast<std::size_t>(e)];
+  return map;
 }
 
 }  // namespace lexico

@@ -122,23 +122,23 @@ inline QueryEnergy collect_query_energy(const LlamaModel& model, const std::vect
   return energy;
 }
 
-// Another source's vectors multiplied by √w (a key metric's layer): dictionaries trained
-// on it live in the whitened space.
-class WhitenedSource final : public VectorSource {
+// Another source's vectors mapped by T (a key or value metric's map of one layer):
+// dictionaries trained on it live in the metric's space.
+class MappedSource final : public VectorSource {
  public:
-  WhitenedSource(VectorSource& source, std::vector<float> scale) : source_(source), scale_(std::move(scale)) {
-    require(static_cast<int>(scale_.size()) == source_.dim(), "WhitenedSource: ", scale_.size(),
-            " scales for vectors of ", source_.dim());
+  MappedSource(VectorSource& source, Eigen::MatrixXf map) : source_(source), map_(std::move(map)) {
+    require(map_.rows() == source_.dim() && map_.cols() == source_.dim(), "MappedSource: a ", map_.rows(), " x ",
+            map_.cols(), " map for vectors of ", source_.dim());
   }
   int dim() const override { return source_.dim(); }
   void next(Eigen::Ref<Eigen::MatrixXf> out) override {
     source_.next(out);
-    whiten_columns(scale_, out);
+    out = map_ * out;
   }
 
  private:
   VectorSource& source_;
-  std::vector<float> scale_;
+  Eigen::MatrixXf map_;
 };
 
 // Keys and values of one layer, d x M each.
