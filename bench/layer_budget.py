@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Per-layer key and value atom budgets of a Lexico cache, by measured sensitivity (issue 18, item 3).
+"""Per-layer key and value atom budgets of a Lexico cache, by measured sensitivity (issue 18, item 3),
+and other sets at equal bytes (dictionaries coded in a key or value metric, items 1 and 2).
 
   layer_budget.py sensitivity --layer-s 4:3:3:4:3:4:4:7 --out results/layer_budget/sensitivity.jsonl
       runs the base cache and, for every layer l, the base with one more key atom in l
@@ -95,12 +96,14 @@ def try_candidates(args):
 
 
 def report(args):
-    print("# Per-layer key and value budgets (proxy-lm-hd128; tuning and held-out dev windows)\n")
+    print("# Per-layer key and value budgets and coding metrics (proxy-lm-hd128; tuning and held-out dev windows)\n")
     print("Made by `bench/layer_budget.py report " + " ".join(args.files) + "` from the run files of "
           "`bench/layer_budget.py sensitivity` and `try`; each table sets every cache against the first one "
           "of its file (the base), on the same 8 windows of proxy-lm-hd128's dev tokens (1,024 tokens, prefill 512, "
           "4,088 scored tokens; which windows, each file says). Paired ΔNLL is the mean per-token NLL change against the base ± its "
           "standard error.\n")
+    sets = REPO / "results" / "layer_budget" / "metric_sets.json"
+    made_by = json.loads(sets.read_text())["sets"] if sets.exists() else {}
     for path in args.files:
         rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         base = rows[0]
@@ -122,6 +125,12 @@ def report(args):
             print(f"| {r['label']} | {100 * r['kv_size_fraction']:.2f} | {r['bytes_payload'] - base['bytes_payload']:+d} | "
                   f"{r['mean_kl']:.5f} | {change:+.1f} % | {r['delta_nll']:+.4f} | {mean:+.5f} ± {se:.5f} |")
         print()
+        # Sets outside the repository: the command that made each (results/layer_budget/metric_sets.json).
+        named = sorted({p for r in rows for p in made_by if f"dict={p}," in r["spec"]})
+        for path in named:
+            print(f"- `{path}`: `{made_by[path]}`")
+        if named:
+            print()
 
 
 def main():

@@ -346,8 +346,10 @@ def manifest_keys(manifest):
 
 def pick_dictionary(candidates, atoms, sparsity, keys="after_rope"):
     """The set with `atoms` atoms, trained on `keys`, nearest to `sparsity` (ties: more vectors,
-    then newer)."""
-    pool = [(d, m) for d, m in candidates if int(m["atoms"]) == atoms and manifest_keys(m) == keys]
+    then newer). Sets coded in a key or value metric are taken only where named (--dict,
+    results/claim.json): the grid's settings are those of plain sets."""
+    pool = [(d, m) for d, m in candidates if int(m["atoms"]) == atoms and manifest_keys(m) == keys
+            and not any(k in m.get("settings", {}) for k in ("key_metric", "value_metric"))]
     if not pool:
         return None
 
@@ -1055,6 +1057,13 @@ def train_command(manifest, directory):
         parts.append("--keys-before-rope")
     if st.get("atom_type", "f32") != "f32":
         parts.append(f"--atom-type {st['atom_type']}")
+    for metric in ("key", "value"):  # coding metrics (key_metric.hpp, value_metric.hpp)
+        if metric + "_metric" in st:
+            parts.append(f"--{metric}-metric")
+            if float(st.get(metric + "_metric_power", 1)) != 1:
+                parts.append(f"--{metric}-metric-power {float(st[metric + '_metric_power']):g}")
+    if "metric_from" in st:
+        parts.append(f"--from {st['metric_from']}")
     return " ".join(parts) + f" --out {relative(directory)}"
 
 

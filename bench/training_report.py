@@ -352,6 +352,11 @@ def published_section():
                   f"lexico {st.get('lexico_version', 'not recorded')}. Mean relative dev error at s = {m['sparsity']}: "
                   f"K {mean('K'):.4f}, V {mean('V'):.4f} ({st.get('dev', '')}).", "",
                   "```", train_command(m, folder), "```", ""]
+        metrics = [name for name in ("key", "value") if name + "_metric" in st]
+        if metrics:
+            lines += [f"Coded in a {' and a '.join(metrics)} metric (`--{'-metric`, `--'.join(metrics)}-metric`; "
+                      "key_metric.hpp, value_metric.hpp): its dev errors are measured in that metric, so they do "
+                      "not compare with a plain set's.", ""]
         if "resumed_dictionaries" in st:
             lines += [f"The run was resumed after {st['resumed_dictionaries']} of {2 * m['layers']} dictionaries "
                       "(lexico-train keeps finished dictionaries and continues with the same arguments), so its "
