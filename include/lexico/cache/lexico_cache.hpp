@@ -625,7 +625,8 @@ class LexicoCache final : public KVCache {
         queries, shape().kv_heads, sinks + coded + state.keys.buffer.tokens(), out,
         [&](int h, const float* q, int g, float* scores, Eigen::Index ld) {
           held_scores(state.keys.sinks, rope, first, h, q, g, scores, ld);
-          // Codes of whitened keys meet the queries turned back (q ⊘ √w).
+          // Codes of whitened keys meet the queries turned back (q ⊘ √w); keys after RoPE
+          // get them through the table u = Dᵀ(q ⊘ √w) of attend_group.
           thread_local std::vector<float> turned_back;
           const float* coded_q = q;
           if (inverse && rope) {

@@ -5,7 +5,7 @@
 // over each RoPE frequency pair (it does for all but the slowest pairs over a window), M
 // is diagonal and equal on the two dimensions of a pair: w_pair = E[q_a² + q_b²] / 2.
 //
-// A KeyMetric holds √w per layer and dimension. Because it is constant on every pair it
+// A set's key metric is √w per layer and dimension. Being constant on every pair it
 // commutes with every rotation, so a cache may code k' = √w ⊙ k over a dictionary of
 // the whitened space (OMP there minimises exactly eᵀ diag(w) e) and score the code with
 // the query turned back, (q ⊘ √w)ᵀ R(Δ) k̂': no other change to attention, keys before or
@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include <Eigen/Core>
@@ -86,7 +87,7 @@ class QueryEnergy {
 // Checks one layer's √w: d finite entries in [1e-6, 1e6] and, given a RoPE style, equal
 // on each of its pairs (else the metric would not commute with the rotation).
 inline void check_metric_scale(const std::vector<float>& scale, int head_dim, const RopeStyle* style,
-                            const std::string& where) {
+                               const std::string& where) {
   require(static_cast<int>(scale.size()) == head_dim, where, ": ", scale.size(), " entries for head_dim ", head_dim);
   for (int e = 0; e < head_dim; ++e) {
     const float s = scale[static_cast<std::size_t>(e)];
