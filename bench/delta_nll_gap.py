@@ -1,17 +1,13 @@
 #!/usr/bin/env python3
-"""Where a cache's ΔNLL comes from (issue 18): each scored token of the tuning windows by
-what the window held before it, and each cache's mean per-token ΔNLL (NLL minus the dense
-model's) per class.
+"""Where a cache's ΔNLL comes from on the tuning windows (issue 18): token_gap.py's classes
+(copy, repeat, new) for any caches of one lexico-eval call, each cache's mean per-token ΔNLL
+(NLL minus the dense model's) per class and against the first cache, paired. token_gap.py
+does the same for the claim's fresh-text runs.
 
   delta_nll_gap.py run --out results/delta_nll_gap.jsonl [--cache SPEC ...]
       one lexico-eval process on the tuning windows (dev windows 65-72 of tokens_dev.u16,
       1,024 tokens, prefill 512) with --per-token --token-detail;
   delta_nll_gap.py report results/delta_nll_gap.jsonl > results/delta_nll_gap.md
-
-Classes of a scored token x_j (window x_0..x_j-1 before it):
-  copy    the pair (x_j-1, x_j) occurred earlier in the window: an induction head can copy it;
-  repeat  x_j occurred earlier, but never after x_j-1;
-  new     x_j had not occurred in the window.
 """
 import argparse
 import json
@@ -22,6 +18,8 @@ import subprocess
 import sys
 from array import array
 from pathlib import Path
+
+from token_gap import window_classes
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -51,15 +49,6 @@ def windows(tokens_path):
     return out[SKIP:]
 
 
-def classes_of(window, first, count):
-    """The class of each of `count` scored tokens from window position `first`."""
-    out = []
-    for j in range(first, first + count):
-        seen_pair = any(window[i - 1] == window[j - 1] and window[i] == window[j] for i in range(1, j))
-        out.append("copy" if seen_pair else "repeat" if window[j] in window[:j] else "new")
-    return out
-
-
 def run(args):
     command = [args.eval, "--model", args.model, "--tokens", args.tokens, "--window", str(WINDOW), "--windows",
                str(WINDOWS), "--skip", str(SKIP), "--prefill", str(PREFILL), "--json", "--per-token",
@@ -87,7 +76,7 @@ def report(args):
         first = WINDOW - per_window  # the last per_window tokens of the window are scored
         if window[first:] != scored:
             sys.exit(f"delta_nll_gap: window {w + SKIP + 1}'s tokens do not match the scored ones")
-        labels += classes_of(window, first, per_window)
+        labels += window_classes(window, first)
     print("# Where ΔNLL comes from (proxy-lm-hd128, tuning windows)\n")
     print(f"Made by `bench/delta_nll_gap.py report {args.file}` from `bench/delta_nll_gap.py run`: dev windows "
           f"{SKIP + 1}-{SKIP + WINDOWS} of tokens_dev.u16 ({WINDOW} tokens, prefill {PREFILL}), each scored token "

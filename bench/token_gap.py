@@ -51,6 +51,18 @@ def make_detail(model, eval_binary):
     sweep.write_atomically(detail_path(model), json.dumps(detail, separators=(",", ":")) + "\n")
 
 
+def window_classes(tokens, first):
+    """The class of each token of a window (a list of ids) from position `first` on."""
+    pairs, seen, out = set(), set(), []
+    for p in range(len(tokens) - 1):
+        target = tokens[p + 1]
+        if p + 1 >= first:
+            out.append("copy" if (tokens[p], target) in pairs else "repeat" if target in seen else "new")
+        pairs.add((tokens[p], target))
+        seen.add(target)
+    return out
+
+
 def classify(detail, prefill):
     """Class and dense NLL of each token the fresh runs score, in their order."""
     window = detail["window"]
@@ -59,14 +71,8 @@ def classify(detail, prefill):
     out = []
     for w in range(detail["windows"]):
         tokens = [None] + ids[w * per_window:(w + 1) * per_window]  # position 0 is BOS
-        pairs, seen = set(), set()
-        for p in range(window - 1):
-            target = tokens[p + 1]
-            if p >= prefill:
-                kind = "copy" if (tokens[p], target) in pairs else "repeat" if target in seen else "new"
-                out.append((kind, dense[w * per_window + p]))
-            pairs.add((tokens[p], target))
-            seen.add(target)
+        kinds = window_classes(tokens, prefill + 1)
+        out += [(kind, dense[w * per_window + prefill + i]) for i, kind in enumerate(kinds)]
     return out
 
 
