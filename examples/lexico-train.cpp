@@ -83,7 +83,7 @@ struct Args {
   bool keys_before_rope = false;
   bool key_metric = false, value_metric = false;
   double key_metric_power = 1, value_metric_power = 1;
-  std::string from;  // --from: a set to carry into the key metric
+  std::string from;  // --from: a plain set to carry into the metrics
   lexico::AtomType atom_type = lexico::AtomType::f32;
 };
 
@@ -474,7 +474,6 @@ int run(const Args& args) {
                    resumed, dictionaries, checkpoint.dir().c_str());
     lexico::FileVectorSource file_source(lexico::kv_vector_path(train_dir, layer, keys), Eigen::Index(1) << 18,
                                          options.seed + static_cast<std::uint64_t>(index), options.vectors);
-    // Keys in the key metric's space, where there is one.
     // Vectors in the space of their metric, where there is one.
     std::optional<Eigen::MatrixXf> map;
     if (keys && args.key_metric) map = lexico::key_map(key_metric[static_cast<std::size_t>(layer)]);
@@ -493,18 +492,18 @@ int run(const Args& args) {
       result.dictionary = map ? lexico::mapped(plain, *map) : plain;
     } else {
       result = lexico::train_dictionary(
-        source, options,
-        [&](const lexico::TrainProgress& p) {
-          const double done = done_before + static_cast<double>(p.vectors);
-          const double rate = eta_per_vector > 0 ? eta_per_vector : p.seconds / static_cast<double>(p.vectors);
-          char tail[96];
-          std::snprintf(tail, sizeof tail, "%s err %.4f replaced %ld", name.c_str(), p.batch_error,
-                        static_cast<long>(p.replaced));
-          bar.show("train", done / total, rate * (total - done), tail);
-        },
-        {{"model", args.model}, {"layer", std::to_string(layer)}, {"kind", keys ? "K" : "V"},
-         {"method", manifest.method}, {"atoms", std::to_string(options.atoms)},
-         {"sparsity", std::to_string(options.sparsity)}});
+          source, options,
+          [&](const lexico::TrainProgress& p) {
+            const double done = done_before + static_cast<double>(p.vectors);
+            const double rate = eta_per_vector > 0 ? eta_per_vector : p.seconds / static_cast<double>(p.vectors);
+            char tail[96];
+            std::snprintf(tail, sizeof tail, "%s err %.4f replaced %ld", name.c_str(), p.batch_error,
+                          static_cast<long>(p.replaced));
+            bar.show("train", done / total, rate * (total - done), tail);
+          },
+          {{"model", args.model}, {"layer", std::to_string(layer)}, {"kind", keys ? "K" : "V"},
+           {"method", manifest.method}, {"atoms", std::to_string(options.atoms)},
+           {"sparsity", std::to_string(options.sparsity)}});
     }
     eta_per_vector = std::chrono::duration<double>(Clock::now() - train_begin).count() / (done_before + static_cast<double>(per_dictionary));
     const double dict_seconds = std::chrono::duration<double>(Clock::now() - dict_begin).count();
