@@ -183,6 +183,27 @@ inline void save_dictionaries(const std::string& dir, const std::vector<LayerDic
 
 namespace detail {
 
+// A metric's scales from the manifest's `name` (d numbers per layer, key_metric.hpp's
+// checks with `pairs`), or none when it has no such entry.
+inline std::vector<std::vector<float>> read_layer_scales(const json::Value& root, const char* name,
+                                                         const DictionarySetManifest& m, const std::string& path,
+                                                         const RopeStyle* pairs) {
+  std::vector<std::vector<float>> out;
+  const json::Value* metric = root.find(name);
+  if (!metric) return out;
+  const std::string where = concat(path, ": ", name);
+  const json::Value::Array& layers = metric->as_array(where);
+  require(static_cast<int>(layers.size()) == m.layers, where, " lists ", layers.size(), " layers of ", m.layers);
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    const std::string layer_where = concat(where, " layer ", l);
+    std::vector<float> scale;
+    for (const json::Value& x : layers[l].as_array(layer_where)) scale.push_back(static_cast<float>(x.as_double(layer_where)));
+    check_metric_scale(scale, m.head_dim, pairs, layer_where);
+    out.push_back(std::move(scale));
+  }
+  return out;
+}
+
 inline DictionarySetManifest parse_manifest(const json::Value& root, const std::string& path) {
   require(root.is_object(), path, ": must hold a JSON object");
   const std::string format = root.at("format", path).as_string(path + ": format");
@@ -218,35 +239,13 @@ inline DictionarySetManifest parse_manifest(const json::Value& root, const std::
     e.dev = entry.at("dev", where).as_double(where + " dev");
     m.errors.push_back(e);
   }
-  if (const json::Value* metric = root.find("key_metric")) {
-    const std::string where = path + ": key_metric";
-    const json::Value::Array& layers = metric->as_array(where);
-    require(static_cast<int>(layers.size()) == m.layers, where, " lists ", layers.size(), " layers of ", m.layers);
+  if (root.find("key_metric")) {
     const auto style = m.settings.find("rope_style");
-    require(style != m.settings.end(), where, " needs settings.rope_style (which dimensions RoPE pairs)");
-    for (std::size_t l = 0; l < layers.size(); ++l) {
-      const std::string layer_where = concat(where, " layer ", l);
-      std::vector<float> scale;
-      for (const json::Value& x : layers[l].as_array(layer_where))
-        scale.push_back(static_cast<float>(x.as_double(layer_where)));
-      const RopeStyle pairs = parse_rope_style(style->second);
-      check_metric_scale(scale, m.head_dim, &pairs, layer_where);
-      m.key_metric.push_back(std::move(scale));
-    }
+    require(style != m.settings.end(), path, ": key_metric needs settings.rope_style (which dimensions RoPE pairs)");
+    const RopeStyle pairs = parse_rope_style(style->second);
+    m.key_metric = read_layer_scales(root, "key_metric", m, path, &pairs);
   }
-  if (const json::Value* metric = root.find("value_metric")) {
-    const std::string where = path + ": value_metric";
-    const json::Value::Array& layers = metric->as_array(where);
-    require(static_cast<int>(layers.size()) == m.layers, where, " lists ", layers.size(), " layers of ", m.layers);
-    for (std::size_t l = 0; l < layers.size(); ++l) {
-      const std::string layer_where = concat(where, " layer ", l);
-      std::vector<float> scale;
-      for (const json::Value& x : layers[l].as_array(layer_where))
-        scale.push_back(static_cast<float>(x.as_double(layer_where)));
-      check_metric_scale(scale, m.head_dim, nullptr, layer_where);
-      m.value_metric.push_back(std::move(scale));
-    }
-  }
+  m.value_metric = read_layer_scales(root, "value_metric", m, path, nullptr);
   return m;
 }
 
