@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -199,6 +200,17 @@ std::vector<std::vector<int>> windows_for(const std::vector<std::vector<int>>& a
   return out;
 }
 
+// A progress bar over `total` windows, with the ETA of the windows done so far.
+std::function<void(std::size_t)> window_progress(const std::string& label, std::size_t total) {
+  auto bar = std::make_shared<cli::ProgressBar>();
+  const auto begin = Clock::now();
+  return [bar, label, total, begin](std::size_t done) {
+    const double elapsed = std::chrono::duration<double>(Clock::now() - begin).count();
+    const double fraction = static_cast<double>(done) / static_cast<double>(total);
+    bar->show(label, fraction, elapsed / fraction - elapsed, std::to_string(done) + "/" + std::to_string(total) + " windows");
+  };
+}
+
 // Collects `windows` into dir unless a matching collection is already there.
 void ensure_collected(const lexico::LlamaModel& model, const std::vector<std::vector<int>>& windows,
                       Collection collection, const std::string& dir, const std::string& label) {
@@ -208,14 +220,7 @@ void ensure_collected(const lexico::LlamaModel& model, const std::vector<std::ve
     return;
   }
   fs::remove(Collection::stamp_path(dir));
-  cli::ProgressBar bar;
-  const auto begin = Clock::now();
-  lexico::collect_kv_files(model, windows, dir, [&](std::size_t done) {
-    const double elapsed = std::chrono::duration<double>(Clock::now() - begin).count();
-    const double fraction = static_cast<double>(done) / static_cast<double>(windows.size());
-    bar.show(label, fraction, elapsed / fraction - elapsed,
-             std::to_string(done) + "/" + std::to_string(windows.size()) + " windows");
-  }, collection.keys_before_rope);
+  lexico::collect_kv_files(model, windows, dir, window_progress(label, windows.size()), collection.keys_before_rope);
   collection.stamp(dir);
 }
 
@@ -407,14 +412,8 @@ int run(const Args& args) {
   if (args.key_metric) {
     const std::vector<std::vector<int>> windows(train_all.begin(),
                                                 train_all.begin() + std::min(train_all.size(), metric_windows));
-    cli::ProgressBar bar;
-    const auto metric_begin = Clock::now();
-    const lexico::QueryEnergy energy = lexico::collect_query_energy(model, windows, [&](std::size_t done) {
-      const double elapsed = std::chrono::duration<double>(Clock::now() - metric_begin).count();
-      const double fraction = static_cast<double>(done) / static_cast<double>(windows.size());
-      bar.show("query metric", fraction, elapsed / fraction - elapsed,
-               std::to_string(done) + "/" + std::to_string(windows.size()) + " windows");
-    });
+    const lexico::QueryEnergy energy =
+        lexico::collect_query_energy(model, windows, window_progress("query metric", windows.size()));
     for (int l = 0; l < config.layers; ++l) key_metric.push_back(energy.scale(l, config.rope, args.key_metric_power));
   }
   std::vector<lexico::ValueMetric> value_metric;  // from the model's output projections

@@ -77,6 +77,20 @@ inline std::vector<std::vector<int>> sample_windows(const std::vector<int>& toke
   return windows;
 }
 
+// Runs the model over each window in a fresh dense cache, `observer` seeing every layer's
+// queries, keys and values (LlamaRunner::KVObserver); `progress(done)` after each window.
+inline void observe_windows(const LlamaModel& model, const std::vector<std::vector<int>>& windows,
+                            LlamaRunner::KVObserver observer, const std::function<void(std::size_t)>& progress,
+                            bool keys_before_rope = false) {
+  LlamaRunner runner(model);
+  runner.set_kv_observer(std::move(observer), keys_before_rope);
+  for (std::size_t w = 0; w < windows.size(); ++w) {
+    DenseCache<float> cache(model.config().cache_shape());
+    runner.prefill(windows[w], cache);
+    if (progress) progress(w + 1);
+  }
+}
+
 // Sees every layer's vectors of one window: keys and values are d x (T·kv_heads),
 // token-major (column t·kv_heads + h is token t, KV head h).
 using KVSink = std::function<void(int layer, const Eigen::MatrixXf& keys, const Eigen::MatrixXf& values)>;
@@ -87,9 +101,8 @@ inline void collect_kv(const LlamaModel& model, const std::vector<std::vector<in
                        const std::function<void(std::size_t)>& progress = {}, bool keys_before_rope = false) {
   const LlamaConfig& config = model.config();
   const int d = config.head_dim, heads = config.kv_heads;
-  LlamaRunner runner(model);
   Eigen::MatrixXf keys, values;
-  runner.set_kv_observer([&](int layer, ConstRowsRef, ConstRowsRef k, ConstRowsRef v) {
+  observe_windows(model, windows, [&](int layer, ConstRowsRef, ConstRowsRef k, ConstRowsRef v) {
     // Row t holds the token's KV heads side by side: d x heads columns each.
     keys.resize(d, k.rows() * heads);
     values.resize(d, v.rows() * heads);
@@ -98,27 +111,17 @@ inline void collect_kv(const LlamaModel& model, const std::vector<std::vector<in
       values.middleCols(t * heads, heads) = Eigen::Map<const Eigen::MatrixXf>(v.row(t).data(), d, heads);
     }
     sink(layer, keys, values);
-  }, keys_before_rope);
-  for (std::size_t w = 0; w < windows.size(); ++w) {
-    DenseCache<float> cache(config.cache_shape());
-    runner.prefill(windows[w], cache);
-    if (progress) progress(w + 1);
-  }
+  }, progress, keys_before_rope);
 }
 
 // The queries' energy per layer and dimension over `windows` (key_metric.hpp), each
 // window run in a fresh dense cache; `progress(done)` after each.
 inline QueryEnergy collect_query_energy(const LlamaModel& model, const std::vector<std::vector<int>>& windows,
                                         const std::function<void(std::size_t)>& progress = {}) {
-  const LlamaConfig& config = model.config();
-  QueryEnergy energy(config.layers, config.head_dim);
-  LlamaRunner runner(model);
-  runner.set_kv_observer([&](int layer, ConstRowsRef queries, ConstRowsRef, ConstRowsRef) { energy.add(layer, queries); });
-  for (std::size_t w = 0; w < windows.size(); ++w) {
-    DenseCache<float> cache(config.cache_shape());
-    runner.prefill(windows[w], cache);
-    if (progress) progress(w + 1);
-  }
+  QueryEnergy energy(model.config().layers, model.config().head_dim);
+  observe_windows(model, windows, [&](int layer, ConstRowsRef queries, ConstRowsRef, ConstRowsRef) {
+    energy.add(layer, queries);
+  }, progress);
   return energy;
 }
 
