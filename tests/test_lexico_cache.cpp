@@ -89,9 +89,18 @@ void append_held_keys(Eigen::MatrixXd& rows, const RowMatrix& tokens, int head, 
   rows.bottomRows(held.rows()) = held;
 }
 
-// Attention in double over explicit K̂, V̂: sinks (fp16), coded rows tier by tier
-// (oldest first; rotated to their positions when keys are coded before RoPE), then the
-// fp16 buffer.
+// Adds a code tier's dequantized residuals (one head's rows) to its decoded codes.
+void add_residual(Eigen::MatrixXd& decoded, const lexico::CodedRows<lexico::BlockCodec>* residual, int head) {
+  if (!residual) return;
+  ASSERT_EQ(residual->tokens(), decoded.rows());
+  RowMatrix rows(residual->tokens(), residual->head_dim());
+  lexico::detail::copy_rows(*residual, head, residual->tokens(), rows, 0);
+  decoded += rows.cast<double>();
+}
+
+// Attention in double over explicit K̂, V̂: sinks (fp16), coded rows (plus their residuals)
+// tier by tier (oldest first; rotated to their positions when keys are coded before RoPE),
+// then the fp16 buffer.
 RowMatrix reference_attention(const lexico::LexicoCache& cache, const std::optional<lexico::Rope>& rope, int layer,
                               const RowMatrix& queries,
                               const RowMatrix& key_sinks, const RowMatrix& value_sinks, const RowMatrix& key_buffer,
@@ -105,10 +114,12 @@ RowMatrix reference_attention(const lexico::LexicoCache& cache, const std::optio
     append_fp16(values, value_sinks, h, shape.head_dim);
     for (int tier = 0; tier < cache.code_tiers(); ++tier) {
       Eigen::MatrixXd k = reconstruct(cache.key_codes(layer, h, tier), cache.key_dictionary(layer));
+      add_residual(k, cache.key_residual(layer, tier), h);
       if (const auto* scale = cache.space().key_scale(layer))  // codes of √w ⊙ k: back to k
         for (Eigen::Index e = 0; e < k.cols(); ++e) k.col(e) /= static_cast<double>((*scale)[static_cast<std::size_t>(e)]);
       if (rope) rotate_rows(k, *rope, keys.rows());
       Eigen::MatrixXd v = reconstruct(cache.value_codes(layer, h, tier), cache.value_dictionary(layer));
+      add_residual(v, cache.value_residual(layer, tier), h);
       if (const auto* map = cache.space().coding_map(layer, false))  // codes of T·v: back to v
         v = (map->cast<double>().inverse() * v.transpose()).transpose();
       keys.conservativeResize(keys.rows() + k.rows(), Eigen::NoChange);
@@ -486,7 +497,7 @@ TEST(LexicoCache, EqualsDenseFp16WhileEverythingIsBuffered) {
 }
 
 void check_prefill_then_decode(Config config) {
-  const int d = 16, kv = 2, q = 4, prompt = 50, tokens = 65;
+  const int d = config.head_dim, kv = 2, q = 4, prompt = 50, tokens = 65;
   lexico::LexicoOptions& options = config.options;
   options.buffer = 12;
   options.flush = 1;  // one-by-one then codes exactly the tokens a prefill codes
@@ -643,6 +654,95 @@ TEST(LexicoCache, QuantizedTierHoldsTheFormatsBytes) {
   EXPECT_EQ(recent->payload_bytes() + recent->metadata_bytes(), static_cast<std::size_t>(recent->tokens() * kv * 18));
   EXPECT_EQ(cache.key_codes(0, 0, 0).sparsity(), 3);
   EXPECT_THROW(lexico::LexicoCache({1, kv, 16}, random_dictionaries(1, 16, 64, 7), config.options), lexico::error);
+}
+
+// A quantized residual beside every code: head_dim a multiple of its 32-channel blocks.
+Config with_residual(Config config, int key_bits, int value_bits) {
+  config.options.key_residual_bits = key_bits;
+  config.options.value_residual_bits = value_bits;
+  if (config.head_dim % 32 != 0) config.head_dim = 32;
+  return config;
+}
+
+// Codes with their residuals: attention equals attention over x̂ + r̂, keys after and before
+// RoPE (both styles), through recent code tiers (which re-code x̂ + r̂ as tokens age), with
+// a quantized tier, a key metric (residuals in its space) and the d = 128 vector kernel.
+TEST(LexicoCache, EqualsAttentionOverReconstructedKV_Residual) {
+  using lexico::RopeStyle;
+  check_against_reconstruction(2, 8, 2, with_residual({}, 2, 1));
+  check_against_reconstruction(1, 5, 1, keys_before_rope(with_residual(with_sinks_and_tiers(), 4, 2), RopeStyle::interleaved));
+  check_against_reconstruction(2, 4, 2, with_key_metric(with_residual({}, 1, 0), 2));
+  check_against_reconstruction(
+      2, 4, 1,
+      with_key_metric(keys_before_rope(with_residual(quantized_tier(lexico::LexicoOptions::RecentFormat::q8_0), 2, 2),
+                                       RopeStyle::rotate_half), 1), 120);
+  Config wide = with_sinks_and_tiers();
+  wide.head_dim = 128;
+  check_against_reconstruction(2, 4, 1, keys_before_rope(with_residual(wide, 2, 2), RopeStyle::rotate_half), 200);
+}
+
+TEST(LexicoCache, PrefillThenDecodeEqualsTokenByToken_Residual) {
+  check_prefill_then_decode(keys_before_rope(with_residual(with_sinks(), 2, 1), lexico::RopeStyle::rotate_half));
+}
+
+// The residual removes most of the coding error (Gaussian-like residuals keep about 1 - 2/π
+// of it at 1 bit, an eighth at 2 bits, a few thousandths at 4), leaves the codes as they
+// were, and costs d·b/8 bytes plus an fp16 scale per 32 channels per coded vector.
+TEST(LexicoCache, ResidualShrinksTheCodingErrorAtItsBytes) {
+  const int d = 64, kv = 2, q = 4, tokens = 80;
+  const Sequence s = random_sequence(tokens, kv, q, d, 51);
+  const auto dicts = random_dictionaries(1, d, 96, 52);
+  for (const auto& [bits, bound] : {std::pair{1, 0.45}, std::pair{2, 0.2}, std::pair{4, 0.02}}) {
+    Config plain;
+    plain.head_dim = d;
+    plain.options.key_sparsity = plain.options.value_sparsity = 4;
+    plain.options.buffer = 8;
+    plain.options.flush = 4;
+    const Config with = with_residual(plain, bits, bits);
+    lexico::LexicoCache a({1, kv, d}, dicts, plain.options), b({1, kv, d}, dicts, with.options);
+    RowMatrix out(q, d);
+    for (Eigen::Index t = 0; t < tokens; ++t) {
+      a.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), out);
+      b.decode(0, s.keys.row(t).data(), s.values.row(t).data(), query_at(s, t, q, d), out);
+    }
+    const Eigen::Index coded = b.coded_tokens(0);
+    ASSERT_GT(coded, 60);
+    for (int h = 0; h < kv; ++h) {
+      EXPECT_EQ(rows_of(a.key_codes(0, h), coded), rows_of(b.key_codes(0, h), coded));
+      for (const bool keys : {true, false}) {
+        const RowMatrix& x = keys ? s.keys : s.values;
+        Eigen::MatrixXd truth(0, d);
+        append_fp16(truth, x.topRows(coded), h, d);  // the cache codes fp16 tokens
+        Eigen::MatrixXd decoded = reconstruct(keys ? b.key_codes(0, h) : b.value_codes(0, h),
+                                              keys ? b.key_dictionary(0) : b.value_dictionary(0));
+        const double coding_error = (truth - decoded).squaredNorm();
+        add_residual(decoded, keys ? b.key_residual(0) : b.value_residual(0), h);
+        EXPECT_LT((truth - decoded).squaredNorm(), bound * coding_error)
+            << bits << " bits, " << (keys ? "keys" : "values") << ", head " << h;
+      }
+    }
+    const std::size_t row = static_cast<std::size_t>(d * bits / 8 + d / 32 * 2);
+    EXPECT_EQ(b.bytes().total() - a.bytes().total(), static_cast<std::size_t>(coded) * kv * 2 * row);
+    EXPECT_EQ(b.bytes().metadata - a.bytes().metadata, static_cast<std::size_t>(coded) * kv * 2 * (d / 32 * 2));
+  }
+}
+
+TEST(LexicoCache, RejectsBadResiduals) {
+  const auto dicts = random_dictionaries(1, 32, 64, 3);
+  EXPECT_THROW(lexico::LexicoCache({1, 1, 32}, dicts, with_residual({}, 3, 0).options), lexico::error);
+  EXPECT_THROW(lexico::LexicoCache({1, 1, 32}, dicts, with_residual({}, 0, 8).options), lexico::error);
+  Config narrow = with_residual({}, 2, 2);
+  EXPECT_THROW(lexico::LexicoCache({1, 1, 16}, random_dictionaries(1, 16, 64, 3), narrow.options), lexico::error);
+  const Config metric = with_value_metric(with_residual({}, 0, 2), 1);
+  EXPECT_THROW(lexico::LexicoCache({1, 1, 32}, dicts, metric.options, space_options(metric)), lexico::error);
+  // Codes appended without their residuals would leave the residual rows behind.
+  lexico::LexicoCache cache({1, 1, 32}, dicts, with_residual({}, 2, 0).options);
+  lexico::SparseCodes codes;
+  codes.indices = Eigen::Matrix<std::uint16_t, Eigen::Dynamic, Eigen::Dynamic>::Zero(8, 1);
+  codes.coefficients = Eigen::MatrixXf::Zero(8, 1);
+  codes.counts = Eigen::Matrix<std::uint8_t, Eigen::Dynamic, 1>::Constant(1, 8);
+  codes.sparsity = 8;
+  EXPECT_THROW(cache.append_codes(0, codes, codes), lexico::error);
 }
 
 Config pooled(Config config) {

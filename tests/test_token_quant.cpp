@@ -75,6 +75,28 @@ TEST(TokenQuant, Q4_0OfARampMatchesHandComputation) {
   for (float v : got) EXPECT_EQ(v, 0.0f);
 }
 
+// Symmetric codes (the residuals of lexico codes) of -16 .. 15: at 1 bit d = 2 mean|x| =
+// 16, signs at ±8; at 2 bits d = 16 / 2 = 8, levels ±4 and ±12 for x in [-16, -8), [-8, 0),
+// [0, 8), [8, 16); at 4 bits d = 16 / 8 = 2, x̂ = 2 floor(x / 2) + 1, the middle of x's cell.
+TEST(TokenQuant, SymmetricOfARampMatchesHandComputation) {
+  for (const int bits : {1, 2, 4}) {
+    BlockCache cache({1, 1, 32}, lexico::BlockCodec(lexico::BlockQuantizer(lexico::QuantScheme::symmetric, bits), 32));
+    EXPECT_EQ(cache.bytes().total(), 0u);
+    const std::vector<float> got = round_trip(cache, ramp(-16, 1));
+    EXPECT_EQ(cache.bytes().total(), 2u * (32 * bits / 8 + 2)) << bits << " bits";
+    for (int i = 0; i < 32; ++i) {
+      const int x = i - 16;
+      const float want = bits == 1   ? (x < 0 ? -8.0f : 8.0f)
+                         : bits == 2 ? static_cast<float>(8 * static_cast<int>(std::floor(x / 8.0)) + 4)
+                                     : static_cast<float>(2 * static_cast<int>(std::floor(x / 2.0)) + 1);
+      EXPECT_EQ(got[static_cast<std::size_t>(i)], want) << bits << " bits, x = " << x;
+    }
+    for (float v : round_trip(cache, std::vector<float>(32, 0.0f))) EXPECT_EQ(v, 0.0f) << bits << " bits";
+  }
+  EXPECT_THROW(lexico::BlockQuantizer(lexico::QuantScheme::symmetric, 8), lexico::error);
+  EXPECT_THROW(lexico::BlockQuantizer(lexico::QuantScheme::symmetric, 3), lexico::error);
+}
+
 TEST(TokenQuant, DequantizedCodesEqualTheirDefinition) {
   // code · scale + offset for every code, nibbles low first: the vectorised blocks of 32
   // codes, a tail past them, and every byte value at 8 and at 4 bits.

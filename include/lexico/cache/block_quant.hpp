@@ -34,12 +34,13 @@
 
 namespace lexico {
 
-enum class QuantScheme { min_max, q8_0, q4_0 };
+enum class QuantScheme { min_max, q8_0, q4_0, symmetric };
 
 inline const char* scheme_name(QuantScheme scheme) {
   switch (scheme) {
     case QuantScheme::q8_0: return "q8_0";
     case QuantScheme::q4_0: return "q4_0";
+    case QuantScheme::symmetric: return "symmetric";
     default: return "min_max";
   }
 }
@@ -87,11 +88,15 @@ void dequantize_codes(const std::uint8_t* packed, int n, float scale, float offs
 
 class BlockQuantizer {
  public:
-  // min_max takes bits 2, 4 or 8; q8_0 and q4_0 have their own widths.
+  // min_max takes bits 2, 4 or 8, symmetric 1, 2 or 4; q8_0 and q4_0 have their own widths.
   explicit BlockQuantizer(QuantScheme scheme, int bits = 0)
       : scheme_(scheme), bits_(scheme == QuantScheme::q8_0 ? 8 : scheme == QuantScheme::q4_0 ? 4 : bits) {
-    require(bits_ == 2 || bits_ == 4 || bits_ == 8, "BlockQuantizer: min_max codes need 2, 4 or 8 bits (got ", bits,
-            ")");
+    if (scheme == QuantScheme::symmetric)
+      require(bits_ == 1 || bits_ == 2 || bits_ == 4, "BlockQuantizer: symmetric codes need 1, 2 or 4 bits (got ",
+              bits, ")");
+    else
+      require(bits_ == 2 || bits_ == 4 || bits_ == 8, "BlockQuantizer: min_max codes need 2, 4 or 8 bits (got ", bits,
+              ")");
   }
 
   QuantScheme scheme() const { return scheme_; }
@@ -104,12 +109,13 @@ class BlockQuantizer {
 
   // Codes the n values x[0], x[stride], ... into packed (code_bytes(n) bytes) and params.
   void quantize(const float* x, int n, Eigen::Index stride, std::uint8_t* packed, Eigen::half* params) const {
-    float low = x[0], high = x[0], largest = x[0];
+    float low = x[0], high = x[0], largest = x[0], magnitude = 0.0f;
     for (int i = 0; i < n; ++i) {
       const float v = x[i * stride];
       require(std::isfinite(v), "BlockQuantizer: value ", i, " of a block is ", v);
       low = std::min(low, v);
       high = std::max(high, v);
+      magnitude += std::fabs(v);
       if (std::fabs(v) > std::fabs(largest)) largest = v;
     }
     std::memset(packed, 0, static_cast<std::size_t>(code_bytes(n)));
@@ -136,6 +142,15 @@ class BlockQuantizer {
         shift = 8.5f;
         break;
       }
+      case QuantScheme::symmetric: {
+        const float d = bits_ == 1 ? 2.0f * magnitude / static_cast<float>(n)
+                                   : std::fabs(largest) / static_cast<float>(1 << (bits_ - 1));
+        params[0] = Eigen::half(d);
+        const float stored = static_cast<float>(params[0]);
+        inverse = stored > 0.0f ? 1.0f / stored : 0.0f;
+        shift = static_cast<float>(1 << (bits_ - 1));
+        break;
+      }
     }
     for (int k = 0; k < parameters(); ++k)
       require(std::isfinite(static_cast<float>(params[k])), "BlockQuantizer: a ", scheme_name(scheme_),
@@ -148,6 +163,8 @@ class BlockQuantizer {
         code = inverse > 0.0f ? std::nearbyint(std::clamp(v * inverse + shift, 0.0f, top)) : 0.0f;
       } else if (scheme_ == QuantScheme::q8_0) {
         code = std::round(v * inverse) + 128.0f;
+      } else if (scheme_ == QuantScheme::symmetric) {
+        code = std::clamp(std::floor(v * inverse) + shift, 0.0f, top);
       } else {
         code = std::min(top, std::trunc(v * inverse + shift));
       }
@@ -158,9 +175,12 @@ class BlockQuantizer {
   // x̂ of a block: n values into out.
   void dequantize(const std::uint8_t* packed, const Eigen::half* params, int n, float* out) const {
     const float scale = half_to_float(params[0]);
-    const float offset = scheme_ == QuantScheme::min_max ? half_to_float(params[1])
-                                                          : -static_cast<float>(1 << (bits_ - 1)) * scale;
+    // q8_0 / q4_0 codes sit 2^(b-1) above zero, symmetric ones half a step less.
+    const float offset = scheme_ == QuantScheme::min_max   ? half_to_float(params[1])
+                         : scheme_ == QuantScheme::symmetric ? -static_cast<float>((1 << bits_) - 1) * 0.5f * scale
+                                                             : -static_cast<float>(1 << (bits_ - 1)) * scale;
     switch (bits_) {
+      case 1: return detail::dequantize_codes<1>(packed, n, scale, offset, out);
       case 2: return detail::dequantize_codes<2>(packed, n, scale, offset, out);
       case 4: return detail::dequantize_codes<4>(packed, n, scale, offset, out);
       default: return detail::dequantize_codes<8>(packed, n, scale, offset, out);

@@ -229,7 +229,11 @@ inline std::vector<CacheType> builtin_cache_types() {
         {"unshrink", "0", "p in [0, 1]: codes scaled by (|x|^2 / <x, Dc>)^p, undoing least squares' shrinkage "
                           "(1: a matching query's score, 0.5: the norm)"},
         {"unshrink_k", "", "p for keys (default: unshrink)"},
-        {"unshrink_v", "", "p for values (default: unshrink)"}},
+        {"unshrink_v", "", "p for values (default: unshrink)"},
+        {"residual", "0", "bits per channel of each code's residual x - Dc kept beside it (0: none; 1, 2 or 4; "
+                          "blocks of 32 channels with an fp16 scale)"},
+        {"residual_k", "", "residual bits of keys (default: residual)"},
+        {"residual_v", "", "residual bits of values (default: residual)"}},
        [](CacheShape shape, const CacheOptions& o) -> Made {
          require(o.has("dict"), "make_cache: cache 'lexico' needs dict=DIR (dictionaries from lexico-train)");
          CodeSpaceOptions space_options;
@@ -296,6 +300,9 @@ inline std::vector<CacheType> builtin_cache_types() {
          const double unshrink = o.get_number("unshrink", 0, 1);
          options.key_unshrink = static_cast<float>(o.has("unshrink_k") ? o.get_number("unshrink_k", 0, 1) : unshrink);
          options.value_unshrink = static_cast<float>(o.has("unshrink_v") ? o.get_number("unshrink_v", 0, 1) : unshrink);
+         const int residual = o.get_int("residual", 0, 4);  // LexicoCache refuses 3
+         options.key_residual_bits = o.has("residual_k") ? o.get_int("residual_k", 0, 4) : residual;
+         options.value_residual_bits = o.has("residual_v") ? o.get_int("residual_v", 0, 4) : residual;
          return std::make_unique<LexicoCache>(shape, space, options);
        }},
   };

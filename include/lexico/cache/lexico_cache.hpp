@@ -65,6 +65,12 @@ struct LexicoOptions {
   // paper's code, 1 restores a matching query's score, 0.5 the norm.
   float key_unshrink = 0.0f;
   float value_unshrink = 0.0f;
+  // Bits per channel of the residual x − x̂ kept beside every code (0: none; 1, 2 or 4):
+  // symmetric blocks of 32 channels with one fp16 scale (block_quant.hpp), in the codes'
+  // space, so that attention sees x̂ + r̂. A 2-bit residual costs 40 bytes at d = 128, the
+  // price of 16 atoms, and removes more error than they do at s >= 4 (issue 18, lever 4).
+  int key_residual_bits = 0;
+  int value_residual_bits = 0;
   int buffer = 128;  // n_b: most recent tokens kept uncompressed (fp16)
   int flush = 32;    // n_a: tokens coded at once when the buffer overflows
   // The first tokens of a sequence, kept in fp16 for good: attention sinks draw a large
@@ -148,6 +154,16 @@ class LexicoCache final : public KVCache {
     require(!quantized_recent() || shape.head_dim % llama_block == 0, "LexicoCache: a ",
             to_string(options_.recent_format), " recent tier needs head_dim a multiple of ", llama_block, " (got ",
             shape.head_dim, ")");
+    for (const int bits : {options_.key_residual_bits, options_.value_residual_bits}) {
+      require(bits == 0 || bits == 1 || bits == 2 || bits == 4, "LexicoCache: residual bits must be 0, 1, 2 or 4 (got ",
+              options_.key_residual_bits, "/", options_.value_residual_bits, ")");
+      require(bits == 0 || shape.head_dim % llama_block == 0, "LexicoCache: a residual needs head_dim a multiple of ",
+              llama_block, " (got ", shape.head_dim, ")");
+    }
+    // The coded values' attention leaves through D_v·w and T⁻¹; a residual goes straight to the output.
+    require(options_.value_residual_bits == 0 || space_->coding_map(0, false) == nullptr,
+            "LexicoCache: a value residual with a value metric is not supported (dictionary set of '",
+            space_->manifest().model, "')");
     for (const auto& [layer, sparsity] : options_.layer_sparsity)
       require(layer >= 0 && layer < shape.layers, "LexicoCache: sparsity override for layer ", layer,
               " outside [0, ", shape.layers, ")");
@@ -187,6 +203,8 @@ class LexicoCache final : public KVCache {
     if (space_->options().gram != GramPolicy::fp16) out << " gram=" << to_string(space_->options().gram);
     if (options_.key_unshrink > 0 || options_.value_unshrink > 0)
       out << " unshrink=" << options_.key_unshrink << "/" << options_.value_unshrink;
+    if (options_.key_residual_bits > 0 || options_.value_residual_bits > 0)
+      out << " residual=" << options_.key_residual_bits << "/" << options_.value_residual_bits;
     return out.str();
   }
 
@@ -208,6 +226,10 @@ class LexicoCache final : public KVCache {
   // Keys of a set with a key metric are coded whitened, √w ⊙ k (CodeSpace::key_scale).
   const CodeStore& key_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, true); }
   const CodeStore& value_codes(int layer, int head, int tier = 0) const { return part(layer, head, tier, false); }
+  // The quantized residuals of a code tier (every KV head, rows as the codes'; null without
+  // LexicoOptions::key_residual_bits / value_residual_bits), in the codes' space.
+  const CodedRows<BlockCodec>* key_residual(int layer, int tier = 0) const { return residual(layer, tier, true); }
+  const CodedRows<BlockCodec>* value_residual(int layer, int tier = 0) const { return residual(layer, tier, false); }
   const Dictionary& key_dictionary(int layer) const { return space_->keys(checked_layer(layer)).dictionary(); }
   const Dictionary& value_dictionary(int layer) const { return space_->values(checked_layer(layer)).dictionary(); }
 
@@ -222,6 +244,8 @@ class LexicoCache final : public KVCache {
     recent = recent || state.keys.recent_tokens() > 0;
     require(state.keys.buffer.tokens() == 0 && state.keys.sinks.tokens() == 0 && !recent,
             "LexicoCache::append_codes: layer ", layer, " holds buffered tokens, sinks or recent-tier codes");
+    require(!state.keys.tiers.front().residual && !state.values.tiers.front().residual,
+            "LexicoCache::append_codes: codes alone lack the residual this cache keeps beside them");
     require(keys.vectors() == values.vectors() && keys.vectors() % heads == 0, "LexicoCache::append_codes: ",
             keys.vectors(), " key and ", values.vectors(), " value codes for ", heads, " KV heads");
     const Eigen::Index tokens = keys.vectors() / heads;
@@ -272,8 +296,10 @@ class LexicoCache final : public KVCache {
       for (const Part* part : {&layer.keys, &layer.values}) {
         total += part->tiers.size() * sizeof(Tier) + part->buffer.overhead_bytes() + part->sinks.overhead_bytes();
         if (part->recent) total += sizeof(*part->recent) + part->recent->overhead_bytes();
-        for (const Tier& tier : part->tiers)
+        for (const Tier& tier : part->tiers) {
           for (const CodeStore& codes : tier.heads) total += sizeof(CodeStore) + codes.spare_bytes();
+          if (tier.residual) total += sizeof(*tier.residual) + tier.residual->overhead_bytes();
+        }
       }
     return total;
   }
@@ -342,11 +368,16 @@ class LexicoCache final : public KVCache {
     const Layer& state = layers_[static_cast<std::size_t>(layer)];
     CacheBytes bytes;
     for (const Part* part : {&state.keys, &state.values}) {
-      for (const Tier& tier : part->tiers)
+      for (const Tier& tier : part->tiers) {
         for (const CodeStore& codes : tier.heads) {
           bytes.payload += codes.payload_bytes();
           bytes.metadata += codes.metadata_bytes();
         }
+        if (tier.residual) {
+          bytes.payload += tier.residual->payload_bytes();
+          bytes.metadata += tier.residual->metadata_bytes();
+        }
+      }
       if (part->recent) {
         bytes.payload += part->recent->payload_bytes();
         bytes.metadata += part->recent->metadata_bytes();
@@ -359,8 +390,10 @@ class LexicoCache final : public KVCache {
   void clear_layer(int layer) override {
     Layer& state = layers_[static_cast<std::size_t>(layer)];
     for (Part* part : {&state.keys, &state.values}) {
-      for (Tier& tier : part->tiers)
+      for (Tier& tier : part->tiers) {
         for (CodeStore& codes : tier.heads) codes.clear();
+        if (tier.residual) tier.residual->clear();
+      }
       if (part->recent) part->recent->clear();
       part->buffer.clear();
       part->sinks.clear();
@@ -384,15 +417,20 @@ class LexicoCache final : public KVCache {
   }
 
  private:
-  // Codes at one sparsity, one store per KV head, and the encoder that makes them.
+  // Codes at one sparsity, one store per KV head, the encoder that makes them and the
+  // quantized residuals, if kept.
   struct Tier {
     Tier(const CodeSpace& space, int layer, bool keys, int kv_heads, int sparsity, float tolerance, float pool,
-         int index_bits, Eigen::Index capacity)
+         int index_bits, int residual_bits, Eigen::Index capacity)
         : sparsity(sparsity),
           longest(pool > 0 ? longest_code((keys ? space.keys(layer) : space.values(layer)).dictionary(), sparsity, pool)
                            : sparsity),
           encoder(space.encoder(layer, keys, longest, tolerance)),
           heads(static_cast<std::size_t>(kv_heads), CodeStore(longest, tolerance > 0 || pool > 0, index_bits)),
+          residual(residual_bits > 0 ? std::make_unique<CodedRows<BlockCodec>>(
+                                           kv_heads, space.dim(),
+                                           BlockCodec(BlockQuantizer(QuantScheme::symmetric, residual_bits), llama_block))
+                                     : nullptr),
           capacity(capacity) {}
     Eigen::Index tokens() const { return static_cast<Eigen::Index>(heads.front().rows()); }
     bool pooled() const { return longest > sparsity; }
@@ -406,6 +444,7 @@ class LexicoCache final : public KVCache {
     int longest;   // atoms one vector may take
     OmpEncoder encoder;  // a view of the CodeSpace's book and workspace pool
     std::vector<CodeStore> heads;
+    std::unique_ptr<CodedRows<BlockCodec>> residual;  // x − x̂ of every head's rows, or null
     Eigen::Index capacity;  // 0: unbounded
   };
 
@@ -442,7 +481,7 @@ class LexicoCache final : public KVCache {
       for (const LexicoOptions::Tier& spec : specs)
         tiers.emplace_back(space, layer, keys, shape.kv_heads, keys ? spec.key_sparsity : spec.value_sparsity,
                            tolerance, (tiers.empty() || options.pool_recent_tiers) ? options.atom_pool : 0.0f,
-                           index_bits, spec.tokens);
+                           index_bits, keys ? options.key_residual_bits : options.value_residual_bits, spec.tokens);
     }
 
     Eigen::Index recent_tokens() const { return recent ? recent->tokens() : 0; }
@@ -499,20 +538,28 @@ class LexicoCache final : public KVCache {
     }
 
     // Moves the oldest `count` tokens of tier i into tier i - 1, re-coding their
-    // reconstructions at that tier's sparsity.
+    // reconstructions (with their residuals, if kept) at that tier's sparsity.
     void age(std::size_t i, Eigen::Index count) {
       Tier &from = tiers[i], &to = tiers[i - 1];
       const int heads = static_cast<int>(from.heads.size()), dim = dictionary->dim();
       thread_local RowMatrix decoded;
+      thread_local std::vector<float> residual;
       decoded.resize(count, dim);
+      residual.resize(static_cast<std::size_t>(dim));
       Eigen::MatrixXf& vectors = scratch().vectors;
       vectors.resize(dim, count * heads);
       for (int h = 0; h < heads; ++h) {
         CodeStore& codes = from.heads[static_cast<std::size_t>(h)];
-        decode_codes(codes, *dictionary, static_cast<std::size_t>(count), decoded.data());
-        for (Eigen::Index r = 0; r < count; ++r) vectors.col(r * heads + h) = decoded.row(r).transpose();
+        decode_codes(codes, *dictionary, 0, static_cast<std::size_t>(count), decoded.data());
+        for (Eigen::Index r = 0; r < count; ++r) {
+          vectors.col(r * heads + h) = decoded.row(r).transpose();
+          if (!from.residual) continue;
+          from.residual->row(h, r, residual.data());
+          vectors.col(r * heads + h) += Eigen::Map<const Eigen::VectorXf>(residual.data(), dim);
+        }
         codes.erase_front(static_cast<std::size_t>(count));
       }
+      if (from.residual) from.residual->erase_front(count);
       encode_into(to);
     }
 
@@ -537,6 +584,27 @@ class LexicoCache final : public KVCache {
         }
       unshrink_codes(*dictionary, work.vectors, unshrink, work.result);
       append(work.result, tier);
+      if (tier.residual) append_residuals(tier);
+    }
+
+    // Quantizes x − x̂ of the columns of scratch().vectors, just appended to a tier, with x̂
+    // decoded from the stored rows: the residual also carries the FP8 coefficients' rounding.
+    void append_residuals(Tier& tier) {
+      const Eigen::MatrixXf& vectors = scratch().vectors;
+      const int heads = static_cast<int>(tier.heads.size()), dim = dictionary->dim();
+      const Eigen::Index count = vectors.cols() / heads;
+      thread_local RowMatrix decoded;
+      thread_local Eigen::MatrixXf residuals;
+      decoded.resize(count, dim);
+      residuals.resize(dim, vectors.cols());
+      for (int h = 0; h < heads; ++h) {
+        const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
+        decode_codes(codes, *dictionary, codes.rows() - static_cast<std::size_t>(count), static_cast<std::size_t>(count),
+                     decoded.data());
+        for (Eigen::Index t = 0; t < count; ++t)
+          residuals.col(t * heads + h) = vectors.col(t * heads + h) - decoded.row(t).transpose();
+      }
+      for (Eigen::Index t = 0; t < count; ++t) tier.residual->append(residuals.col(t * heads).data());
     }
 
     void append(const SparseCodes& codes, Tier& tier) {
@@ -625,11 +693,11 @@ class LexicoCache final : public KVCache {
         queries, shape().kv_heads, sinks + coded + state.keys.buffer.tokens(), out,
         [&](int h, const float* q, int g, float* scores, Eigen::Index ld) {
           held_scores(state.keys.sinks, rope, first, h, q, g, scores, ld);
-          // Codes of whitened keys meet the queries turned back (q ⊘ √w); keys after RoPE
-          // get them through the table u = Dᵀ(q ⊘ √w) of attend_group.
+          // Codes of whitened keys and their residuals meet the queries turned back (q ⊘ √w);
+          // codes of keys after RoPE get them through the table u = Dᵀ(q ⊘ √w) of attend_group.
           thread_local std::vector<float> turned_back;
           const float* coded_q = q;
-          if (inverse && rope) {
+          if (inverse) {
             const int d = key_book.dim();
             turned_back.resize(static_cast<std::size_t>(g * d));
             for (int i = 0; i < g * d; ++i) turned_back[static_cast<std::size_t>(i)] = q[i] * (*inverse)[static_cast<std::size_t>(i % d)];
@@ -644,6 +712,7 @@ class LexicoCache final : public KVCache {
               rotated_code_scores(codes, key_book, *rope, first + column, coded_q, g, scores + column, ld);
             else
               code_scores(codes, table + h * group, table_ld, g, scores + column, ld);
+            if (tier.residual) add_held_scores(*tier.residual, rope, first + column, h, coded_q, g, scores + column, ld);
             column += static_cast<Eigen::Index>(codes.rows());
           }
           if (state.keys.recent) held_scores(*state.keys.recent, rope, first + column, h, q, g, scores + column, ld);
@@ -656,6 +725,7 @@ class LexicoCache final : public KVCache {
             const CodeStore& codes = tier.heads[static_cast<std::size_t>(h)];
             if (codes.rows() == 0) continue;
             code_accumulate(codes, p + column, ld, g, weights + h * group, weights_ld);
+            if (tier.residual) tier.residual->accumulate(h, p + column, ld, g, o);
             column += static_cast<Eigen::Index>(codes.rows());
           }
           if (state.values.recent) state.values.recent->accumulate(h, p + column, ld, g, o);
@@ -675,6 +745,18 @@ class LexicoCache final : public KVCache {
     keys.resize(store.tokens(), store.head_dim());
     for (Eigen::Index t = 0; t < store.tokens(); ++t) store.row(h, t, keys.row(t).data());
     rotated_scores(*rope, first, keys, q, group, scores, ld);
+  }
+
+  // held_scores added to the scores (a code tier's residual).
+  template <typename Store>
+  static void add_held_scores(const Store& store, const Rope* rope, std::int64_t first, int h, const float* q,
+                              int group, float* scores, Eigen::Index ld) {
+    thread_local std::vector<float> extra;
+    const Eigen::Index tokens = store.tokens();
+    extra.resize(static_cast<std::size_t>(group * tokens));
+    held_scores(store, rope, first, h, q, group, extra.data(), tokens);
+    for (int g = 0; g < group; ++g)
+      for (Eigen::Index t = 0; t < tokens; ++t) scores[g * ld + t] += extra[static_cast<std::size_t>(g * tokens + t)];
   }
 
   // Lexico caches on one CodeSpace (one cache for attend(), a chunk of a batch for
@@ -775,6 +857,12 @@ class LexicoCache final : public KVCache {
     require(head >= 0 && head < shape().kv_heads, "LexicoCache: KV head ", head, " out of range");
     require(tier >= 0 && tier < code_tiers(), "LexicoCache: code tier ", tier, " out of range");
     return (keys ? state.keys : state.values).tiers[static_cast<std::size_t>(tier)].heads[static_cast<std::size_t>(head)];
+  }
+
+  const CodedRows<BlockCodec>* residual(int layer, int tier, bool keys) const {
+    const Layer& state = at(layer);
+    require(tier >= 0 && tier < code_tiers(), "LexicoCache: code tier ", tier, " out of range");
+    return (keys ? state.keys : state.values).tiers[static_cast<std::size_t>(tier)].residual.get();
   }
 
   std::shared_ptr<const CodeSpace> space_;

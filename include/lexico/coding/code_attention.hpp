@@ -258,13 +258,16 @@ inline void decode_row(const Dictionary& dictionary, CodeStore::Indices index, c
 
 }  // namespace detail
 
-// The vectors of the first `count` rows of a code store: out is count x d, row-major.
-inline void decode_codes(const CodeStore& codes, const Dictionary& dictionary, std::size_t count, float* out) {
-  require(count <= codes.rows(), "decode_codes: ", count, " rows asked of ", codes.rows());
+// The vectors of rows [first, first + count) of a code store: out is count x d, row-major.
+inline void decode_codes(const CodeStore& codes, const Dictionary& dictionary, std::size_t first, std::size_t count,
+                         float* out) {
+  require(first <= codes.rows() && count <= codes.rows() - first, "decode_codes: rows [", first, ", ", first + count,
+          ") asked of ", codes.rows());
   const std::size_t d = static_cast<std::size_t>(dictionary.dim());
   codes.for_each_row([&](std::size_t r, CodeStore::Indices index, const std::uint8_t* coefficient, int entries,
                          float scale) {
-    if (r < count) detail::decode_row(dictionary, index, coefficient, entries, scale, out + r * d);
+    if (r >= first && r - first < count)
+      detail::decode_row(dictionary, index, coefficient, entries, scale, out + (r - first) * d);
   });
 }
 
