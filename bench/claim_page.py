@@ -146,6 +146,13 @@ def machines_text(rows):
     return text
 
 
+def variant_rows(claim, name, by_method):
+    """A variant's runs, with the claim's own where its rule adds its caches to the claim's front."""
+    rows = by_method.get(name, [])
+    adds = claim.get("variants", {}).get(name, {}).get("adds_to_claim_front", False)
+    return rows + by_method.get("Lexico", []) if adds else rows
+
+
 def section(runs, claim, plots_dir, paired, relative, expected):
     """Markdown lines of the claim's page from the fresh-text runs; writes its figures."""
     md = ["## The claim, on one page", "",
@@ -153,6 +160,8 @@ def section(runs, claim, plots_dir, paired, relative, expected):
     md += [f"{i}. {text}" for i, text in enumerate(claim["rule"], 1)]
     if claim.get("rule_8k"):
         md += ["", f"8k: {claim['rule_8k']}"]
+    for name, variant in claim.get("variants", {}).items():
+        md += ["", f"Variant **{name}**, fixed {variant['fixed']}: {variant['rule']} Why: {variant['why']}"]
     md += ["", f"Why this setting: {claim['why']}", "",
            f"Fresh text: {claim['fresh_text']}; nothing here was trained, tuned or evaluated on it before the "
            "rule was fixed. Runs decode 16 windows in step per process (`lexico-eval --batch 16`), so their "
@@ -196,7 +205,7 @@ def section(runs, claim, plots_dir, paired, relative, expected):
             found = [(ratio(p, fronts["kl"], "kl"), ratio(p, fronts["delta"], "delta")) for p in points]
             summary += [summary_row(method, "Lexico", found)] if points else []
             for variant in variants:  # the same points against each variant's front
-                other = {m: front(by_method[variant], m) for m, _, _ in METRICS}
+                other = {m: front(variant_rows(claim, variant, by_method), m) for m, _, _ in METRICS}
                 summary += [summary_row(method, variant, [(ratio(p, other["kl"], "kl"),
                                                            ratio(p, other["delta"], "delta")) for p in points])
                             ] if points else []

@@ -8,7 +8,8 @@ and other sets at equal bytes (dictionaries coded in a key or value metric, item
       on the tuning windows (dev windows 65-72 of tokens_dev.u16), with --per-token;
   layer_budget.py try --layer-s ... --candidate NAME=OPTIONS ... --out FILE.jsonl
       runs the base and each candidate (cache options set over the base's, e.g.
-      layer_sk=4:3:3:3:3:4:4:8, or dict=DIR for another dictionary set);
+      layer_sk=4:3:3:3:3:4:4:8, or dict=DIR for another dictionary set), then each
+      --baseline NAME=SPEC (a whole cache spec of any kind, e.g. kivi:bits=4,group=32,residual=128);
       --skip 72 runs them on dev windows 73-80 instead, which no choice was made on;
   layer_budget.py report FILE.jsonl ... > results/layer_budget.md
       tables every cache of each file against the file's first one (the base): KV size, KL,
@@ -49,13 +50,12 @@ def run(args, caches):
     if result.returncode != 0:
         sys.exit(f"layer_budget: lexico-eval failed ({result.returncode}): {result.stderr[-2000:]}")
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    lexico = [r for r in rows if r["cache"] == "lexico"]
-    if len(lexico) != len(caches):
-        sys.exit(f"layer_budget: {len(lexico)} Lexico results for {len(caches)} caches")
+    if len(rows) != len(caches) or any(r["cache"] != spec.partition(":")[0] for (_, spec), r in zip(caches, rows)):
+        sys.exit(f"layer_budget: lexico-eval gave {[r['cache'] for r in rows]} for the caches {[s for _, s in caches]}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
-        for (label, spec), r in zip(caches, lexico):
+        for (label, spec), r in zip(caches, rows):
             f.write(json.dumps({"label": label, "spec": spec, "skip": args.skip, "command": shlex.join(command), **r}) + "\n")
     print(f"layer_budget: {len(caches)} caches -> {out}")
 
@@ -92,16 +92,21 @@ def try_candidates(args):
         if not options:
             sys.exit(f"layer_budget: --candidate '{candidate}' is not NAME=OPTIONS")
         caches.append((f"{name}: {options}", with_options(base_spec(args), options)))
+    for baseline in args.baseline:
+        name, _, spec = baseline.partition("=")
+        if not spec:
+            sys.exit(f"layer_budget: --baseline '{baseline}' is not NAME=SPEC")
+        caches.append((name, spec))
     run(args, caches)
 
 
 def report(args):
-    print("# Per-layer key and value budgets and coding metrics (proxy-lm-hd128; tuning and held-out dev windows)\n")
+    print("# Per-layer key and value budgets, coding metrics and residuals (tuning and held-out dev windows)\n")
     print("Made by `bench/layer_budget.py report " + " ".join(args.files) + "` from the run files of "
           "`bench/layer_budget.py sensitivity` and `try`; each table sets every cache against the first one "
-          "of its file (the base), on the same 8 windows of proxy-lm-hd128's dev tokens (1,024 tokens, prefill 512, "
-          "4,088 scored tokens; which windows, each file says). Paired ΔNLL is the mean per-token NLL change against the base ± its "
-          "standard error.\n")
+          "of its file (the base), on the same 8 windows of the dev tokens (1,024 tokens, prefill 512, "
+          "4,088 scored tokens; which windows and which proxy, each file says). Paired ΔNLL is the mean per-token NLL change "
+          "against the base ± its standard error.\n")
     sets = REPO / "results" / "layer_budget" / "metric_sets.json"
     made_by = json.loads(sets.read_text())["sets"] if sets.exists() else {}
     for path in args.files:
@@ -109,7 +114,7 @@ def report(args):
         base = rows[0]
         print(f"## {Path(path).name}\n")
         skip = base.get("skip", 64)
-        print(f"Dev windows {skip + 1}-{skip + 8}{' (the tuning windows)' if skip == 64 else ''}. "
+        print(f"{Path(base['model']).name}, dev windows {skip + 1}-{skip + 8}{' (the tuning windows)' if skip == 64 else ''}. "
               f"Base: `{base['spec']}` ({base['parameters']}).\n")
         print(f"Command: `OMP_NUM_THREADS=1 {base['command']}`\n")
         print("| cache | KV % | payload bytes vs base | KL | KL vs base | ΔNLL | paired ΔNLL vs base |")
@@ -149,7 +154,8 @@ def main():
         p.add_argument("--out", required=True)
         p.add_argument("--dry-run", action="store_true")
         if name == "try":
-            p.add_argument("--candidate", action="append", default=[], metavar="NAME=OPTIONS", required=True)
+            p.add_argument("--candidate", action="append", default=[], metavar="NAME=OPTIONS")
+            p.add_argument("--baseline", action="append", default=[], metavar="NAME=SPEC")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
     args = parser.parse_args()

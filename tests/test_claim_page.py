@@ -9,7 +9,7 @@ import unittest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from claim_page import front, size_at  # noqa: E402
+from claim_page import front, size_at, variant_rows  # noqa: E402
 
 
 def point(kv, kl):
@@ -46,6 +46,15 @@ class SizeAt(unittest.TestCase):
         points = [point(5, 0.1), point(10, 0.04), point(40, 0.01)]
         size, _ = size_at(points, "kl", 0.07)
         self.assertAlmostEqual(size, math.exp((math.log(5) + math.log(10)) / 2))
+
+class Variants(unittest.TestCase):
+    def test_a_variant_adds_to_the_claims_front_only_when_its_rule_says_so(self):
+        plain, extra = point(10, 0.05), point(25, 0.001)
+        by_method = {"Lexico": [plain], "Lexico residual": [extra], "Lexico other": [extra]}
+        claim = {"variants": {"Lexico residual": {"adds_to_claim_front": True}, "Lexico other": {}}}
+        self.assertEqual(variant_rows(claim, "Lexico residual", by_method), [extra, plain])
+        self.assertEqual(variant_rows(claim, "Lexico other", by_method), [extra])
+        self.assertEqual(front(variant_rows(claim, "Lexico residual", by_method), "kl"), [plain, extra])
 
 
 if __name__ == "__main__":

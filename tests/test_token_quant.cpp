@@ -98,8 +98,8 @@ TEST(TokenQuant, SymmetricOfARampMatchesHandComputation) {
 }
 
 TEST(TokenQuant, DequantizedCodesEqualTheirDefinition) {
-  // code · scale + offset for every code, nibbles low first: the vectorised blocks of 32
-  // codes, a tail past them, and every byte value at 8 and at 4 bits.
+  // code · scale + offset for every code, low bits first: the vectorised blocks of 32
+  // codes and a tail past them at 8, 4, 2 and 1 bits, and every byte value at 8 bits.
   std::vector<std::uint8_t> packed(64);
   for (std::size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<std::uint8_t>(i * 37 + 11);
   const float scale = 0.0371f, offset = -1.25f;
@@ -112,6 +112,16 @@ TEST(TokenQuant, DequantizedCodesEqualTheirDefinition) {
     for (int i = 0; i < n; ++i) {
       const int code = (packed[static_cast<std::size_t>(i / 2)] >> (4 * (i % 2))) & 15;
       ASSERT_NEAR(out[static_cast<std::size_t>(i)], code * scale + offset, 1e-6f) << i;
+    }
+    lexico::detail::dequantize_codes<2>(packed.data(), n, scale, offset, out.data());
+    for (int i = 0; i < n; ++i) {
+      const int code = (packed[static_cast<std::size_t>(i / 4)] >> (2 * (i % 4))) & 3;
+      ASSERT_NEAR(out[static_cast<std::size_t>(i)], code * scale + offset, 1e-6f) << "2 bits, code " << i;
+    }
+    lexico::detail::dequantize_codes<1>(packed.data(), n, scale, offset, out.data());
+    for (int i = 0; i < n; ++i) {
+      const int code = (packed[static_cast<std::size_t>(i / 8)] >> (i % 8)) & 1;
+      ASSERT_NEAR(out[static_cast<std::size_t>(i)], code * scale + offset, 1e-6f) << "1 bit, code " << i;
     }
   }
   std::vector<std::uint8_t> every(256);

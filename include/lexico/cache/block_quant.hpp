@@ -51,7 +51,7 @@ namespace detail {
 template <int Bits>
 void dequantize_codes(const std::uint8_t* packed, int n, float scale, float offset, float* out) {
   constexpr int per_byte = 8 / Bits;
-  constexpr unsigned mask = (1u << Bits) - 1u;
+  constexpr unsigned mask_bits = (1u << Bits) - 1u;
   int vectorised = 0;  // codes done 32 at a time
 #if defined(__AVX512F__)
   if constexpr (Bits == 8 || Bits == 4) {
@@ -75,12 +75,26 @@ void dequantize_codes(const std::uint8_t* packed, int n, float scale, float offs
       _mm512_storeu_ps(out + i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(low)), s, o));
       _mm512_storeu_ps(out + i + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(high)), s, o));
     }
+  } else {
+    // 16 codes fill 32 or 16 bits: that word in every lane, lane j shifted right by j·Bits
+    // (the residuals of lexico codes, read for every coded token at every decode step).
+    vectorised = n / 32 * 32;
+    const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(offset);
+    const __m512i shifts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(Bits));
+    const __m512i mask = _mm512_set1_epi32(static_cast<int>(mask_bits));
+    for (int i = 0; i < vectorised; i += 16) {
+      std::uint32_t word = 0;
+      std::memcpy(&word, packed + i * Bits / 8, 2 * Bits);
+      const __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shifts), mask);
+      _mm512_storeu_ps(out + i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(codes), s, o));
+    }
   }
 #endif
   for (int byte = vectorised / per_byte; byte < n / per_byte; ++byte) {
     const unsigned bits = packed[byte];
     for (int j = 0; j < per_byte; ++j)
-      out[byte * per_byte + j] = static_cast<float>((bits >> (j * Bits)) & mask) * scale + offset;
+      out[byte * per_byte + j] = static_cast<float>((bits >> (j * Bits)) & mask_bits) * scale + offset;
   }
 }
 
