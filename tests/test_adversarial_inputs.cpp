@@ -67,7 +67,7 @@ std::vector<std::pair<std::string, CacheOptions>> settings() {
   out.emplace_back("kivi", CacheOptions::parse("bits=2,group=32,residual=32"));
   for (const char* lexico : {"buffer=4,flush=2,tol=0", "buffer=4,flush=2,tol=0.999", "buffer=0,flush=1,s=1",
                              "buffer=4,flush=2,recent=4,rs=4", "buffer=4,flush=2,recent=4,recent_format=q8_0/q4_0",
-                             "buffer=4,flush=4,pool=2"})
+                             "buffer=4,flush=4,pool=2", "buffer=4,flush=2,recent=4,rs=4,residual_k=2,residual_v=1"})
     out.emplace_back("lexico", CacheOptions::parse(std::string("dict=") + dict + "," + lexico));
   out.emplace_back("h2o", CacheOptions::parse("budget=6,scope=layer"));
   out.emplace_back("tova", CacheOptions::parse("budget=6,scope=layer"));

@@ -229,6 +229,16 @@ TEST(Factory, LexicoRecentTierFormats) {
   expect_error_mentioning([&] { make("recent=16,recent_format=codes/q4_0"); }, {"both codes or both quantized"});
 }
 
+TEST(Factory, LexicoResidualBits) {
+  const auto make = lexico_parameters("_residual");
+  EXPECT_NE(make("residual=2").find("residual=2/2"), std::string::npos);
+  EXPECT_NE(make("residual=2,residual_v=1").find("residual=2/1"), std::string::npos);
+  EXPECT_NE(make("residual_k=4").find("residual=4/0"), std::string::npos);
+  EXPECT_EQ(make("s=4").find("residual"), std::string::npos);
+  expect_error_mentioning([&] { make("residual=3"); }, {"residual bits", "0, 1, 2 or 4"});
+  expect_error_mentioning([&] { make("residual_v=5"); }, {"residual_v"});
+}
+
 TEST(Factory, LexicoLayerSparsityGivesEachLayerItsAtoms) {
   const lexico::CacheShape shape{3, 2, 32};
   const std::string dir = random_dictionary_dir(shape, {}, "_layers");

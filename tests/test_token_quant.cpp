@@ -92,6 +92,16 @@ TEST(TokenQuant, SymmetricOfARampMatchesHandComputation) {
       EXPECT_EQ(got[static_cast<std::size_t>(i)], want) << bits << " bits, x = " << x;
     }
     for (float v : round_trip(cache, std::vector<float>(32, 0.0f))) EXPECT_EQ(v, 0.0f) << bits << " bits";
+    // Residuals beyond fp16 (±1e6): the scale caps at 65504 and the codes saturate at
+    // ±(2^b - 1)/2 · 65504 instead of raising.
+    const lexico::BlockCodec codec(lexico::BlockQuantizer(lexico::QuantScheme::symmetric, bits), 32);
+    std::vector<float> huge(32), back(32);
+    for (int i = 0; i < 32; ++i) huge[static_cast<std::size_t>(i)] = i % 2 == 0 ? 1e6f : -1e6f;
+    std::vector<std::uint8_t> row(static_cast<std::size_t>(codec.payload_bytes(32) + codec.metadata_bytes(32)));
+    codec.encode(huge.data(), 32, row.data());
+    codec.decode(row.data(), 32, back.data());
+    const float top = static_cast<float>((1 << bits) - 1) / 2.0f * 65504.0f;
+    for (int i = 0; i < 32; ++i) EXPECT_EQ(back[static_cast<std::size_t>(i)], i % 2 == 0 ? top : -top) << bits << " bits";
   }
   EXPECT_THROW(lexico::BlockQuantizer(lexico::QuantScheme::symmetric, 8), lexico::error);
   EXPECT_THROW(lexico::BlockQuantizer(lexico::QuantScheme::symmetric, 3), lexico::error);

@@ -157,8 +157,10 @@ class BlockQuantizer {
         break;
       }
       case QuantScheme::symmetric: {
-        const float d = bits_ == 1 ? 2.0f * magnitude / static_cast<float>(n)
-                                   : std::fabs(largest) / static_cast<float>(1 << (bits_ - 1));
+        // Capped at fp16's largest value: legal fp16 vectors may leave a code's residual up
+        // to twice their size, and a residual, a correction, may saturate where a value may not.
+        const float d = std::min(65504.0f, bits_ == 1 ? 2.0f * magnitude / static_cast<float>(n)
+                                                      : std::fabs(largest) / static_cast<float>(1 << (bits_ - 1)));
         params[0] = Eigen::half(d);
         const float stored = static_cast<float>(params[0]);
         inverse = stored > 0.0f ? 1.0f / stored : 0.0f;
