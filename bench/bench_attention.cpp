@@ -1,6 +1,8 @@
 // Decode-step attention of one layer (d = 128, 8 query heads over 2 KV heads) on the
 // Lexico cache (N = 4096, s = 8, codes only: the buffer is empty at measurement; keys
-// coded after RoPE with 12- or 16-bit indices, or before RoPE at s = 8 and s = 4) and on dense fp32 / fp16 caches, for contexts of 1k to 64k tokens; and the cost of
+// coded after RoPE with 12- or 16-bit indices, or before RoPE at s = 8 and s = 4, the latter
+// also with residuals of 2 bits for keys and 1 for values, or 2 for both) and on dense
+// fp32 / fp16 caches, for contexts of 1k to 64k tokens; and the cost of
 // appending a token (OMP amortised over flushes of n_a tokens).
 //
 //   ./build/bench/bench_attention --benchmark_min_time=0.2
@@ -54,10 +56,14 @@ std::unique_ptr<lexico::KVCache> make(int kind, int buffer, int flush, float ato
     case 0:
     case 3:    // 3: indices kept at 16 bits, as in the paper
     case 4:    // 4: keys coded before RoPE
-    case 5: {  // 5: keys coded before RoPE, s = 4 (RESULTS.md's quality setting's sparsity)
+    case 5:    // 5: keys coded before RoPE, s = 4 (RESULTS.md's quality setting's sparsity)
+    case 6:    // 6: as 5 with 2-bit key and 1-bit value residuals
+    case 7: {  // 7: as 5 with 2-bit residuals
       lexico::LexicoOptions options = lexico_options(buffer, flush, atom_pool);
       options.pack_indices = kind != 3;
-      if (kind == 5) options.key_sparsity = options.value_sparsity = 4;
+      if (kind >= 5) options.key_sparsity = options.value_sparsity = 4;
+      if (kind >= 6) options.key_residual_bits = 2;
+      if (kind >= 6) options.value_residual_bits = kind == 6 ? 1 : 2;
       lexico::CodeSpaceOptions space;
       if (kind >= 4) space.key_rope = lexico::Rope(head_dim, 10000.0f, lexico::RopeStyle::rotate_half);
       return std::make_unique<lexico::LexicoCache>(shape, dictionaries(), options, space);
@@ -86,7 +92,7 @@ void BM_DecodeAttention(benchmark::State& state) {
 }
 BENCHMARK(BM_DecodeAttention)
     ->ArgNames({"cache", "T"})
-    ->ArgsProduct({{0, 3, 4, 5, 1, 2}, {1024, 4096, 16384, 65536}})
+    ->ArgsProduct({{0, 3, 4, 5, 6, 7, 1, 2}, {1024, 4096, 16384, 65536}})
     ->Unit(benchmark::kMicrosecond);
 
 // What the machine streams: a sum over as many bytes as a dense fp16 cache's K and V
