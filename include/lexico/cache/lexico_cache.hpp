@@ -15,6 +15,10 @@
 // code (TRAINING.md: 2.4x lower error at s = 8 on proxy-lm-hd128), but a score then
 // costs O(s·d) instead of O(s), since the rotation does not commute with u = Dᵀq.
 //
+// Optionally, every code keeps its residual x − x̂ beside it, quantized at a few bits per
+// channel, and attention sees x̂ + r̂: above ~20 % of fp16's bytes that removes more error
+// than the same bytes of atoms (results/residual.md).
+//
 // Memory: the dictionaries, Gram forms and encoder workspaces live in a CodeSpace shared
 // by every sequence; a cache holds its codes, its fp16 sinks and buffer, and counters.
 // Scratch for coding and attention belongs to the calling thread (thread_local).
