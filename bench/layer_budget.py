@@ -16,6 +16,9 @@ and other sets at equal bytes (dictionaries coded in a key or value metric, item
       its change, and the paired ΔNLL change (mean ± standard error of the per-token
       differences, same tokens in both runs).
 
+  layer_budget.py fronts FILE.jsonl ...
+      reads the candidates labelled "s N <family>" of `try` files as one front per family
+      against the file's KIVI-2 baselines, by the claim's arithmetic (bench/claim_page.py);
 --dry-run prints the lexico-eval command instead of running it.
 """
 import argparse
@@ -26,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import claim_page
 import results_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,8 +121,8 @@ def report(args):
         print(f"{Path(base['model']).name}, dev windows {skip + 1}-{skip + 8}{' (the tuning windows)' if skip == 64 else ''}. "
               f"Base: `{base['spec']}` ({base['parameters']}).\n")
         print(f"Command: `OMP_NUM_THREADS=1 {base['command']}`\n")
-        print("| cache | KV % | payload bytes vs base | KL | KL vs base | ΔNLL | paired ΔNLL vs base |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("| cache | KV % | KV % (decode mean) | payload bytes vs base | KL | KL vs base | ΔNLL | paired ΔNLL vs base |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             # the per-token mean and standard error of results_sweep's paired difference
             difference = results_sweep.paired({"tokens": r["token_delta_nll"], "windows": 8},
@@ -127,7 +131,9 @@ def report(args):
                 sys.exit(f"layer_budget: {path}: '{r['label']}' and the base scored different tokens")
             mean, se = difference[:2]
             change = (r["mean_kl"] / base["mean_kl"] - 1) * 100
-            print(f"| {r['label']} | {100 * r['kv_size_fraction']:.2f} | {r['bytes_payload'] - base['bytes_payload']:+d} | "
+            mean_kv = r.get("kv_size_fraction_decode_mean")
+            print(f"| {r['label']} | {100 * r['kv_size_fraction']:.2f} | "
+                  f"{'—' if mean_kv is None else f'{100 * mean_kv:.2f}'} | {r['bytes_payload'] - base['bytes_payload']:+d} | "
                   f"{r['mean_kl']:.5f} | {change:+.1f} % | {r['delta_nll']:+.4f} | {mean:+.5f} ± {se:.5f} |")
         print()
         # Sets outside the repository: the command that made each (results/layer_budget/metric_sets.json).
@@ -136,6 +142,43 @@ def report(args):
             print(f"- `{path}`: `{made_by[path]}`")
         if named:
             print()
+
+
+def fronts(args):
+    """Each family of `try` files of one proxy (candidates labelled "s N <family>") read as a front against the
+    file's KIVI-2 baselines by the claim's arithmetic (bench/claim_page.py), at the windows' end
+    and at decode-mean KV sizes: the ratio at KIVI-2's best point and its range over KIVI-2's front.
+    A family's points may come from several files (runs of one binary on the same windows)."""
+    rows = [json.loads(line) for path in args.files for line in Path(path).read_text().splitlines() if line.strip()]
+    if len({(r["model"], r.get("skip", 64)) for r in rows}) != 1:
+        sys.exit(f"layer_budget: {' '.join(args.files)} mix proxies or windows")
+    def point(r):
+        return {"kv": 100 * r["kv_size_fraction"], "kv_mean": 100 * r["kv_size_fraction_decode_mean"],
+                "kl": r["mean_kl"], "delta": r["delta_nll"], "label": r["label"]}
+    kivi = [point(r) for r in rows if r["label"].startswith("KIVI-2")]
+    families = {}
+    for r in rows:
+        words = r["label"].split(":")[0].split(" ")  # a candidate's label is "NAME: its options"
+        if words[0] == "s" and len(words) > 2:
+            families.setdefault(" ".join(words[2:]), []).append(point(r))
+    if not kivi or not families:
+        sys.exit(f"layer_budget: {' '.join(args.files)} hold no KIVI-2 baseline or no 's N <family>' candidates")
+    print(f"{Path(rows[0]['model']).name}, dev windows {rows[0].get('skip', 64) + 1}-{rows[0].get('skip', 64) + 8}: "
+          f"each family's front against KIVI-2's ({len(kivi)} points; best point = its lowest KL).\n")
+    print("| family | points | by KL at KIVI-2's best point (end / decode mean) | by ΔNLL there (end / decode mean) | "
+          "by KL over KIVI-2's front (end / decode mean) |")
+    print("|---|---:|---|---|---|")
+    for family, points in families.items():
+        cells = []
+        for sizes in (lambda rs: rs, claim_page.at_decode_mean):
+            baseline = sorted({id(p): p for m in ("kl", "delta") for p in claim_page.front(sizes(kivi), m)}.values(),
+                              key=lambda p: p["kv"])
+            best = min(baseline, key=lambda p: p["kl"])
+            found = claim_page.ratios([best] + baseline, sizes(points))
+            cells.append((claim_page.span([found[0][0]]), claim_page.span([found[0][1]]),
+                          claim_page.span(f for f, _ in found[1:])))
+        print(f"| {family} | {len(points)} | " + " | ".join(f"{end} / {mean}" for end, mean in zip(*cells)) + " |")
+    print()
 
 
 def main():
@@ -158,8 +201,10 @@ def main():
             p.add_argument("--baseline", action="append", default=[], metavar="NAME=SPEC")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
+    p = sub.add_parser("fronts")
+    p.add_argument("files", nargs="+")
     args = parser.parse_args()
-    {"sensitivity": sensitivity, "try": try_candidates, "report": report}[args.command](args)
+    {"sensitivity": sensitivity, "try": try_candidates, "report": report, "fronts": fronts}[args.command](args)
 
 
 if __name__ == "__main__":

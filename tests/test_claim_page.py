@@ -9,7 +9,7 @@ import unittest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from claim_page import front, size_at, variant_rows  # noqa: E402
+from claim_page import at_decode_mean, front, ratios, size_at, variant_rows  # noqa: E402
 
 
 def point(kv, kl):
@@ -55,6 +55,22 @@ class Variants(unittest.TestCase):
         self.assertEqual(variant_rows(claim, "Lexico residual", by_method), [extra, plain])
         self.assertEqual(variant_rows(claim, "Lexico other", by_method), [extra])
         self.assertEqual(front(variant_rows(claim, "Lexico residual", by_method), "kl"), [plain, extra])
+
+
+class DecodeMeanSizes(unittest.TestCase):
+    def test_the_ratio_follows_the_size_the_rows_are_read_at(self):
+        # Lexico ends its windows with an empty buffer (end 10 %, mean 12 %); the baseline
+        # point ends at 24 %, mean 26 %. Same quality, so the ratio is 24/10 at the end and
+        # 26/12 over the decode steps; the rows themselves are left as they were.
+        lexico = [{"kv": 10.0, "kv_mean": 12.0, "kl": 0.01, "delta": 0.01},
+                  {"kv": 20.0, "kv_mean": 21.0, "kl": 0.001, "delta": 0.001}]
+        baseline = {"kv": 24.0, "kv_mean": 26.0, "kl": 0.01, "delta": 0.01}
+        (by_kl, by_delta), = ratios([baseline], lexico)
+        self.assertAlmostEqual(by_kl[0], 2.4)
+        self.assertTrue(by_kl[2])  # Lexico's smallest point is already as good: a bound
+        (by_kl, _), = ratios(at_decode_mean([baseline]), at_decode_mean(lexico))
+        self.assertAlmostEqual(by_kl[0], 26.0 / 12.0)
+        self.assertEqual(lexico[0]["kv"], 10.0)
 
 
 if __name__ == "__main__":
