@@ -554,6 +554,8 @@ void check_prefill_places_tokens_by_age(Config config) {
   options.flush = 1;
   lexico::LexicoOptions plain_options = options;
   plain_options.tiers.clear();
+  plain_options.recent_format = lexico::LexicoOptions::RecentFormat::codes;
+  plain_options.recent_value_format.reset();
   const auto dicts = random_dictionaries(1, d, 48, 5);
   lexico::LexicoCache tiered({1, kv, d}, dicts, options, space_options(config)),
       plain({1, kv, d}, dicts, plain_options, space_options(config));
@@ -628,6 +630,12 @@ TEST(LexicoCache, QuantizedTierWithValuesInTheirOwnFormat) {
   EXPECT_EQ(cache.recent_keys(0)->payload_bytes() + cache.recent_keys(0)->metadata_bytes(), static_cast<std::size_t>(held * 2 * 34));
   EXPECT_EQ(cache.recent_values(0)->payload_bytes() + cache.recent_values(0)->metadata_bytes(), static_cast<std::size_t>(held * 2 * 18));
   config.options.recent_format = lexico::LexicoOptions::RecentFormat::codes;
+  EXPECT_THROW(lexico::LexicoCache({1, 2, 32}, random_dictionaries(1, 32, 64, 9), config.options), lexico::error);
+  // A quantized format without a tier to hold: refused, not ignored.
+  config.options.recent_format = lexico::LexicoOptions::RecentFormat::q8_0;
+  config.options.tiers.clear();
+  EXPECT_THROW(lexico::LexicoCache({1, 2, 32}, random_dictionaries(1, 32, 64, 9), config.options), lexico::error);
+  config.options.recent_value_format.reset();
   EXPECT_THROW(lexico::LexicoCache({1, 2, 32}, random_dictionaries(1, 32, 64, 9), config.options), lexico::error);
 }
 

@@ -153,6 +153,10 @@ class LexicoCache final : public KVCache {
                 (*options_.recent_value_format != LexicoOptions::RecentFormat::codes &&
                  options_.recent_format != LexicoOptions::RecentFormat::codes),
             "LexicoCache: keys and values of a recent tier are both codes or both quantized");
+    // A quantized format names how the tier holds its tokens; without a tier it would be ignored.
+    require((options_.recent_format == LexicoOptions::RecentFormat::codes && !options_.recent_value_format) ||
+                !options_.tiers.empty(),
+            "LexicoCache: a ", to_string(options_.recent_format), " recent format needs a recent tier (none given)");
     require(!quantized_recent() || options_.tiers.size() == 1, "LexicoCache: a ", to_string(options_.recent_format),
             " recent tier is a single tier (", options_.tiers.size(), " given)");
     require(!quantized_recent() || shape.head_dim % llama_block == 0, "LexicoCache: a ",
