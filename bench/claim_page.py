@@ -175,10 +175,31 @@ def best_of_fronts(points, variants, claim, by_method, paired):
              f"{best['delta']:+.4f}) against each Lexico front:", "",
              "| front | Lexico's size at its KL (ratio) | Lexico's size at its ΔNLL (ratio) | paired ΔNLL, Lexico − KIVI-2 |",
              "|---|---|---|---|"]
+    cells = {}
     for name in ["Lexico"] + variants:
         (by_kl, by_delta), = ratios([best], variant_rows(claim, name, by_method))
         delta_text, noise = ratio_text(by_delta, best, paired)
         lines.append(f"| {name} | {ratio_text(by_kl, best)[0]} | {delta_text} | {noise} |")
+        cells[name] = f"{span([by_kl])} / {span([by_delta])}"
+    return lines, cells
+
+
+def glance(claim, columns):
+    """Markdown lines: one row per Lexico front, one column per (proxy, protocol), each cell the
+    ratio at KIVI-2's best point by KL / by ΔNLL (`columns`: (proxy, protocol) -> {front: cell}),
+    "no setting" where the front's rule names no cache for the proxy, "not run" where it does."""
+    variants = claim.get("variants", {})
+    lines = ["Lexico's fronts against KIVI-2's best point (its lowest-KL setting) on the fresh text: how many "
+             "times smaller Lexico is at equal KL / at equal ΔNLL (— not reached; details, paired errors and "
+             "every other baseline in each section below):", "",
+             "| front | " + " | ".join(f"{model}, {protocol}" for model, protocol in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name in ["Lexico"] + list(variants):
+        def cell(model, cells):
+            if name in cells:
+                return cells[name]
+            return "no setting" if name in variants and model not in variants[name]["proxies"] else "not run"
+        lines.append(f"| {name} | " + " | ".join(cell(model, cells) for (model, _), cells in columns.items()) + " |")
     return lines
 
 
@@ -200,7 +221,7 @@ def section(runs, claim, plots_dir, paired, relative, expected):
            "measured at each window's end (the fronts use it) and averaged over decode steps. Which tokens "
            "make Lexico's ΔNLL (copies of an earlier pair of the window, mostly): `results/token_gap.md`, "
            "written by `bench/token_gap.py`.", ""]
-    groups = {}
+    groups, columns = {}, {}
     for r in runs:
         groups.setdefault((r["model"], r["protocol"], r["windows"]), []).append(r)
     if not groups:
@@ -235,7 +256,7 @@ def section(runs, claim, plots_dir, paired, relative, expected):
             if not points:
                 continue
             if method == "KIVI-2":
-                best_point = best_of_fronts(points, variants, claim, by_method, paired)
+                best_point, columns[(model, protocol)] = best_of_fronts(points, variants, claim, by_method, paired)
             found = ratios(points, lexico)
             for name in ["Lexico"] + variants:  # the same points against each variant's front
                 rows_of = variant_rows(claim, name, by_method)
@@ -274,4 +295,4 @@ def section(runs, claim, plots_dir, paired, relative, expected):
                       f"{r['delta']:+.4f} ± {r['delta_se']:.4f} | {r['top1']:.2f} | {speed[0]} | {speed[1]} | "
                       f"{shared} |")
         md.append("")
-    return md
+    return md[:2] + (glance(claim, columns) + [""] if columns else []) + md[2:]

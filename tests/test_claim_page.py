@@ -9,7 +9,7 @@ import unittest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from claim_page import at_decode_mean, front, ratios, size_at, variant_rows  # noqa: E402
+from claim_page import at_decode_mean, front, glance, ratios, size_at, variant_rows  # noqa: E402
 
 
 def point(kv, kl):
@@ -71,6 +71,17 @@ class DecodeMeanSizes(unittest.TestCase):
         (by_kl, _), = ratios(at_decode_mean([baseline]), at_decode_mean(lexico))
         self.assertAlmostEqual(by_kl[0], 26.0 / 12.0)
         self.assertEqual(lexico[0]["kv"], 10.0)
+
+
+class Glance(unittest.TestCase):
+    def test_a_front_without_runs_says_whether_its_rule_has_a_setting(self):
+        claim = {"variants": {"Lexico a": {"proxies": {"p1": ["x"]}}, "Lexico b": {"proxies": {"p1": ["y"], "p2": ["z"]}}}}
+        columns = {("p1", "fresh"): {"Lexico": "2.00× / 1.50×", "Lexico a": "3.00× / 2.00×"},
+                   ("p2", "fresh"): {"Lexico": "1.10× / —"}}
+        rows = glance(claim, columns)[-3:]
+        self.assertEqual(rows[0], "| Lexico | 2.00× / 1.50× | 1.10× / — |")
+        self.assertEqual(rows[1], "| Lexico a | 3.00× / 2.00× | no setting |")
+        self.assertEqual(rows[2], "| Lexico b | not run | not run |")
 
 
 if __name__ == "__main__":
