@@ -128,6 +128,14 @@ def at_decode_mean(rows):
     return [{**r, "kv": r["kv_mean"]} for r in rows]
 
 
+def front_points(rows):
+    """The rows on the front by KL or by ΔNLL (each once), the points a baseline is read at."""
+    points = []
+    for metric, _, _ in METRICS:
+        points += [p for p in front(rows, metric) if all(p is not q for q in points)]
+    return points
+
+
 def ratios(points, lexico_rows):
     """Per baseline point, (by KL, by ΔNLL) against the front of `lexico_rows`."""
     fronts = {m: front(lexico_rows, m) for m, _, _ in METRICS}
@@ -167,17 +175,19 @@ def variant_rows(claim, name, by_method):
     return rows + by_method.get("Lexico", []) if adds else rows
 
 
-def best_of_fronts(points, variants, claim, by_method, paired):
+def best_of_fronts(points, readings, paired):
     """Markdown lines: KIVI-2's best point (its lowest KL) read against the claim's front and
-    every variant's, with the paired ΔNLL of the Lexico setting that reaches its ΔNLL."""
-    best = min(points, key=lambda p: p["kl"])
+    every variant's (`readings`: front -> ratios(points, its rows)), with the paired ΔNLL of
+    the Lexico setting that reaches its ΔNLL; and each front's cell for the page's glance."""
+    i = min(range(len(points)), key=lambda k: points[k]["kl"])
+    best = points[i]
     lines = [f"KIVI-2's best point ({best['label']}, {best['kv']:.1f} % KV, KL {best['kl']:.5f}, ΔNLL "
              f"{best['delta']:+.4f}) against each Lexico front:", "",
              "| front | Lexico's size at its KL (ratio) | Lexico's size at its ΔNLL (ratio) | paired ΔNLL, Lexico − KIVI-2 |",
              "|---|---|---|---|"]
     cells = {}
-    for name in ["Lexico"] + variants:
-        (by_kl, by_delta), = ratios([best], variant_rows(claim, name, by_method))
+    for name, found in readings.items():
+        by_kl, by_delta = found[i]
         delta_text, noise = ratio_text(by_delta, best, paired)
         lines.append(f"| {name} | {ratio_text(by_kl, best)[0]} | {delta_text} | {noise} |")
         cells[name] = f"{span([by_kl])} / {span([by_delta])}"
@@ -231,7 +241,6 @@ def section(runs, claim, plots_dir, paired, relative, expected):
         for r in rows:
             if not r["method"].startswith("dense"):
                 by_method.setdefault(r["method"], []).append(r)
-        lexico = by_method.get("Lexico", [])
         dense_on = {machine_name(r): r for r in rows if r["method"] == "dense fp16"}
         scored = rows[0]["scored"]
         md += [f"### {model}, {protocol} ({windows} windows of {rows[0]['window']} tokens, "
@@ -248,21 +257,18 @@ def section(runs, claim, plots_dir, paired, relative, expected):
         detail, summary, best_point = [], [], []
         variants = [m for m in by_method if m.startswith("Lexico ")]
         for method in BASELINE_ORDER:
-            points, points_mean = [], []
-            for metric, _, _ in METRICS:
-                points += [p for p in front(by_method.get(method, []), metric) if all(p is not q for q in points)]
-                points_mean += [p for p in front(at_decode_mean(by_method.get(method, [])), metric)
-                                if all(p is not q for q in points_mean)]
+            points = front_points(by_method.get(method, []))
+            points_mean = front_points(at_decode_mean(by_method.get(method, [])))
             if not points:
                 continue
-            if method == "KIVI-2":
-                best_point, columns[(model, protocol)] = best_of_fronts(points, variants, claim, by_method, paired)
-            found = ratios(points, lexico)
+            readings = {}
             for name in ["Lexico"] + variants:  # the same points against each variant's front
                 rows_of = variant_rows(claim, name, by_method)
-                summary.append(summary_row(method, name, ratios(points, rows_of),
-                                           ratios(points_mean, at_decode_mean(rows_of))))
-            for point, (by_kl, by_delta) in zip(points, found):
+                readings[name] = ratios(points, rows_of)
+                summary.append(summary_row(method, name, readings[name], ratios(points_mean, at_decode_mean(rows_of))))
+            if method == "KIVI-2":
+                best_point, columns[(model, protocol)] = best_of_fronts(points, readings, paired)
+            for point, (by_kl, by_delta) in zip(points, readings["Lexico"]):
                 delta_text, noise = ratio_text(by_delta, point, paired)
                 detail.append(f"| {method} {point['label']} | {point['kv']:.1f} | {point['kl']:.5f} | "
                               f"{ratio_text(by_kl, point)[0]} | {point['delta']:+.4f} | {delta_text} | {noise} |")

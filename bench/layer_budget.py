@@ -171,12 +171,11 @@ def fronts(args):
     for family, points in families.items():
         cells = []
         for sizes in (lambda rs: rs, claim_page.at_decode_mean):
-            baseline = sorted({id(p): p for m in ("kl", "delta") for p in claim_page.front(sizes(kivi), m)}.values(),
-                              key=lambda p: p["kv"])
-            best = min(baseline, key=lambda p: p["kl"])
-            found = claim_page.ratios([best] + baseline, sizes(points))
-            cells.append((claim_page.span([found[0][0]]), claim_page.span([found[0][1]]),
-                          claim_page.span(f for f, _ in found[1:])))
+            baseline = claim_page.front_points(sizes(kivi))
+            found = claim_page.ratios(baseline, sizes(points))
+            best = min(range(len(baseline)), key=lambda k: baseline[k]["kl"])
+            cells.append((claim_page.span([found[best][0]]), claim_page.span([found[best][1]]),
+                          claim_page.span(f for f, _ in found)))
         print(f"| {family} | {len(points)} | " + " | ".join(f"{end} / {mean}" for end, mean in zip(*cells)) + " |")
     print()
 
